@@ -1,0 +1,32 @@
+# The README's commands. Each target installs what it needs into .venv on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test check clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: the CPU build on this machine's disk, not a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole pipeline on the bundled sample, on CPU.
+demo: $(STAMP)
+	$(BIN)/neox-data build-shards pile_tools/sample --tokenizer gpt-neox-20b \
+		--output demo-output/shards --split 90,5,5 --weights pile
+	$(BIN)/neox-data inspect demo-output/shards --decode 1
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+check: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) demo-output

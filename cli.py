@@ -1,0 +1,19 @@
+"""The `neox-data` command: attaches each package's commands, nothing else."""
+
+import click
+
+from pile_tools.commands import build_shards, inspect_shards, merge_shards
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="neox-data")
+def main():
+    """GPT-NeoX-20B's data and training recipe: tokenizer, Pile shards, model, trainer."""
+
+
+main.add_command(build_shards)
+main.add_command(merge_shards)
+main.add_command(inspect_shards)
+
+if __name__ == "__main__":
+    main()

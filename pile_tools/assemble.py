@@ -1,0 +1,191 @@
+"""Join committed parts into the final shards, then write blend.json and manifest.json.
+
+Shards are joined in part order, so the bytes depend only on the plan: not on workers, ranks or restarts.
+Every final file is written under a temp name and renamed; manifest.json comes last and marks the run done.
+"""
+
+import json
+import os
+import shutil
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+import pile_tools
+from pile_tools.components import epochs_for, load_epochs
+from pile_tools.indexed import Shard, read_index, write_index
+from pile_tools.reader import InputError
+
+MAX_MESSAGES = 10
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
+    """(part directory, receipt) for every part of the plan, looked up in each dir's `.parts/`."""
+    found = []
+    missing = []
+    for part in plan["parts"]:
+        name = f"{part['index']:05d}"
+        where = next(
+            (d / ".parts" / name for d in dirs if (d / ".parts" / name / "receipt.json").is_file()), None
+        )
+        if where is None:
+            missing.append(part["index"])
+        else:
+            found.append((where, json.loads((where / "receipt.json").read_text())))
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
+        raise InputError(f"{len(missing)} of {len(plan['parts'])} parts are not done yet (parts {shown}); "
+                         f"finish every --rank of the run first")  # fmt: skip
+    return found
+
+
+def concatenate(prefix: Path, sources: list[Path], dtype: np.dtype) -> None:
+    """Write `prefix.bin/.idx` as the sources' sequences one after another."""
+    tmp = Path(f"{prefix}.bin.tmp")
+    sizes = []
+    with open(tmp, "wb") as out:
+        for src in sources:
+            with open(f"{src}.bin", "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+            sizes.append(np.array(read_index(Path(f"{src}.idx"))[1]))
+    tmp.replace(f"{prefix}.bin")
+    write_index(Path(f"{prefix}.idx"), np.concatenate(sizes), dtype)
+
+
+def materialize(out: Path, shards: dict, epochs: dict, seed: int, dtype: np.dtype) -> dict:
+    """Write the train split's repeats as one dataset: whole epochs, then a seeded fraction of each component."""
+    prefix = out / "materialized" / "train"
+    prefix.parent.mkdir(exist_ok=True)
+    tmp, sizes, tokens = Path(f"{prefix}.bin.tmp"), [], 0
+    with open(tmp, "wb") as f:
+        for name in sorted(k for k in shards if k.startswith("train/")):
+            shard, e = Shard(out / name), epochs[shards[name]["component"]]
+            for _ in range(int(e)):
+                f.write(np.asarray(shard.tokens).tobytes())
+                sizes.append(np.asarray(shard.sizes))
+            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+            chosen = np.sort(rng.choice(len(shard), round((e - int(e)) * len(shard)), replace=False))
+            for i in chosen:
+                f.write(shard[i].tobytes())
+            sizes.append(np.asarray(shard.sizes)[chosen])
+    tmp.replace(f"{prefix}.bin")
+    all_sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
+    write_index(Path(f"{prefix}.idx"), all_sizes, dtype)
+    return {"prefix": "materialized/train", "documents": len(all_sizes), "tokens": int(all_sizes.sum())}
+
+
+def build_blend(out: Path, shards: dict, epochs: dict, weights: str) -> dict:
+    """Per split, each shard's sampling weight ∝ epochs x tokens, also as Megatron and gpt-neox settings."""
+    blend = {"weights": weights, "splits": {}, "gpt_neox": {}}
+    for split in ("train", "valid", "test"):
+        names = sorted(k for k in shards if k.startswith(f"{split}/"))
+        mass = [epochs[shards[n]["component"]] * shards[n]["tokens"] for n in names]
+        total = sum(mass) or 1.0
+        rows = [{"prefix": n, **{k: shards[n][k] for k in ("component", "documents", "tokens")},
+                 "epochs": epochs[shards[n]["component"]], "weight": m / total} for n, m in zip(names, mass)]  # fmt: skip
+        paths = [str((out / n).resolve()) for n in names]
+        blend["splits"][split] = {
+            "shards": rows,
+            "data_path": " ".join(f"{r['weight']:.6g} {p}" for r, p in zip(rows, paths)),
+        }
+        blend["gpt_neox"][f"{split}_data_paths"] = paths
+        blend["gpt_neox"][f"{split}_data_weights"] = [r["weight"] for r in rows]
+    return blend
+
+
+def collect_shards(receipts: list[tuple[Path, dict]]) -> dict:
+    """prefix -> component, totals and the part shards to join, in part order."""
+    shards = {}
+    for where, receipt in receipts:
+        for prefix, stat in receipt["shards"].items():
+            entry = shards.setdefault(prefix, {"component": stat["component"], "documents": 0, "tokens": 0,
+                                               "text_bytes": 0, "sources": []})  # fmt: skip
+            if entry["component"] != stat["component"]:
+                raise InputError(
+                    f"components {entry['component']!r} and {stat['component']!r} share the file name {prefix}"
+                )
+            for key in ("documents", "tokens", "text_bytes"):
+                entry[key] += stat[key]
+            entry["sources"].append(where / prefix)
+    return shards
+
+
+def warn_premixed(receipts, weights: str, echo) -> None:
+    """The released Pile's train files mix all components and are already upsampled: weighting them again is wrong."""
+    if weights == "none":
+        return
+    for _, r in receipts:
+        if len(r["components_seen"]) > 1 and r["start"] == 0:
+            echo(f"warning: {r['source']} mixes {len(r['components_seen'])} components, like the released Pile's "
+                 f"pre-mixed files, whose train set is already upsampled; --weights {weights} upsamples it again. "
+                 f"Use --weights none unless this input is known not to be upsampled")  # fmt: skip
+
+
+def write_manifest(out, plan, receipts, shards, epochs, unknown, start) -> dict:
+    skipped, examples = defaultdict(int), []
+    for _, r in receipts:
+        for reason, n in r["skipped"].items():
+            skipped[reason] += n
+        examples.extend(r["skip_examples"])
+    components = defaultdict(lambda: {"splits": {}})
+    for prefix, s in sorted(shards.items()):
+        components[s["component"]]["epochs"] = epochs[s["component"]]
+        components[s["component"]]["splits"][prefix.split("/")[0]] = {
+            "prefix": prefix,
+            **{k: s[k] for k in ("documents", "tokens", "text_bytes")},
+        }
+    manifest = {
+        "tool": "neox-data build-shards", "version": pile_tools.__version__, "fingerprint": plan["fingerprint"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tokenizer": {**plan["tokenizer"], "engine": sorted({r["engine"] for _, r in receipts})},
+        "options": plan["options"], "inputs": plan["inputs"], "components": dict(components),
+        "unknown_components": sorted(unknown), "skipped": dict(skipped), "skip_examples": examples[:100],
+        "parts": len(receipts), "part_seconds": round(sum(r["seconds"] for _, r in receipts), 3),
+        "wall_seconds": round(time.time() - start, 3),
+    }  # fmt: skip
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print) -> dict:
+    """Join the parts found in `dirs` into `out`; returns the manifest."""
+    receipts = load_receipts(plan, dirs)
+    shards = collect_shards(receipts)
+    table, every = load_epochs(plan["options"]["weights"])
+    unknown: set[str] = set()
+    epochs = {s["component"]: epochs_for(s["component"], table, every, unknown) for s in shards.values()}
+    if unknown:
+        echo(f"warning: not in the Pile's table, weighted 1.0 epoch: {', '.join(sorted(unknown))}")
+    warn_premixed(receipts, plan["options"]["weights"], echo)
+    dtype = np.dtype(plan["tokenizer"]["dtype"])
+    for prefix, s in sorted(shards.items()):
+        (out / prefix).parent.mkdir(parents=True, exist_ok=True)
+        concatenate(out / prefix, s["sources"], dtype)
+    blend = build_blend(out, shards, epochs, plan["options"]["weights"])
+    if plan["options"]["materialize"]:
+        blend["materialized"] = materialize(out, shards, epochs, plan["options"]["seed"], dtype)
+    write_json(out / "blend.json", blend)
+    manifest = write_manifest(out, plan, receipts, shards, epochs, unknown, start)
+    report_skips(manifest, echo)
+    shutil.rmtree(out / ".parts", ignore_errors=True)
+    (out / "plan.json").unlink(missing_ok=True)
+    return manifest
+
+
+def report_skips(manifest: dict, echo) -> None:
+    if not manifest["skipped"]:
+        return
+    counts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(manifest["skipped"].items()))
+    echo(f"warning: skipped lines: {counts}")
+    for message in manifest["skip_examples"][:MAX_MESSAGES]:
+        echo(f"  {message}")

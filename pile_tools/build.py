@@ -1,0 +1,234 @@
+"""build-shards: plan the parts, check the output directory, run the parts on workers, then assemble.
+
+The plan (`DIR/plan.json`) fixes everything that decides the output bytes: inputs, tokenizer, split, options.
+Its hash, the fingerprint, is what lets a rerun resume, lets `--rank` runs be merged, and refuses to mix two
+different runs in one directory. Workers, rank and world size are not in it: they never change the bytes.
+"""
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pile_tools.assemble import assemble, write_json
+from pile_tools.components import load_epochs
+from pile_tools.indexed import token_dtype
+from pile_tools.parts import PartConfig, process_part, split_thresholds
+from pile_tools.reader import HF_PREFIX, InputError, Part, PartReader, Skips, discover, plan_parts
+from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
+
+GUARD_BYTES = 2 << 20  # text encoded by both the fast engine and `tokenizers` before the run
+GUARD_DOC_CHARS = 64 << 10
+
+
+def parse_split(split: str) -> list[float]:
+    try:
+        weights = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InputError(
+            f"--split {split!r}: give 1 to 3 non-negative weights for train,valid,test, like 995,4,1"
+        )
+    return weights + [0.0] * (3 - len(weights))
+
+
+def part_bytes(part: Part) -> int:
+    """Input bytes a part reads (0 for a streamed HF dataset)."""
+    if part.source.startswith(HF_PREFIX):
+        return 0
+    return (part.end or os.path.getsize(part.source)) - part.start
+
+
+def describe_input(source: str) -> dict:
+    if source.startswith(HF_PREFIX):
+        return {"path": source}
+    stat = os.stat(source)
+    return {"path": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+def make_plan(
+    inputs, tokenizer, *, split, weights, component, part_size, max_doc_bytes, materialize, seed
+) -> dict:
+    """Everything that decides the output, checked and resolved before any work."""
+    sources = discover(inputs)
+    tok_path = resolve_tokenizer(tokenizer)
+    reference = load_reference(tok_path)
+    load_epochs(weights)  # fail now on a bad --weights, not after the encoding
+    options = {
+        "split": parse_split(split), "weights": weights, "component": component, "part_size": part_size,
+        "max_doc_bytes": max_doc_bytes, "materialize": materialize, "seed": seed,
+    }  # fmt: skip
+    vocab = reference.get_vocab_size(with_added_tokens=True)
+    plan = {
+        "tokenizer": {"path": str(tok_path), "sha256": file_sha256(tok_path), "vocab_size": vocab,
+                      "eod": eod_id(reference, tok_path), "dtype": token_dtype(vocab).name},
+        "options": options,
+        "inputs": [describe_input(s) for s in sources],
+        "parts": [asdict(p) for p in plan_parts(sources, part_size)],
+    }  # fmt: skip
+    decisive = {**plan, "tokenizer": {k: v for k, v in plan["tokenizer"].items() if k != "path"}}
+    plan["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    return plan
+
+
+def claim_output(out: Path, plan: dict) -> bool:
+    """Check `out` can take this run; True when it already holds this run's finished shards."""
+    for name in ("manifest.json", "plan.json"):
+        if (out / name).is_file():
+            theirs = json.loads((out / name).read_text()).get("fingerprint")
+            if theirs != plan["fingerprint"]:
+                raise InputError(
+                    f"{out} holds the shards of a different run ({name} fingerprint {theirs}, this run "
+                    f"{plan['fingerprint']}: inputs, tokenizer or options differ); use another --output or remove it"
+                )
+            return name == "manifest.json"
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(
+            f"{out} is not empty and holds no neox-data run; use an empty or new --output directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "plan.json", plan)
+    return False
+
+
+def guard_sample(parts: list[Part], component: str | None) -> list[str]:
+    """Documents from across the run's inputs for the exactness check, GUARD_BYTES in all."""
+    picked = parts[:: max(1, len(parts) // 16)][:16]
+    sample, budget = [], GUARD_BYTES
+    for part in picked:
+        share = budget // max(1, len(picked) - picked.index(part))
+        try:
+            for _, text, _ in PartReader(part, component, Skips()).documents():
+                sample.append(text[:GUARD_DOC_CHARS])
+                share -= len(sample[-1])
+                budget -= len(sample[-1])
+                if share <= 0:
+                    break
+        except InputError:
+            continue  # the run itself reports bad files, with their names
+    return sample
+
+
+class Progress:
+    """One tqdm bar over input bytes, with documents, text MB and tokens per second."""
+
+    def __init__(self, total: int, done_parts: int, n_parts: int):
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="encoding", dynamic_ncols=True)
+        self.start, self.docs, self.tokens, self.text = time.time(), 0, 0, 0
+        self.parts, self.n_parts = done_parts, n_parts
+
+    def __call__(self, nbytes, docs, tokens, text):
+        self.docs, self.tokens, self.text = self.docs + docs, self.tokens + tokens, self.text + text
+        dt = max(time.time() - self.start, 1e-9)
+        self.bar.set_postfix_str(
+            f"parts {self.parts}/{self.n_parts} docs {self.docs / dt:,.0f}/s text {self.text / dt / 1e6:.1f} MB/s "
+            f"tokens {self.tokens / dt / 1e6:.2f}M/s",
+            refresh=False,
+        )
+        self.bar.update(nbytes)
+
+
+def _init_worker(q):
+    global _progress_queue
+    _progress_queue = q
+
+
+def _run_in_worker(part, config, parts_dir):
+    return process_part(part, config, parts_dir, lambda *a: _progress_queue.put(a))
+
+
+def run_parts(
+    todo: list[Part], config: PartConfig, parts_dir: Path, workers: int, progress: Progress
+) -> None:
+    """Process parts, in this process or on `workers` spawned processes (largest parts first)."""
+    if workers <= 1:
+        for part in todo:
+            process_part(part, config, parts_dir, progress)
+            progress.parts += 1
+        return
+    ctx = mp.get_context("spawn")  # not fork: the tokenizer libraries' thread pools do not survive a fork
+    q = ctx.Queue()
+    todo = sorted(todo, key=part_bytes, reverse=True)
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
+        pending = {pool.submit(_run_in_worker, p, config, parts_dir) for p in todo}
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+            while not q.empty():
+                progress(*q.get())
+            for f in done:
+                if f.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise f.exception()
+                progress.parts += 1
+
+
+def build_shards(
+    inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts
+):
+    """Run build-shards; returns the output directory once final shards are there, else None (a rank's share)."""
+    start = time.time()
+    plan = make_plan(inputs, tokenizer, **opts)
+    out = Path(output)
+    if claim_output(out, plan):
+        echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
+        return out
+    parts = [Part(**p) for p in plan["parts"]]
+    parts_dir = out / ".parts"
+    parts_dir.mkdir(exist_ok=True)
+    for stale in parts_dir.glob("*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    todo = [
+        p
+        for p in parts
+        if p.index % world_size == rank and not (parts_dir / f"{p.index:05d}" / "receipt.json").is_file()
+    ]
+    if todo:
+        engine = choose_engine(Path(plan["tokenizer"]["path"]), guard_sample(todo, opts["component"]), echo)
+        echo(f"encoding {len(todo)} of {len(parts)} parts with {engine} on {workers} worker(s)")
+        config = PartConfig(
+            tokenizer=plan["tokenizer"]["path"], engine=engine, eod=plan["tokenizer"]["eod"],
+            dtype=plan["tokenizer"]["dtype"], split_thresholds=split_thresholds(plan["options"]["split"]),
+            component=opts["component"], max_doc_bytes=opts["max_doc_bytes"], strict=strict, parallel=workers <= 1,
+        )  # fmt: skip
+        progress = Progress(sum(map(part_bytes, todo)), len(parts) - len(todo), len(parts))
+        try:
+            run_parts(todo, config, parts_dir, workers, progress)
+        finally:
+            progress.bar.close()
+    if world_size > 1:
+        echo(f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "
+             f"neox-data merge-shards DIR... --output DIR")  # fmt: skip
+        return None
+    assemble(out, plan, [out], start=start, echo=echo)
+    return out
+
+
+def merge_shards(dirs: list[str], output: str, echo=print) -> Path:
+    """Join the parts of `--rank` runs (each dir holding some, all of one plan) into final shards in `output`."""
+    start = time.time()
+    paths = [Path(d) for d in dirs]
+    plans = []
+    for d in paths:
+        if not (d / "plan.json").is_file():
+            raise InputError(
+                f"{d}: no plan.json; not the output of a build-shards --rank run, or already merged"
+            )
+        plans.append(json.loads((d / "plan.json").read_text()))
+    if len({p["fingerprint"] for p in plans}) > 1:
+        raise InputError("the directories hold different runs (their plan.json fingerprints differ); "
+                         "merge only the ranks of one build-shards command")  # fmt: skip
+    out = Path(output)
+    if out.resolve() not in [d.resolve() for d in paths] and claim_output(out, plans[0]):
+        echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
+        return out
+    assemble(out, plans[0], paths, start=start, echo=echo)
+    return out

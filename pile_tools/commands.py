@@ -1,0 +1,124 @@
+"""Click commands of the data path: build-shards, merge-shards, inspect. Thin: parse, call one function, print."""
+
+import os
+import re
+
+import click
+
+
+class Size(click.ParamType):
+    """A byte count with an optional K/M/G suffix (powers of 1024): 256M, 1G, 4096."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value), re.IGNORECASE)
+        if not m:
+            self.fail(f"{value!r} is not a size like 256M or 1G", param, ctx)
+        return int(float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " "))
+
+
+def run_reporting_errors(fn, *args, **kwargs):
+    """Call fn; input and tokenizer errors become one clear line and exit status 1, not a traceback."""
+    from pile_tools.reader import InputError
+    from tokenizer.engine import TokenizerError
+
+    try:
+        return fn(*args, **kwargs)
+    except (InputError, TokenizerError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.command("build-shards")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--tokenizer", required=True, help="tokenizer.json, a directory holding one, or gpt2 / gpt-neox-20b."
+)
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option(
+    "--weights",
+    default="pile",
+    show_default=True,
+    help="Epochs per component: 'pile' (the Pile paper's Table 1), 'none' (1 each), or a JSON file.",
+)
+@click.option("--split", default="995,4,1", show_default=True, help="train,valid,test weights.")
+@click.option("--workers", type=int, default=os.cpu_count(), show_default=True, help="Encoding processes.")
+@click.option(
+    "--component",
+    default=None,
+    help="Component of documents without meta.pile_set_name (default: the file's name).",
+)
+@click.option(
+    "--materialize",
+    is_flag=True,
+    help="Also write the train split's repeats to disk as one dataset, for tools that cannot blend.",
+)
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of --materialize's fractions.")
+@click.option("--rank", type=int, default=0, show_default=True, help="This process's share of the parts.")
+@click.option("--world-size", type=int, default=1, show_default=True, help="Processes sharing the parts.")
+@click.option(
+    "--part-size",
+    type=Size(),
+    default="256M",
+    show_default=True,
+    help="Uncompressed .jsonl files are cut into parts of this many bytes.",
+)
+@click.option(
+    "--max-doc-bytes", type=Size(), default=0, help="Skip (and count) longer documents; 0: no limit."
+)
+@click.option("--strict", is_flag=True, help="Fail on the first bad line instead of skipping it.")
+def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, **opts):
+    """Tokenize Pile-format text into Megatron .bin/.idx shards, one per split and component.
+
+    INPUT: .jsonl.zst, .jsonl.gz, .jsonl or .txt files, directories of them, or a Hugging Face dataset
+    (owner/name or hf:owner/name[:split], streamed). A document is the `text` field; its component is
+    meta.pile_set_name, else --component, else the file's name. Each document ends with <|endoftext|>.
+
+    Writes DIR/<split>/<component>.bin/.idx, DIR/blend.json (sampling weights ∝ epochs x tokens, also as a
+    Megatron --data-path and gpt-neox train_data_paths/weights) and DIR/manifest.json. Rerunning after a crash
+    redoes only unfinished parts; the shards do not depend on --workers.
+
+    The released Pile's train files (00.jsonl.zst ... 29.jsonl.zst) are ALREADY upsampled: build them with
+    --weights none. --weights pile is for component-wise, not yet upsampled input.
+    """
+    from pile_tools.build import build_shards as run
+
+    if not 0 <= rank < world_size:
+        raise click.BadParameter(
+            f"--rank {rank} must be in [0, --world-size {world_size})", param_hint="--rank"
+        )
+    out = run_reporting_errors(run, list(inputs), tokenizer, output, workers=max(1, workers), rank=rank,
+                               world_size=world_size, strict=strict, echo=echo_err, **opts)  # fmt: skip
+    if out is not None:
+        click.echo(f"shards in {out}  (blend.json, manifest.json; look inside with: neox-data inspect {out})")
+
+
+@click.command("merge-shards")
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
+def merge_shards(dirs, output):
+    """Join the outputs of `build-shards --rank I --world-size N` runs into the shards one run would write."""
+    from pile_tools.build import merge_shards as run
+
+    out = run_reporting_errors(run, list(dirs), output, echo=echo_err)
+    click.echo(f"shards in {out}")
+
+
+@click.command("inspect")
+@click.argument("target", type=click.Path(exists=False))
+@click.option("--decode", type=int, default=0, help="Decode and print the first N documents of each shard.")
+@click.option("--tokenizer", default=None, help="Tokenizer for --decode (default: the one in manifest.json).")
+@click.option(
+    "--chars", type=int, default=400, show_default=True, help="Characters shown per decoded document."
+)
+def inspect_shards(target, decode, tokenizer, chars):
+    """Print counts per shard of a build-shards directory or one .bin/.idx prefix, and decode documents."""
+    from pile_tools.inspect import inspect
+
+    run_reporting_errors(inspect, target, decode, tokenizer, chars, click.echo)

@@ -1,0 +1,175 @@
+"""One part of a build-shards run: read -> split by hash -> encode -> write per (split, component) shards.
+
+A part's results go to `.parts/NNNNN.tmp-PID/` and become `.parts/NNNNN/` by one rename once its receipt is
+written, so a part is either absent or complete: a crash redoes only unfinished parts.
+"""
+
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pile_tools.components import slugify
+from pile_tools.indexed import ShardWriter
+from pile_tools.reader import Part, PartReader, Skips
+from tokenizer.engine import Encoder
+
+SPLITS = ("train", "valid", "test")
+BATCH_CHARS = 4 << 20  # text per encode call: large enough to amortise the call, small enough to stream
+
+
+@dataclass(frozen=True)
+class PartConfig:
+    """What every part of a run needs; picklable so it can be sent to worker processes."""
+
+    tokenizer: str
+    engine: str
+    eod: int
+    dtype: str
+    split_thresholds: tuple[int, ...]
+    component: str | None = None
+    max_doc_bytes: int = 0
+    strict: bool = False
+    parallel: bool = False
+
+
+def split_thresholds(weights: list[float]) -> tuple[int, ...]:
+    """Cumulative cut points on [0, 2**64) for the train/valid/test weights."""
+    total = sum(weights)
+    cuts, acc = [], 0.0
+    for w in weights[:-1]:
+        acc += w
+        cuts.append(min(int(acc / total * 2**64), 2**64))
+    return tuple(cuts)
+
+
+def split_of(data: bytes, thresholds: tuple[int, ...]) -> int:
+    """A document's split from a hash of its text: stable across runs, orders and workers; duplicates agree."""
+    h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+    return bisect_right(thresholds, h)
+
+
+def append_eod(ids: np.ndarray, counts: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+    """Interleave one EOD after each document's ids: returns (tokens, sizes) with sizes = counts + 1."""
+    sizes = counts + 1
+    out = np.empty(len(ids) + len(counts), dtype=ids.dtype)
+    ends = np.cumsum(sizes) - 1
+    is_eod = np.zeros(len(out), dtype=bool)
+    is_eod[ends] = True
+    out[is_eod] = eod
+    out[~is_eod] = ids
+    return out, sizes
+
+
+def prefetch(iterable, depth: int = 2):
+    """Run `iterable` in a thread, `depth` items ahead: reading and parsing overlap the encoding."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def fill():
+        try:
+            for item in iterable:
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer, with the input's own message
+            q.put(e)
+
+    threading.Thread(target=fill, daemon=True).start()
+    while (item := q.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+class PartWriter:
+    """Routes encoded documents to one ShardWriter per (split, component) and keeps their counts."""
+
+    def __init__(self, root: Path, dtype: str):
+        self.root, self.dtype = root, np.dtype(dtype)
+        self.writers: dict[tuple[str, str], ShardWriter] = {}
+        self.stats: dict[str, dict] = {}
+
+    def write(self, keys: list[tuple[str, str]], tokens: np.ndarray, sizes: np.ndarray, nbytes: list[int]):
+        uniq = sorted(set(keys))
+        codes = np.array([uniq.index(k) for k in keys]) if len(uniq) > 1 else np.zeros(len(keys), int)
+        token_codes = np.repeat(codes, sizes) if len(uniq) > 1 else None
+        for code, key in enumerate(uniq):
+            docs = codes == code
+            self._writer(key).add(tokens if token_codes is None else tokens[token_codes == code], sizes[docs])
+            stat = self.stats[f"{key[0]}/{slugify(key[1])}"]
+            stat["documents"] += int(docs.sum())
+            stat["tokens"] += int(sizes[docs].sum())
+            stat["text_bytes"] += sum(b for b, d in zip(nbytes, docs) if d)
+
+    def _writer(self, key: tuple[str, str]) -> ShardWriter:
+        if key not in self.writers:
+            prefix = f"{key[0]}/{slugify(key[1])}"
+            if prefix in self.stats:
+                raise ValueError(
+                    f"components {key[1]!r} and {self.stats[prefix]['component']!r} share the file name {prefix}"
+                )
+            self.stats[prefix] = {
+                "split": key[0],
+                "component": key[1],
+                "documents": 0,
+                "tokens": 0,
+                "text_bytes": 0,
+            }
+            self.writers[key] = ShardWriter(self.root / prefix, self.dtype)
+        return self.writers[key]
+
+    def close(self):
+        for w in self.writers.values():
+            w.close()
+
+
+def batches(docs, thresholds):
+    """Group (component, text, line) into lists of (key, text, utf-8 size) of about BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for component, text, _ in docs:
+        data = text.encode("utf-8")
+        batch.append(((SPLITS[split_of(data, thresholds)], component), text, len(data)))
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -> dict:
+    """Encode one part into `parts_dir/NNNNN/` and return its receipt. `report(bytes, docs, tokens, text)`."""
+    start = time.time()
+    final, tmp = parts_dir / f"{part.index:05d}", parts_dir / f"{part.index:05d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    encoder = Encoder(Path(config.tokenizer), config.engine, config.parallel)
+    skips = Skips(config.strict)
+    reader = PartReader(part, config.component, skips, config.max_doc_bytes)
+    writer, consumed = PartWriter(tmp, config.dtype), 0
+    for batch in prefetch(batches(reader.documents(), config.split_thresholds)):
+        ids, counts = encoder.encode([text for _, text, _ in batch])
+        tokens, sizes = append_eod(ids, counts, config.eod)
+        writer.write([key for key, _, _ in batch], tokens, sizes, [n for _, _, n in batch])
+        if report:
+            report(reader.consumed - consumed, len(batch), len(tokens), sum(n for _, _, n in batch))
+            consumed = reader.consumed
+    writer.close()
+    receipt = {
+        "part": part.index, "source": part.source, "start": part.start, "end": part.end,
+        "engine": config.engine, "shards": writer.stats, "skipped": skips.counts,
+        "skip_examples": skips.examples, "components_seen": sorted(reader.components_seen),
+        "seconds": round(time.time() - start, 3),
+    }  # fmt: skip
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "receipt.json").write_text(json.dumps(receipt, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    return receipt

@@ -1,0 +1,1 @@
+"""Byte-level BPE tokenizers: the bundled references, and the fast exact encoding engine."""

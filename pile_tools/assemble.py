@@ -35,9 +35,7 @@ def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
     missing = []
     for part in plan["parts"]:
         name = f"{part['index']:05d}"
-        where = next(
-            (d / ".parts" / name for d in dirs if (d / ".parts" / name / "receipt.json").is_file()), None
-        )
+        where = next((d / ".parts" / name for d in dirs if (d / ".parts" / name / "receipt.json").is_file()), None)
         if where is None:
             missing.append(part["index"])
         else:
@@ -66,7 +64,7 @@ def materialize(out: Path, shards: dict, epochs: dict, seed: int, dtype: np.dtyp
     """Write the train split's repeats as one dataset: whole epochs, then a seeded fraction of each component."""
     prefix = out / "materialized" / "train"
     prefix.parent.mkdir(exist_ok=True)
-    tmp, sizes, tokens = Path(f"{prefix}.bin.tmp"), [], 0
+    tmp, sizes = Path(f"{prefix}.bin.tmp"), []
     with open(tmp, "wb") as f:
         for name in sorted(k for k in shards if k.startswith("train/")):
             shard, e = Shard(out / name), epochs[shards[name]["component"]]
@@ -91,8 +89,11 @@ def build_blend(out: Path, shards: dict, epochs: dict, weights: str) -> dict:
         names = sorted(k for k in shards if k.startswith(f"{split}/"))
         mass = [epochs[shards[n]["component"]] * shards[n]["tokens"] for n in names]
         total = sum(mass) or 1.0
-        rows = [{"prefix": n, **{k: shards[n][k] for k in ("component", "documents", "tokens")},
-                 "epochs": epochs[shards[n]["component"]], "weight": m / total} for n, m in zip(names, mass)]  # fmt: skip
+        rows = [
+            {"prefix": n, **{k: shards[n][k] for k in ("component", "documents", "tokens")},
+             "epochs": epochs[shards[n]["component"]], "weight": m / total}
+            for n, m in zip(names, mass)
+        ]  # fmt: skip
         paths = [str((out / n).resolve()) for n in names]
         blend["splits"][split] = {
             "shards": rows,

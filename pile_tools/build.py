@@ -34,9 +34,7 @@ def parse_split(split: str) -> list[float]:
     except ValueError:
         weights = []
     if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise InputError(
-            f"--split {split!r}: give 1 to 3 non-negative weights for train,valid,test, like 995,4,1"
-        )
+        raise InputError(f"--split {split!r}: give 1 to 3 non-negative weights for train,valid,test, like 995,4,1")
     return weights + [0.0] * (3 - len(weights))
 
 
@@ -54,9 +52,7 @@ def describe_input(source: str) -> dict:
     return {"path": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
-def make_plan(
-    inputs, tokenizer, *, split, weights, component, part_size, max_doc_bytes, materialize, seed
-) -> dict:
+def make_plan(inputs, tokenizer, *, split, weights, component, part_size, max_doc_bytes, materialize, seed) -> dict:
     """Everything that decides the output, checked and resolved before any work."""
     sources = discover(inputs)
     tok_path = resolve_tokenizer(tokenizer)
@@ -91,9 +87,7 @@ def claim_output(out: Path, plan: dict) -> bool:
                 )
             return name == "manifest.json"
     if out.is_dir() and any(out.iterdir()):
-        raise InputError(
-            f"{out} is not empty and holds no neox-data run; use an empty or new --output directory"
-        )
+        raise InputError(f"{out} is not empty and holds no neox-data run; use an empty or new --output directory")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", plan)
     return False
@@ -145,9 +139,7 @@ def _run_in_worker(part, config, parts_dir):
     return process_part(part, config, parts_dir, lambda *a: _progress_queue.put(a))
 
 
-def run_parts(
-    todo: list[Part], config: PartConfig, parts_dir: Path, workers: int, progress: Progress
-) -> None:
+def run_parts(todo: list[Part], config: PartConfig, parts_dir: Path, workers: int, progress: Progress) -> None:
     """Process parts, in this process or on `workers` spawned processes (largest parts first)."""
     if workers <= 1:
         for part in todo:
@@ -171,9 +163,7 @@ def run_parts(
                 progress.parts += 1
 
 
-def build_shards(
-    inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts
-):
+def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts):
     """Run build-shards; returns the output directory once final shards are there, else None (a rank's share)."""
     start = time.time()
     plan = make_plan(inputs, tokenizer, **opts)
@@ -219,9 +209,7 @@ def merge_shards(dirs: list[str], output: str, echo=print) -> Path:
     plans = []
     for d in paths:
         if not (d / "plan.json").is_file():
-            raise InputError(
-                f"{d}: no plan.json; not the output of a build-shards --rank run, or already merged"
-            )
+            raise InputError(f"{d}: no plan.json; not the output of a build-shards --rank run, or already merged")
         plans.append(json.loads((d / "plan.json").read_text()))
     if len({p["fingerprint"] for p in plans}) > 1:
         raise InputError("the directories hold different runs (their plan.json fingerprints differ); "

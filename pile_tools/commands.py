@@ -37,9 +37,7 @@ def echo_err(message: str) -> None:
 
 @click.command("build-shards")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--tokenizer", required=True, help="tokenizer.json, a directory holding one, or gpt2 / gpt-neox-20b."
-)
+@click.option("--tokenizer", required=True, help="tokenizer.json, a directory holding one, or gpt2 / gpt-neox-20b.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option(
     "--weights",
@@ -69,9 +67,7 @@ def echo_err(message: str) -> None:
     show_default=True,
     help="Uncompressed .jsonl files are cut into parts of this many bytes.",
 )
-@click.option(
-    "--max-doc-bytes", type=Size(), default=0, help="Skip (and count) longer documents; 0: no limit."
-)
+@click.option("--max-doc-bytes", type=Size(), default=0, help="Skip (and count) longer documents; 0: no limit.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad line instead of skipping it.")
 def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, **opts):
     """Tokenize Pile-format text into Megatron .bin/.idx shards, one per split and component.
@@ -90,9 +86,7 @@ def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, *
     from pile_tools.build import build_shards as run
 
     if not 0 <= rank < world_size:
-        raise click.BadParameter(
-            f"--rank {rank} must be in [0, --world-size {world_size})", param_hint="--rank"
-        )
+        raise click.BadParameter(f"--rank {rank} must be in [0, --world-size {world_size})", param_hint="--rank")
     out = run_reporting_errors(run, list(inputs), tokenizer, output, workers=max(1, workers), rank=rank,
                                world_size=world_size, strict=strict, echo=echo_err, **opts)  # fmt: skip
     if out is not None:
@@ -114,9 +108,7 @@ def merge_shards(dirs, output):
 @click.argument("target", type=click.Path(exists=False))
 @click.option("--decode", type=int, default=0, help="Decode and print the first N documents of each shard.")
 @click.option("--tokenizer", default=None, help="Tokenizer for --decode (default: the one in manifest.json).")
-@click.option(
-    "--chars", type=int, default=400, show_default=True, help="Characters shown per decoded document."
-)
+@click.option("--chars", type=int, default=400, show_default=True, help="Characters shown per decoded document.")
 def inspect_shards(target, decode, tokenizer, chars):
     """Print counts per shard of a build-shards directory or one .bin/.idx prefix, and decode documents."""
     from pile_tools.inspect import inspect

@@ -226,9 +226,7 @@ class PartReader:
                 reason = "invalid_utf8"
             return self.skips.note(reason, self._where(number), str(e)[:120])
         if not isinstance(obj, dict):
-            return self.skips.note(
-                "invalid_json", self._where(number), f"a JSON {type(obj).__name__}, not an object"
-            )
+            return self.skips.note("invalid_json", self._where(number), f"a JSON {type(obj).__name__}, not an object")
         return self._document(obj, number)
 
     def _document(self, obj: dict, number: int):
@@ -236,16 +234,10 @@ class PartReader:
             return self.skips.note("missing_text", self._where(number), "no 'text' field")
         text = obj["text"]
         if not isinstance(text, str):
-            return self.skips.note(
-                "text_not_string", self._where(number), f"'text' is a {type(text).__name__}"
-            )
+            return self.skips.note("text_not_string", self._where(number), f"'text' is a {type(text).__name__}")
         if not text:
             return self.skips.note("empty", self._where(number))
-        if (
-            self.max_doc_bytes
-            and len(text) > self.max_doc_bytes // 4
-            and len(text.encode()) > self.max_doc_bytes
-        ):
+        if self.max_doc_bytes and len(text) > self.max_doc_bytes // 4 and len(text.encode()) > self.max_doc_bytes:
             return self.skips.note(
                 "too_long", self._where(number), f"{len(text.encode()) / 1e6:.1f} MB > --max-doc-bytes"
             )

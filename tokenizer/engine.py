@@ -122,9 +122,7 @@ def choose_engine(path: Path, sample: list[str], warn=print) -> str:
     for name in ENGINES[:-1]:
         try:
             got = Encoder(path, name).encode(texts)
-        except (
-            Exception
-        ) as e:  # the fast engines refuse some tokenizer types; that is what the fallback is for
+        except Exception as e:  # the fast engines refuse some tokenizer types; that is what the fallback is for
             warn(f"{name} cannot encode with {path} ({type(e).__name__}: {e}); trying the next engine")
             continue
         bad = first_mismatch(got, reference)

@@ -162,6 +162,9 @@ def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print) 
     """Join the parts found in `dirs` into `out`; returns the manifest."""
     receipts = load_receipts(plan, dirs)
     shards = collect_shards(receipts)
+    if not shards:
+        skipped = sum(n for _, r in receipts for n in r["skipped"].values())
+        raise InputError(f"no documents in the input ({skipped} lines skipped as bad, the rest blank)")
     table, every = load_epochs(plan["options"]["weights"])
     unknown: set[str] = set()
     epochs = {s["component"]: epochs_for(s["component"], table, every, unknown) for s in shards.values()}

@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+from pile_tools.reader import InputError
+
 # Epochs per component: the Pile paper (Gao et al., 2020), Table 1. A component's share of the training mix is
 # proportional to epochs x size, which is how the paper's "effective size" is computed.
 PILE_EPOCHS = {
@@ -49,15 +51,15 @@ def load_epochs(weights: str) -> tuple[dict[str, float], float | None]:
         return {}, 1.0
     path = Path(weights)
     if not path.is_file():
-        raise ValueError(f"--weights: {weights} is neither 'pile', 'none', nor an existing JSON file")
+        raise InputError(f"--weights: {weights} is neither 'pile', 'none', nor an existing JSON file")
     try:
         table = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--weights: {weights} is not valid JSON ({e})") from None
+        raise InputError(f"--weights: {weights} is not valid JSON ({e})") from None
     if not isinstance(table, dict) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in table.values()
     ):
-        raise ValueError(
+        raise InputError(
             f'--weights: {weights} must be a JSON object of component -> epochs >= 0, like {{"Github": 1.5}}'
         )
     return {str(k): float(v) for k, v in table.items()}, None

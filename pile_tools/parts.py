@@ -13,13 +13,14 @@ import threading
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from pile_tools.components import slugify
 from pile_tools.indexed import ShardWriter
-from pile_tools.reader import Part, PartReader, Skips
+from pile_tools.reader import InputError, Part, PartReader, Skips
 from tokenizer.engine import Encoder
 
 SPLITS = ("train", "valid", "test")
@@ -113,7 +114,7 @@ class PartWriter:
         if key not in self.writers:
             prefix = f"{key[0]}/{slugify(key[1])}"
             if prefix in self.stats:
-                raise ValueError(
+                raise InputError(
                     f"components {key[1]!r} and {self.stats[prefix]['component']!r} share the file name {prefix}"
                 )
             self.stats[prefix] = {
@@ -145,12 +146,18 @@ def batches(docs, thresholds):
         yield batch
 
 
+@lru_cache(maxsize=2)
+def cached_encoder(tokenizer: str, engine: str, parallel: bool) -> Encoder:
+    """One encoder per worker process, not per part: loading a tokenizer costs more than a small part."""
+    return Encoder(Path(tokenizer), engine, parallel)
+
+
 def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -> dict:
     """Encode one part into `parts_dir/NNNNN/` and return its receipt. `report(bytes, docs, tokens, text)`."""
     start = time.time()
     final, tmp = parts_dir / f"{part.index:05d}", parts_dir / f"{part.index:05d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    encoder = Encoder(Path(config.tokenizer), config.engine, config.parallel)
+    encoder = cached_encoder(config.tokenizer, config.engine, config.parallel)
     skips = Skips(config.strict)
     reader = PartReader(part, config.component, skips, config.max_doc_bytes)
     writer, consumed = PartWriter(tmp, config.dtype), 0

@@ -165,17 +165,18 @@ def test_engine_guard_falls_back_on_mismatch(monkeypatch):
 def test_sigkill_midway_then_rerun_is_identical(tmp_path, sample_docs, run):
     docs = [d for name in sorted(sample_docs) for d in sample_docs[name]]
     write_jsonl(tmp_path / "all.jsonl", docs)
-    args = ["--tokenizer", NEOX, "--split", "90,5,5", "--part-size", "32K", "--workers", "1"]
+    args = ["--tokenizer", NEOX, "--split", "90,5,5", "--part-size", "8K", "--workers", "1"]
     run.ok("build-shards", tmp_path / "all.jsonl", *args, "--output", tmp_path / "clean")
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "cli", "build-shards", str(tmp_path / "all.jsonl"), *args, "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
+    committed = out / ".parts"  # NNNNN/ are committed parts; NNNNN.tmp-PID/ are not, receipt or not
     deadline = time.time() + 120
-    while len(list((out / ".parts").glob("*/receipt.json"))) < 5 and time.time() < deadline:
+    while len(list(committed.glob("[0-9]????/receipt.json"))) < 5 and time.time() < deadline:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = len(list((out / ".parts").glob("*/receipt.json")))
+    done = len(list(committed.glob("[0-9]????/receipt.json")))
     assert done >= 5 and not (out / "manifest.json").exists()
     total = json.loads((out / "plan.json").read_text())["parts"]
     assert done < len(total), "the run finished before it was killed; the test needs more parts"

@@ -20,11 +20,11 @@ from tqdm import tqdm
 from pile_tools.assemble import assemble, write_json
 from pile_tools.components import load_epochs
 from pile_tools.indexed import token_dtype
-from pile_tools.parts import PartConfig, process_part, split_thresholds
+from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
 from pile_tools.reader import HF_PREFIX, InputError, Part, PartReader, Skips, discover, plan_parts
 from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 
-GUARD_BYTES = 2 << 20  # text encoded by both the fast engine and `tokenizers` before the run
+GUARD_BYTES = 1 << 20  # text encoded by both the fast engine and `tokenizers` before the run
 GUARD_DOC_CHARS = 64 << 10
 
 
@@ -130,37 +130,76 @@ class Progress:
         self.bar.update(nbytes)
 
 
-def _init_worker(q):
+def _init_worker(q, tokenizer: str):
     global _progress_queue
     _progress_queue = q
+    try:  # warm up: imports and the likeliest engine load while the main process checks exactness
+        cached_encoder(tokenizer, "gigatoken", False)
+    except Exception:
+        pass
 
 
 def _run_in_worker(part, config, parts_dir):
     return process_part(part, config, parts_dir, lambda *a: _progress_queue.put(a))
 
 
-def run_parts(todo: list[Part], config: PartConfig, parts_dir: Path, workers: int, progress: Progress) -> None:
-    """Process parts, in this process or on `workers` spawned processes (largest parts first)."""
-    if workers <= 1:
-        for part in todo:
-            process_part(part, config, parts_dir, progress)
-            progress.parts += 1
-        return
-    ctx = mp.get_context("spawn")  # not fork: the tokenizer libraries' thread pools do not survive a fork
-    q = ctx.Queue()
-    todo = sorted(todo, key=part_bytes, reverse=True)
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,)) as pool:
-        pending = {pool.submit(_run_in_worker, p, config, parts_dir) for p in todo}
+class Workers:
+    """`n` spawned encoding processes (none for n <= 1), started early so their start-up overlaps other work."""
+
+    def __init__(self, n: int, tokenizer: str):
+        self.pool = None
+        if n > 1:
+            ctx = mp.get_context("spawn")  # not fork: the tokenizer libraries' thread pools do not survive a fork
+            self.queue = ctx.Queue()
+            self.pool = ProcessPoolExecutor(
+                n, mp_context=ctx, initializer=_init_worker, initargs=(self.queue, tokenizer)
+            )
+            for _ in range(n):  # a process starts per submitted task while none is idle
+                self.pool.submit(int)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
+
+    def run(self, todo: list[Part], config: PartConfig, parts_dir: Path, progress: Progress) -> None:
+        """Process parts here or on the pool (largest first); re-raise the first failure."""
+        if self.pool is None:
+            for part in todo:
+                process_part(part, config, parts_dir, progress)
+                progress.parts += 1
+            return
+        pending = {
+            self.pool.submit(_run_in_worker, p, config, parts_dir) for p in sorted(todo, key=part_bytes, reverse=True)
+        }
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
-            while not q.empty():
-                progress(*q.get())
+            while not self.queue.empty():
+                progress(*self.queue.get())
             for f in done:
                 if f.exception() is not None:
-                    for other in pending:
-                        other.cancel()
                     raise f.exception()
                 progress.parts += 1
+
+
+def encode_parts(todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *, workers: int, strict: bool, echo):
+    """Check the fast engine on a sample of these parts, then encode them on `workers` processes."""
+    options, tokenizer = plan["options"], plan["tokenizer"]
+    with Workers(workers, tokenizer["path"]) as pool:
+        engine = choose_engine(Path(tokenizer["path"]), guard_sample(todo, options["component"]), echo)
+        echo(f"encoding {len(todo)} of {n_parts} parts with {engine} on {workers} worker(s)")
+        config = PartConfig(
+            tokenizer=tokenizer["path"], engine=engine, eod=tokenizer["eod"], dtype=tokenizer["dtype"],
+            split_thresholds=split_thresholds(options["split"]), component=options["component"],
+            max_doc_bytes=options["max_doc_bytes"], strict=strict, parallel=workers <= 1,
+        )  # fmt: skip
+        progress = Progress(sum(map(part_bytes, todo)), n_parts - len(todo), n_parts)
+        try:
+            pool.run(todo, config, parts_dir, progress)
+        finally:
+            progress.bar.close()
 
 
 def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts):
@@ -182,18 +221,7 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
         if p.index % world_size == rank and not (parts_dir / f"{p.index:05d}" / "receipt.json").is_file()
     ]
     if todo:
-        engine = choose_engine(Path(plan["tokenizer"]["path"]), guard_sample(todo, opts["component"]), echo)
-        echo(f"encoding {len(todo)} of {len(parts)} parts with {engine} on {workers} worker(s)")
-        config = PartConfig(
-            tokenizer=plan["tokenizer"]["path"], engine=engine, eod=plan["tokenizer"]["eod"],
-            dtype=plan["tokenizer"]["dtype"], split_thresholds=split_thresholds(plan["options"]["split"]),
-            component=opts["component"], max_doc_bytes=opts["max_doc_bytes"], strict=strict, parallel=workers <= 1,
-        )  # fmt: skip
-        progress = Progress(sum(map(part_bytes, todo)), len(parts) - len(todo), len(parts))
-        try:
-            run_parts(todo, config, parts_dir, workers, progress)
-        finally:
-            progress.bar.close()
+        encode_parts(todo, len(parts), plan, parts_dir, workers=workers, strict=strict, echo=echo)
     if world_size > 1:
         echo(f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "
              f"neox-data merge-shards DIR... --output DIR")  # fmt: skip

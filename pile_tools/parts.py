@@ -132,18 +132,21 @@ class PartWriter:
             w.close()
 
 
-def batches(docs, thresholds):
-    """Group (component, text, line) into lists of (key, text, utf-8 size) of about BATCH_CHARS characters."""
+def batches(reader: PartReader, thresholds: tuple[int, ...]):
+    """Yield ([(key, text, utf-8 size)...] of about BATCH_CHARS characters, input bytes read so far).
+
+    Runs in the prefetch thread, so the read position is taken here, beside the reads, not from another thread.
+    """
     batch, chars = [], 0
-    for component, text, _ in docs:
+    for component, text, _ in reader.documents():
         data = text.encode("utf-8")
         batch.append(((SPLITS[split_of(data, thresholds)], component), text, len(data)))
         chars += len(text)
         if chars >= BATCH_CHARS:
-            yield batch
+            yield batch, reader.consumed
             batch, chars = [], 0
     if batch:
-        yield batch
+        yield batch, reader.consumed
 
 
 @lru_cache(maxsize=2)
@@ -160,14 +163,15 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
     encoder = cached_encoder(config.tokenizer, config.engine, config.parallel)
     skips = Skips(config.strict)
     reader = PartReader(part, config.component, skips, config.max_doc_bytes)
-    writer, consumed = PartWriter(tmp, config.dtype), 0
-    for batch in prefetch(batches(reader.documents(), config.split_thresholds)):
+    writer, reported = PartWriter(tmp, config.dtype), 0
+    docs = batches(reader, config.split_thresholds)
+    for batch, consumed in prefetch(docs) if config.parallel else docs:
         ids, counts = encoder.encode([text for _, text, _ in batch])
         tokens, sizes = append_eod(ids, counts, config.eod)
         writer.write([key for key, _, _ in batch], tokens, sizes, [n for _, _, n in batch])
         if report:
-            report(reader.consumed - consumed, len(batch), len(tokens), sum(n for _, _, n in batch))
-            consumed = reader.consumed
+            report(consumed - reported, len(batch), len(tokens), sum(n for _, _, n in batch))
+            reported = consumed
     writer.close()
     receipt = {
         "part": part.index, "source": part.source, "start": part.start, "end": part.end,

@@ -1,0 +1,154 @@
+"""build-shards against its ceiling and against gpt-neox, side by side, on N copies of the mini-Pile.
+
+    .venv/bin/python benchmarks/shards.py [--copies 10] [--corpus ../shared/corpus/mini-pile] [--skip-neox]
+
+Three runs on the same input, each in its own process, timed and with peak RSS (the process tree, sampled):
+  ceiling   one process: read + orjson + gigatoken encode_batch(parallel=True) + EOD + one uint16 write per file
+  ours      neox-data build-shards --workers 2 (and once more on 1 copy, for the memory ratio)
+  gpt-neox  tools/datasets/preprocess_data.py --workers 2, HFTokenizer, --append-eod (its own venv, set up here
+            from the workplace's gpt-neox mirror or GPT_NEOX_DIR; needs the package registry the first time)
+Goals (issue 2): ours >= 0.8 x the ceiling's throughput; peak RSS at N copies <= 1.2 x at 1 copy;
+gpt-neox >= 30 x slower than ours.
+"""
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "benchmarks" / ".work"
+TOKENIZER = ROOT / "tokenizer" / "assets" / "gpt-neox-20b" / "tokenizer.json"
+NEOX_MIRROR = Path("/work/.mirror/EleutherAI+gpt-neox/repo")
+NEOX_DEPS = ["setuptools<81", "torch==2.13.0", "deepspeed==0.19.8", "tokenizers", "transformers", "lm_dataformat",
+             "ftfy", "sentencepiece", "numpy", "tqdm", "pyyaml", "requests"]  # fmt: skip
+
+
+def copies_of(corpus: Path, n: int) -> Path:
+    """A directory with n copies of every corpus file (distinct names, same bytes)."""
+    out = WORK / f"{corpus.name}-x{n}"
+    files = sorted(corpus.glob("*.jsonl.zst"))
+    if not out.is_dir() or len(list(out.iterdir())) != n * len(files):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for k in range(n):
+            for f in files:
+                shutil.copy(f, out / f"c{k:02d}_{f.name}")
+    return out
+
+
+def measure(cmd: list[str], cwd=None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes, summed over the process tree, sampled every 100 ms) of a command."""
+    start = time.time()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)  # sampling /proc costs CPU that the measured run would miss on a 2-core machine
+    seconds = time.time() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-3000:]}")
+    return seconds, peak
+
+
+def ceiling(src: Path, out: Path) -> None:
+    """The simplest fast pipeline: no splits, components, resume, parts or checks."""
+    import gigatoken
+    import numpy as np
+    import orjson
+    import zstandard
+
+    tok = gigatoken.Tokenizer(str(TOKENIZER))
+    with open(out, "wb") as f:
+        for path in sorted(src.glob("*.jsonl.zst")):
+            with open(path, "rb") as fh:
+                stream = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh))
+                texts = [orjson.loads(line)["text"] for line in stream]
+            layout = tok.encode_batch(texts, parallel=True).layout
+            offsets = np.asarray(layout.offsets)
+            ids = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
+            out_ids = np.insert(ids, offsets[1:] - offsets[0], 0).astype(np.uint16)  # EOD (id 0) after each
+            f.write(out_ids.tobytes())
+
+
+def neox_python() -> tuple[Path, Path]:
+    """gpt-neox's tree and a venv able to run its preprocess_data.py."""
+    tree = Path(os.environ.get("GPT_NEOX_DIR", WORK / "gpt-neox"))
+    if not (tree / "tools" / "datasets" / "preprocess_data.py").is_file():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", f"--git-dir={NEOX_MIRROR}", "archive", "HEAD", "megatron", "tools"],
+                                 check=True, capture_output=True).stdout  # fmt: skip
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    venv = WORK / "neox-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *NEOX_DEPS], check=True)
+    return tree, venv / "bin" / "python"
+
+
+def text_bytes(src: Path) -> int:
+    import orjson
+    import zstandard
+
+    total = 0
+    for path in sorted(src.glob("*.jsonl.zst")):
+        with open(path, "rb") as fh:
+            for line in io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh)):
+                total += len(orjson.loads(line)["text"].encode())
+    return total
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=10)
+    parser.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "mini-pile")
+    parser.add_argument("--skip-neox", action="store_true")
+    parser.add_argument("--ceiling", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.ceiling:
+        return ceiling(*args.ceiling)
+    one, many = copies_of(args.corpus, 1), copies_of(args.corpus, args.copies)
+    mb = text_bytes(many) / 1e6
+    neox_data = str(Path(sys.executable).parent / "neox-data")
+    rows = {}
+    out = WORK / "out"
+
+    def ours(src):
+        shutil.rmtree(out, ignore_errors=True)
+        return measure([neox_data, "build-shards", str(src), "--tokenizer", str(TOKENIZER), "--workers", "2",
+                        "--output", str(out), "--weights", "none"])  # fmt: skip
+
+    rows["ceiling"] = measure([sys.executable, __file__, "--ceiling", str(many), str(WORK / "ceiling.bin")])
+    rows["ours"] = ours(many)
+    rows["ours, 1 copy"] = ours(one)
+    if not args.skip_neox:
+        tree, python = neox_python()
+        files = ",".join(str(p) for p in sorted(many.glob("*.jsonl.zst")))
+        cmd = [str(python), "tools/datasets/preprocess_data.py", "--input", files, "--output-prefix",
+               str(WORK / "neox"), "--tokenizer-type", "HFTokenizer", "--vocab-file", str(TOKENIZER), "--append-eod",
+               "--workers", "2"]  # fmt: skip
+        rows["gpt-neox"] = measure(cmd, cwd=tree)
+    print(f"input: {args.copies} copies of {args.corpus}, {mb:,.0f} MB of text; 1 copy: {mb / args.copies:,.0f} MB")
+    print(f"{'run':<14} {'seconds':>8} {'MB/s':>7} {'peak RSS MB':>12}")
+    for name, (seconds, rss) in rows.items():
+        size = mb / args.copies if "1 copy" in name else mb
+        print(f"{name:<14} {seconds:>8.1f} {size / seconds:>7.1f} {rss / 2**20:>12.0f}")
+    speed = rows["ceiling"][0] / rows["ours"][0]
+    print(f"ours / ceiling throughput: {speed:.2f}  (goal >= 0.8)")
+    print(f"peak RSS, {args.copies} copies / 1 copy: {rows['ours'][1] / rows['ours, 1 copy'][1]:.2f}  (goal <= 1.2)")
+    if "gpt-neox" in rows:
+        print(f"gpt-neox / ours wall time: {rows['gpt-neox'][0] / rows['ours'][0]:.1f}x  (goal >= 30)")
+
+
+if __name__ == "__main__":
+    main()

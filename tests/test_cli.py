@@ -1,0 +1,43 @@
+"""The command line as a user meets it: every --help, and inspect on a real build."""
+
+import subprocess
+import sys
+
+import pytest
+from helpers import NEOX
+
+import cli
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in cli.main.commands)])
+def test_help(run, command):
+    result = run.ok(*command, "--help")
+    assert "Usage:" in result.output
+
+
+def test_build_help_warns_that_released_pile_is_upsampled(run):
+    assert "ALREADY upsampled" in " ".join(run.ok("build-shards", "--help").output.split())
+
+
+def test_help_is_instant_without_heavy_imports():
+    heavy = "('torch', 'tokenizers', 'numpy', 'deepspeed')"
+    code = (
+        f"import sys, cli; cli.main(['--help'], standalone_mode=False); print([m for m in {heavy} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().endswith("[]")
+
+
+def test_inspect_counts_checks_and_decodes(corpus, tmp_path, run):
+    out = tmp_path / "out"
+    run.ok("build-shards", corpus, "--tokenizer", NEOX, "--output", out, "--split", "1")
+    result = run.ok("inspect", out, "--decode", 1, "--chars", 60)
+    assert "train/dm-mathematics" in result.output and "ok" in result.output
+    assert "document 0" in result.output and "Solve" in result.output
+    one = run.ok("inspect", out / "train" / "fortunes.idx")
+    assert "train/fortunes" in one.output or "fortunes" in one.output
+    with open(out / "train" / "fortunes.bin", "ab") as f:
+        f.write(b"\0\0")
+    assert "CORRUPT" in run.ok("inspect", out).output
+    missing = run("inspect", tmp_path / "nothing")
+    assert missing.exit_code == 1 and "no .bin/.idx shards" in missing.output

@@ -3,6 +3,7 @@
 import click
 
 from pile_tools.commands import build_shards, inspect_shards, merge_shards
+from tokenizer.commands import compare_tokenizers, train_tokenizer
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,6 +15,8 @@ def main():
 main.add_command(build_shards)
 main.add_command(merge_shards)
 main.add_command(inspect_shards)
+main.add_command(train_tokenizer)
+main.add_command(compare_tokenizers)
 
 if __name__ == "__main__":
     main()

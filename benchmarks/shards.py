@@ -45,8 +45,9 @@ def copies_of(corpus: Path, n: int) -> Path:
 
 def measure(cmd: list[str], cwd=None) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes, summed over the process tree, sampled every 100 ms) of a command."""
+    log = WORK / "last-run.log"  # a file, not a pipe: a full pipe would stall the progress bars
     start = time.time()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
@@ -57,7 +58,7 @@ def measure(cmd: list[str], cwd=None) -> tuple[float, int]:
         time.sleep(0.1)  # sampling /proc costs CPU that the measured run would miss on a 2-core machine
     seconds = time.time() - start
     if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-3000:]}")
+        sys.exit(f"failed: {' '.join(cmd)}\n{log.read_text(errors='replace')[-3000:]}")
     return seconds, peak
 
 

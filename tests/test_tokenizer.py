@@ -1,0 +1,160 @@
+"""train-tokenizer and compare-tokenizers on real text, checked against `tokenizers` and the released file."""
+
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+from helpers import NEOX, SAMPLE, write_jsonl
+from tokenizers import Tokenizer
+
+from tokenizer.compare import byte_decoder
+from tokenizer.train import SPLITTER, pieces
+
+VOCAB = 1200
+
+
+@pytest.fixture(scope="module")
+def fixture_texts(sample_docs) -> list[str]:
+    """About 1 MB of real text from every bundled component."""
+    texts = []
+    for docs in sample_docs.values():
+        budget = 180_000
+        for d in docs:
+            texts.append(d["text"][:budget])
+            budget -= len(texts[-1])
+            if budget <= 0:
+                break
+    return texts + ["a" + " " * 25 + "b", "x\u0065\u0301y caf\u00e9", "tabs\t\tand\n\n\nlines  "]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sample_docs, fixture_texts):
+    root = tmp_path_factory.mktemp("tok")
+    write_jsonl(root / "fixture.jsonl", [{"text": t} for t in fixture_texts])
+    from click.testing import CliRunner
+
+    import cli
+
+    for name in ("a", "b"):
+        result = CliRunner().invoke(cli.main, ["train-tokenizer", str(root / "fixture.jsonl"), "--output",
+                                               str(root / name), "--vocab-size", str(VOCAB), "--seed", "7"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    return root
+
+
+def test_layout_matches_the_released_file(trained):
+    ours = json.loads((trained / "a" / "tokenizer.json").read_text())
+    released = json.loads(NEOX.read_text())
+    for key in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        assert ours[key] == released[key], key
+    tok = Tokenizer.from_file(str(trained / "a" / "tokenizer.json"))
+    assert tok.get_vocab_size(with_added_tokens=True) == VOCAB
+    assert tok.id_to_token(0) == "<|endoftext|>" and tok.id_to_token(1) == "<|padding|>"
+    assert [tok.id_to_token(VOCAB - 23 + k) for k in range(23)] == [" " * n for n in range(24, 1, -1)]
+    ours_added = [{k: v for k, v in t.items() if k != "id"} for t in ours["added_tokens"]]
+    released_added = [{k: v for k, v in t.items() if k != "id"} for t in released["added_tokens"]]
+    assert ours_added == released_added
+    assert set(ours["model"]["vocab"]) >= set(byte_decoder()), "all 256 bytes are in the alphabet"
+    assert tok.encode("a" + " " * 4 + "b").tokens == ["a", " " * 4, "b"]
+    assert tok.encode("a" + " " * 25 + "b").tokens == ["a", " " * 24, "Ġb"]
+
+
+def test_round_trip_is_nfc(trained, fixture_texts):
+    tok = Tokenizer.from_file(str(trained / "a" / "tokenizer.json"))
+    for text in fixture_texts:
+        assert tok.decode(tok.encode(text).ids) == unicodedata.normalize("NFC", text)
+
+
+def dead_tokens(tok) -> list[str]:
+    """Learned tokens whose own string, encoded, does not give the token."""
+    decoder, dead = byte_decoder(), []
+    for token, i in tok.get_vocab(with_added_tokens=False).items():
+        if i < 2 + 256:
+            continue
+        try:
+            text = bytes(decoder[c] for c in token).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if tok.encode(text).ids != [i]:
+            dead.append(token)
+    return dead
+
+
+def test_no_dead_tokens_unlike_the_released_file(trained):
+    assert dead_tokens(Tokenizer.from_file(str(trained / "a" / "tokenizer.json"))) == []
+    released = dead_tokens(Tokenizer.from_file(str(NEOX)))
+    assert len(released) == 221 and all("ĠĠ" in t for t in released)
+
+
+def test_same_seed_same_bytes_and_report(trained):
+    assert (trained / "a" / "tokenizer.json").read_bytes() == (trained / "b" / "tokenizer.json").read_bytes()
+    report = json.loads((trained / "a" / "train_report.json").read_text())
+    assert report["vocabulary"]["total"] == VOCAB and report["vocabulary"]["merges_with_two_adjacent_spaces"] == 0
+    assert report["components"]["fixture"]["used_documents"] > 0
+
+
+def test_auto_tokenizer_gives_the_same_ids(trained, fixture_texts):
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(trained / "a")
+    tok = Tokenizer.from_file(str(trained / "a" / "tokenizer.json"))
+    for text in fixture_texts[:40]:
+        assert auto(text)["input_ids"] == tok.encode(text).ids
+    assert auto.eos_token_id == 0 and auto.pad_token_id == 1
+
+
+def test_add_prefix_space_and_weighted_sampling(tmp_path, run, sample_docs):
+    docs = [d for name in ("Fortunes.jsonl.zst", "DM_Mathematics.jsonl.zst") for d in sample_docs[name]]
+    write_jsonl(tmp_path / "two.jsonl", docs)
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({"Fortunes": 3, "DM Mathematics": 1}))
+    run.ok("train-tokenizer", tmp_path / "two.jsonl", "--output", tmp_path / "t", "--vocab-size", 700,
+           "--add-prefix-space", "--max-bytes", "200K", "--component-weights", weights)  # fmt: skip
+    config = json.loads((tmp_path / "t" / "tokenizer.json").read_text())
+    assert config["pre_tokenizer"]["add_prefix_space"] is True
+    tok = Tokenizer.from_file(str(tmp_path / "t" / "tokenizer.json"))
+    assert tok.encode("Hello").ids == tok.encode(" Hello").ids
+    c = json.loads((tmp_path / "t" / "train_report.json").read_text())["components"]
+    fortunes, math = c["Fortunes"]["used_bytes"], c["DM Mathematics"]["used_bytes"]
+    share = 3 * c["Fortunes"]["bytes"] / (3 * c["Fortunes"]["bytes"] + c["DM Mathematics"]["bytes"])
+    assert fortunes + math == pytest.approx(200 * 1024, rel=0.25)
+    assert fortunes / (fortunes + math) == pytest.approx(share, abs=0.1)
+
+
+def test_too_small_a_corpus_for_the_vocabulary(tmp_path, run):
+    write_jsonl(tmp_path / "tiny.jsonl", [{"text": "just a few words"}])
+    result = run("train-tokenizer", tmp_path / "tiny.jsonl", "--output", tmp_path / "t")
+    assert result.exit_code == 1 and "give more text or a smaller vocabulary" in result.output
+    assert not (tmp_path / "t" / "tokenizer.json").exists()
+
+
+def test_splitter_cuts_where_the_space_tokens_match():
+    assert list(pieces("a" + " " * 25 + "b  c <|endoftext|>d")) == ["a", " b", "c ", "d"]
+    assert SPLITTER.pattern
+
+
+def test_compare_counts_equal_tokenizers(tmp_path, run, sample_docs):
+    docs = sample_docs["Github.jsonl.zst"][:10] + sample_docs["Fortunes.jsonl.zst"][:10]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    run.ok("compare-tokenizers", tmp_path / "c.jsonl", "--tokenizer", "gpt-neox-20b", "--tokenizer", NEOX.parent,
+           "--output", tmp_path / "r")  # fmt: skip
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["baseline"] == "gpt2" and report["tokenizers"] == ["gpt2", "gpt-neox-20b"]
+    ws = set(" \t\n\r\x0b\x0c")
+    for name, path in (("gpt2", SAMPLE.parent.parent / "tokenizer/assets/gpt2/tokenizer.json"), ("gpt-neox-20b", NEOX)):
+        tok = Tokenizer.from_file(str(path))
+        for component in ("Github", "Fortunes"):
+            texts = [d["text"] for d in docs if d["meta"]["pile_set_name"] == component]
+            encs = [tok.encode(t, add_special_tokens=False) for t in texts]
+            entry = report["components"][component]
+            assert entry["documents"] == 10 and entry["bytes"] == sum(len(t.encode()) for t in texts)
+            assert entry["tokens"][name] == sum(len(e.ids) for e in encs)
+            no_ws = sum(1 for e in encs for i in e.ids if not set(tok.decode([i])) <= ws or not tok.decode([i]))
+            assert entry["tokens_excluding_whitespace"][name] == no_ws
+    github = report["components"]["Github"]["tokens"]
+    assert github["gpt-neox-20b"] < github["gpt2"], "NeoX's space-run tokens pay off on 4-space-indented code"
+    for name in ("report.md", "report.csv", "compression.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
+    assert "gpt-neox-20b / gpt2" in (tmp_path / "r" / "report.md").read_text()
+    assert np.isclose(report["total"]["tokens"]["gpt2"], sum(e["tokens"]["gpt2"] for e in report["components"].values()))

@@ -18,9 +18,12 @@ install: $(STAMP)
 
 # The whole pipeline on the bundled sample, on CPU.
 demo: $(STAMP)
+	$(BIN)/neox-data train-tokenizer pile_tools/sample --output demo-output/tokenizer --vocab-size 16384
+	$(BIN)/neox-data compare-tokenizers pile_tools/sample --tokenizer demo-output/tokenizer --tokenizer gpt-neox-20b \
+		--output demo-output/compare
 	$(BIN)/neox-data build-shards pile_tools/sample --tokenizer gpt-neox-20b \
 		--output demo-output/shards --split 90,5,5 --weights pile
-	$(BIN)/neox-data inspect demo-output/shards --decode 1
+	$(BIN)/neox-data inspect demo-output/shards --decode 1 --chars 120
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

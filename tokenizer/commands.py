@@ -8,11 +8,20 @@ from pile_tools.commands import Size, echo_err, run_reporting_errors
 @click.command("train-tokenizer")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory for the tokenizer.")
-@click.option("--vocab-size", type=int, default=50257, show_default=True,
-              help="Ids in all: 2 special, 256 bytes, the merges and 23 space runs.")
+@click.option(
+    "--vocab-size",
+    type=int,
+    default=50257,
+    show_default=True,
+    help="Ids in all: 2 special, 256 bytes, the merges and 23 space runs.",
+)
 @click.option("--max-bytes", type=Size(), default=None, help="Text to train on (default: the input's size).")
-@click.option("--component-weights", default="pile", show_default=True,
-              help="Sampling weight per component: 'pile' epochs, 'none', or a JSON file; times each one's size.")
+@click.option(
+    "--component-weights",
+    default="pile",
+    show_default=True,
+    help="Sampling weight per component: 'pile' epochs, 'none', or a JSON file; times each one's size.",
+)
 @click.option("--add-prefix-space", is_flag=True, help="A space before every string, as the paper describes.")
 @click.option("--min-frequency", type=int, default=2, show_default=True, help="Least count of a pair to merge.")
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the document sample.")
@@ -34,8 +43,13 @@ def train_tokenizer(inputs, output, **opts):
 
 @click.command("compare-tokenizers")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--tokenizer", "tokenizers", multiple=True, required=True,
-              help="gpt2, gpt-neox-20b, a tokenizer.json or a directory holding one; repeat to compare several.")
+@click.option(
+    "--tokenizer",
+    "tokenizers",
+    multiple=True,
+    required=True,
+    help="gpt2, gpt-neox-20b, a tokenizer.json or a directory holding one; repeat to compare several.",
+)
 @click.option("--baseline", default="gpt2", show_default=True, help="The tokenizer the ratios are taken against.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory for the reports.")
 def compare_tokenizers(inputs, tokenizers, baseline, output):
@@ -49,5 +63,6 @@ def compare_tokenizers(inputs, tokenizers, baseline, output):
     report = run_reporting_errors(run, list(inputs), list(tokenizers), baseline, output, echo=echo_err)
     total, base = report["total"], report["baseline"]
     for name in report["tokenizers"]:
-        click.echo(f"{name:<20} {total['tokens'][name]:>14,} tokens  {total['tokens'][name] / total['tokens'][base]:.3f} x {base}")
+        tokens = total["tokens"][name]
+        click.echo(f"{name:<20} {tokens:>14,} tokens  {tokens / total['tokens'][base]:.3f} x {base}")
     click.echo(f"report in {output}/report.md")

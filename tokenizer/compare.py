@@ -106,7 +106,9 @@ def tally(batch, encoders, components) -> None:
     names = [c for c, _ in batch]
     texts = [t for _, t in batch]
     for component in set(names):
-        entry = components.setdefault(component, {"documents": 0, "bytes": 0, "tokens": {}, "tokens_excluding_whitespace": {}})
+        entry = components.setdefault(
+            component, {"documents": 0, "bytes": 0, "tokens": {}, "tokens_excluding_whitespace": {}}
+        )
         mine = [t for c, t in batch if c == component]
         entry["documents"] += len(mine)
         entry["bytes"] += sum(len(t.encode()) for t in mine)
@@ -119,7 +121,9 @@ def tally(batch, encoders, components) -> None:
             entry = components[component]
             n = int(counts[sel].sum())
             entry["tokens"][name] = entry["tokens"].get(name, 0) + n
-            entry["tokens_excluding_whitespace"][name] = entry["tokens_excluding_whitespace"].get(name, 0) + n - int(ws[sel].sum())
+            entry["tokens_excluding_whitespace"][name] = (
+                entry["tokens_excluding_whitespace"].get(name, 0) + n - int(ws[sel].sum())
+            )
 
 
 def with_total(components: dict) -> dict:
@@ -151,9 +155,9 @@ def markdown(report: dict) -> str:
     names, base = report["tokenizers"], report["baseline"]
     out = [f"# Tokens per component (baseline: {base})", ""]
     for title, key in (("All tokens", "tokens"), ("Excluding whitespace-only tokens", "tokens_excluding_whitespace")):
-        out += [f"## {title}", "", "| component | documents | MB | " + " | ".join(names) + " | "
-                + " | ".join(f"{n} / {base}" for n in names if n != base) + " | bytes/token (" + ", ".join(names) + ") |",
-                "|---|---:|---:|" + "---:|" * (2 * len(names) - 1) + "---|"]  # fmt: skip
+        ratios = [f"{n} / {base}" for n in names if n != base]
+        header = ["component", "documents", "MB", *names, *ratios, f"bytes/token ({', '.join(names)})"]
+        out += [f"## {title}", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 2) + "---|"]
         for component, e in [*report["components"].items(), ("**total**", report["total"])]:
             t = e[key]
             cells = [component, f"{e['documents']:,}", f"{e['bytes'] / 1e6:.2f}", *(f"{t[n]:,}" for n in names)]
@@ -173,7 +177,7 @@ def plot(report: dict, path: Path) -> None:
     others = [n for n in report["tokenizers"] if n != report["baseline"]]
     labels = [*report["components"], "total"]
     entries = [*report["components"].values(), report["total"]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels) * max(1, len(others))), 4.5))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.45 * len(labels) * max(1, len(others)))), 5))
     width = 0.8 / max(1, len(others))
     for k, name in enumerate(others):
         ratios = [e["tokens"][name] / max(1, e["tokens"][report["baseline"]]) for e in entries]

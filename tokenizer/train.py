@@ -3,10 +3,10 @@
 ids 0 `<|endoftext|>` and 1 `<|padding|>`; the 256 bytes; the learned merges; then 23 added tokens for runs of
 24 down to 2 spaces, matched before pre-tokenization. Exactly `vocab_size` ids in all.
 
-Space runs are kept out of the merge statistics: the text is cut where the space-run tokens will match at
-encoding time, and the pieces are trained on separately. The released file learned 221 tokens with two adjacent
-spaces that encoding can never produce; this layout learns none (and avoids `tokenizers`' 32-bit pair-count
-overflow on whitespace-heavy code, its issue #2058).
+Space runs are kept out of the merge statistics: while training, the pre-tokenizer first cuts the text where
+the space-run tokens will match at encoding time (and drops those runs), so BPE learns from what encoding will
+show it. The released file learned 221 tokens with two adjacent spaces that encoding can never produce; this
+layout learns none (and avoids `tokenizers`' 32-bit pair-count overflow on whitespace-heavy code, its #2058).
 """
 
 import hashlib
@@ -21,8 +21,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pile_tools.components import epochs_for, load_epochs
+from pile_tools.parts import prefetch
 from pile_tools.reader import InputError, Part, PartReader, Skips, discover, plan_parts
 
+CACHE_BYTES = 1 << 30  # inputs up to this much text are read once and kept, larger ones are read twice
 SPECIALS = ["<|endoftext|>", "<|padding|>"]
 SPACE_RUNS = [" " * n for n in range(24, 1, -1)]  # longest first, as in the released file
 FIXED_IDS = len(SPECIALS) + 256 + len(SPACE_RUNS)
@@ -39,6 +41,7 @@ class Component:
     used_bytes: int = 0
     epochs: float = 1.0
     rate: float = 0.0  # copies of each document fed to the trainer, on average
+    credit: float = 0.0  # bytes owed to the sample so far
 
 
 @dataclass
@@ -48,24 +51,26 @@ class TrainPlan:
     doc_cap: int = 0
     budget: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    cache: list[tuple[str, str]] | None = None  # the documents, when they fit in CACHE_BYTES
 
 
-def pieces(text: str):
-    """The text between the matches of the space-run and special tokens: what BPE sees at encoding time."""
-    start = 0
-    for m in SPLITTER.finditer(text):
-        if m.start() > start:
-            yield text[start : m.start()]
-        start = m.end()
-    if start < len(text):
-        yield text[start:]
+def utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode())  # isascii() is O(1) on CPython's ASCII strings
 
 
-def copies(text: str, rate: float, seed: int) -> int:
-    """How many times a document is fed: floor(rate), plus one with probability frac(rate), by a seeded hash."""
-    whole = int(rate)
-    h = hashlib.blake2b(text.encode(), digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
-    return whole + (int.from_bytes(h, "little") / 2**64 < rate - whole)
+def seeded_credit(component: str, seed: int) -> float:
+    """A reproducible starting point in [0, 1) for a component's systematic sample."""
+    h = hashlib.blake2b(component.encode(), digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
+    return int.from_bytes(h, "little") / 2**64
+
+
+def take(c: Component, nbytes: int) -> int:
+    """Copies of the next document: systematic sampling by bytes, so each component's share of the sample is
+    `rate` x its bytes to within one document (independent coin flips would miss by several on small inputs)."""
+    c.credit += c.rate * nbytes
+    n = int(c.credit // nbytes) if nbytes else 0
+    c.credit -= n * nbytes
+    return n
 
 
 def read_all(parts: list[Part], desc: str, skips: Skips):
@@ -82,13 +87,18 @@ def read_all(parts: list[Part], desc: str, skips: Skips):
             bar.update(reader.consumed - seen)
 
 
-def plan_sample(inputs: list[str], max_bytes: int | None, weights: str, strict: bool) -> TrainPlan:
+def plan_sample(inputs: list[str], max_bytes: int | None, weights: str, seed: int, strict: bool) -> TrainPlan:
     """First pass: sizes per component, then each component's sampling rate under the byte budget."""
     plan = TrainPlan(parts=plan_parts(discover(inputs), part_size=1 << 62))
     table, every = load_epochs(weights)
-    sizes, skips = {}, Skips(strict)
+    sizes, skips, cache, cached = {}, Skips(strict), [], 0
     for component, text in read_all(plan.parts, "sizing", skips):
-        sizes.setdefault(component, []).append(len(text.encode()))
+        sizes.setdefault(component, []).append(utf8_size(text))
+        if cache is not None:
+            cache.append((component, text))
+            cached += sizes[component][-1]
+            cache = cache if cached <= CACHE_BYTES else None
+    plan.cache = cache
     if not sizes:
         raise InputError("no documents in the input")
     total = sum(sum(s) for s in sizes.values())
@@ -101,39 +111,58 @@ def plan_sample(inputs: list[str], max_bytes: int | None, weights: str, strict: 
     mass = sum(c.epochs * c.bytes for c in plan.components.values()) or 1.0
     for c in plan.components.values():
         c.rate = plan.budget * c.epochs / mass  # share of the budget ∝ epochs x size, spread over the bytes
+        c.credit = seeded_credit(name, seed) * c.bytes / max(1, c.documents)
     plan.skipped = skips.counts
     return plan
 
 
-def sample_texts(plan: TrainPlan, seed: int, strict: bool):
-    """Second pass: the pieces of each sampled document, capped in length, each as often as its copies say."""
-    for component, text in read_all(plan.parts, "reading", Skips(strict)):
+def sample_batches(plan: TrainPlan, strict: bool, batch: int = 64):
+    """Second pass: lists of sampled documents, capped in length, each as often as its copies say."""
+    texts = []
+    docs = plan.cache if plan.cache is not None else read_all(plan.parts, "reading", Skips(strict))
+    for component, text in docs:
         c = plan.components[component]
         text = text[: plan.doc_cap]
-        n = copies(text, c.rate, seed)
-        if n:
-            c.used_documents += n
-            c.used_bytes += n * len(text.encode())
-            split = list(pieces(text))
-            for _ in range(n):
-                yield from split
+        nbytes = utf8_size(text)
+        n = take(c, nbytes)
+        c.used_documents += n
+        c.used_bytes += n * nbytes
+        texts += [text] * n
+        if len(texts) >= batch:
+            yield texts
+            texts = []
+    if texts:
+        yield texts
+
+
+def sample_texts(plan: TrainPlan, strict: bool):
+    """The sample one text at a time, prepared ahead in a thread: the trainer's threads pull texts one by one
+    while holding the GIL, so reading and sampling must not happen inside that pull."""
+    if plan.cache is not None:  # in memory already: hand the trainer a list, the cheapest thing to pull from
+        yield from [text for batch in sample_batches(plan, strict) for text in batch]
+        return
+    for batch in prefetch(sample_batches(plan, strict), depth=64):
+        yield from batch
 
 
 def build_tokenizer(add_prefix_space: bool):
     """An untrained tokenizer with the released file's normalizer, pre-tokenizer, post-processor and decoder."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True)
     tok.post_processor = processors.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True)
-    tok.decoder = decoders.ByteLevel(add_prefix_space=add_prefix_space, trim_offsets=True)
-    return tok
+    # decoders.ByteLevel() takes no settings (its add_prefix_space is always true, and unused when decoding); spell
+    # the released file's decoder out so the configuration is equal, not just equivalent.
+    config = json.loads(tok.to_str())
+    config["decoder"] = {**config["pre_tokenizer"]}
+    return Tokenizer.from_str(json.dumps(config))
 
 
 def train(texts, vocab_size: int, min_frequency: int, add_prefix_space: bool):
     """Train the merges on `texts`, then add the space-run tokens; exactly `vocab_size` ids or an error."""
-    from tokenizers import AddedToken, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Regex, pre_tokenizers, trainers
 
     if vocab_size <= FIXED_IDS:
         raise InputError(f"--vocab-size {vocab_size} leaves no room for merges (the fixed ids take {FIXED_IDS})")
@@ -142,7 +171,11 @@ def train(texts, vocab_size: int, min_frequency: int, add_prefix_space: bool):
         vocab_size=vocab_size - len(SPACE_RUNS), min_frequency=min_frequency, special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=sys.stderr.isatty(),
     )  # fmt: skip
+    byte_level = tok.pre_tokenizer
+    cut = pre_tokenizers.Split(Regex(SPLITTER.pattern), behavior="removed")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([cut, byte_level])
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.pre_tokenizer = byte_level
     tok.add_tokens([AddedToken(s, normalized=True, special=False) for s in SPACE_RUNS])
     got = tok.get_vocab_size(with_added_tokens=True)
     if got != vocab_size:
@@ -188,8 +221,8 @@ def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, compone
                     add_prefix_space=False, min_frequency=2, seed=1234, strict=False) -> dict:  # fmt: skip
     """Sample, train and save; returns the training report."""
     start = time.time()
-    plan = plan_sample(inputs, max_bytes, component_weights, strict)
-    tok = train(sample_texts(plan, seed, strict), vocab_size, min_frequency, add_prefix_space)
+    plan = plan_sample(inputs, max_bytes, component_weights, seed, strict)
+    tok = train(sample_texts(plan, strict), vocab_size, min_frequency, add_prefix_space)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "tokenizer.json", tok.to_str(pretty=True))
@@ -200,7 +233,8 @@ def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, compone
         "seed": seed, "component_weights": component_weights, "budget_bytes": plan.budget,
         "document_cap_bytes": plan.doc_cap, "seconds": round(time.time() - start, 1),
         "used_bytes": sum(c.used_bytes for c in plan.components.values()),
-        "components": {k: vars(v) for k, v in sorted(plan.components.items())},
+        "components": {name: {k: v for k, v in vars(c).items() if k != "credit"}
+                       for name, c in sorted(plan.components.items())},
         "skipped": plan.skipped, "vocabulary": composition(tok),
     }  # fmt: skip
     write_atomic(out / "train_report.json", json.dumps(report, indent=1) + "\n")

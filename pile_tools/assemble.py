@@ -15,18 +15,12 @@ from pathlib import Path
 import numpy as np
 
 import pile_tools
+from pile_tools.atomic import write_json
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.indexed import Shard, read_index, write_index
 from pile_tools.reader import InputError
 
 MAX_MESSAGES = 10
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pile_tools.assemble import assemble, write_json
+from pile_tools.assemble import assemble
+from pile_tools.atomic import write_json
 from pile_tools.components import load_epochs
 from pile_tools.indexed import token_dtype
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds

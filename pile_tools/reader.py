@@ -278,3 +278,19 @@ class PartReader:
             doc = self._document(row, number)
             if doc is not None:
                 yield doc[0], doc[1], number
+
+
+def read_documents(parts: list[Part], desc: str, skips: Skips):
+    """(component, text) of every document, with a progress bar over input bytes; skips are counted."""
+    from tqdm import tqdm
+
+    total = sum(os.path.getsize(p.source) for p in parts if not p.source.startswith(HF_PREFIX))
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, leave=False) as bar:
+        for part in parts:
+            reader, seen = PartReader(part, None, skips), 0
+            for component, text, _ in reader.documents():
+                yield component, text
+                if reader.consumed - seen > 1 << 20:
+                    bar.update(reader.consumed - seen)
+                    seen = reader.consumed
+            bar.update(reader.consumed - seen)

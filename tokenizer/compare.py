@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from pile_tools.atomic import write_text
 from pile_tools.build import guard_sample
 from pile_tools.parts import prefetch
-from pile_tools.reader import InputError, PartReader, Skips, discover, plan_parts
+from pile_tools.reader import InputError, Skips, discover, plan_parts, read_documents
 from tokenizer.engine import BUILTIN, Encoder, choose_engine, load_reference, resolve_tokenizer
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
@@ -82,22 +83,14 @@ def count(inputs: list[str], tokenizers: dict[str, Path], echo=print) -> dict:
 
 
 def read_batches(parts, skips):
-    from tqdm import tqdm
-
-    total = sum(os.path.getsize(p.source) for p in parts if not p.source.startswith("hf:"))
+    """Lists of (component, text) of about BATCH_CHARS characters."""
     batch, chars = [], 0
-    with tqdm(total=total, unit="B", unit_scale=True, desc="counting", dynamic_ncols=True) as bar:
-        for part in parts:
-            reader, seen = PartReader(part, None, skips), 0
-            for component, text, _ in reader.documents():
-                batch.append((component, text))
-                chars += len(text)
-                if chars >= BATCH_CHARS:
-                    yield batch
-                    batch, chars = [], 0
-                    bar.update(reader.consumed - seen)
-                    seen = reader.consumed
-            bar.update(reader.consumed - seen)
+    for component, text in read_documents(parts, "counting", skips):
+        batch.append((component, text))
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
     if batch:
         yield batch
 
@@ -209,8 +202,6 @@ def compare_tokenizers(inputs, specs, baseline, output, echo=print) -> dict:
     writer.writerows(rows(report))
     for name, text in (("report.json", json.dumps(report, indent=1)), ("report.md", markdown(report)),
                        ("report.csv", buf.getvalue())):  # fmt: skip
-        tmp = out / f"{name}.tmp-{os.getpid()}"
-        tmp.write_text(text + ("" if text.endswith("\n") else "\n"))
-        os.replace(tmp, out / name)
+        write_text(out / name, text + ("" if text.endswith("\n") else "\n"))
     plot(report, out / "compression.png")
     return report

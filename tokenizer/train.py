@@ -11,18 +11,16 @@ layout learns none (and avoids `tokenizers`' 32-bit pair-count overflow on white
 
 import hashlib
 import json
-import os
 import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
+from pile_tools.atomic import write_json, write_text
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.parts import prefetch
-from pile_tools.reader import InputError, Part, PartReader, Skips, discover, plan_parts
+from pile_tools.reader import InputError, Part, Skips, discover, plan_parts, read_documents
 
 CACHE_BYTES = 1 << 30  # inputs up to this much text are read once and kept, larger ones are read twice
 SPECIALS = ["<|endoftext|>", "<|padding|>"]
@@ -73,26 +71,12 @@ def take(c: Component, nbytes: int) -> int:
     return n
 
 
-def read_all(parts: list[Part], desc: str, skips: Skips):
-    """(component, text) of every document, with a progress bar over input bytes; skips are counted."""
-    total = sum(os.path.getsize(p.source) for p in parts if not p.source.startswith("hf:"))
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, leave=False) as bar:
-        for part in parts:
-            reader, seen = PartReader(part, None, skips), 0
-            for component, text, _ in reader.documents():
-                yield component, text
-                if reader.consumed - seen > 1 << 20:
-                    bar.update(reader.consumed - seen)
-                    seen = reader.consumed
-            bar.update(reader.consumed - seen)
-
-
 def plan_sample(inputs: list[str], max_bytes: int | None, weights: str, seed: int, strict: bool) -> TrainPlan:
     """First pass: sizes per component, then each component's sampling rate under the byte budget."""
     plan = TrainPlan(parts=plan_parts(discover(inputs), part_size=1 << 62))
     table, every = load_epochs(weights)
     sizes, skips, cache, cached = {}, Skips(strict), [], 0
-    for component, text in read_all(plan.parts, "sizing", skips):
+    for component, text in read_documents(plan.parts, "sizing", skips):
         sizes.setdefault(component, []).append(utf8_size(text))
         if cache is not None:
             cache.append((component, text))
@@ -119,7 +103,7 @@ def plan_sample(inputs: list[str], max_bytes: int | None, weights: str, seed: in
 def sample_batches(plan: TrainPlan, strict: bool, batch: int = 64):
     """Second pass: lists of sampled documents, capped in length, each as often as its copies say."""
     texts = []
-    docs = plan.cache if plan.cache is not None else read_all(plan.parts, "reading", Skips(strict))
+    docs = plan.cache if plan.cache is not None else read_documents(plan.parts, "reading", Skips(strict))
     for component, text in docs:
         c = plan.components[component]
         text = text[: plan.doc_cap]
@@ -211,12 +195,6 @@ def composition(tok) -> dict:
     }  # fmt: skip
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, component_weights="pile",
                     add_prefix_space=False, min_frequency=2, seed=1234, strict=False) -> dict:  # fmt: skip
     """Sample, train and save; returns the training report."""
@@ -225,9 +203,9 @@ def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, compone
     tok = train(sample_texts(plan, strict), vocab_size, min_frequency, add_prefix_space)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "tokenizer.json", tok.to_str(pretty=True))
+    write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     for name, obj in transformers_files(add_prefix_space).items():
-        write_atomic(out / name, json.dumps(obj, indent=2) + "\n")
+        write_json(out / name, obj)
     report = {
         "vocab_size": vocab_size, "add_prefix_space": add_prefix_space, "min_frequency": min_frequency,
         "seed": seed, "component_weights": component_weights, "budget_bytes": plan.budget,
@@ -237,5 +215,5 @@ def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, compone
                        for name, c in sorted(plan.components.items())},
         "skipped": plan.skipped, "vocabulary": composition(tok),
     }  # fmt: skip
-    write_atomic(out / "train_report.json", json.dumps(report, indent=1) + "\n")
+    write_json(out / "train_report.json", report)
     return report

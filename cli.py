@@ -4,6 +4,7 @@ import click
 
 from pile_tools.commands import build_shards, inspect_shards, merge_shards
 from tokenizer.commands import compare_tokenizers, train_tokenizer
+from trainer.commands import export_hf, generate, import_hf, plan
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,10 @@ main.add_command(merge_shards)
 main.add_command(inspect_shards)
 main.add_command(train_tokenizer)
 main.add_command(compare_tokenizers)
+main.add_command(plan)
+main.add_command(export_hf)
+main.add_command(import_hf)
+main.add_command(generate)
 
 if __name__ == "__main__":
     main()

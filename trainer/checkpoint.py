@@ -1,0 +1,131 @@
+"""Checkpoints of the model, and conversion to and from Hugging Face's GPT-NeoX.
+
+Until the trainer writes DeepSpeed checkpoints, a checkpoint is a directory: `config.yml` (gpt-neox keys),
+`model.safetensors` (our state dict, HF's key names) and `tokenizer/` (what AutoTokenizer reads). The names
+match HF's, so converting is a rename of the output layer at most: `embed_out` here and in transformers 4 and the
+released checkpoints, `lm_head` inside transformers 5, which reads `embed_out` files too.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
+from trainer.model import GPTNeoX, ModelConfig
+
+HF_ACT = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
+FROM_HF_ACT = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+def copy_tokenizer(source: Path, dest: Path) -> None:
+    """Copy a tokenizer directory's files (or one tokenizer.json, adding what transformers needs)."""
+    from tokenizer.train import transformers_files
+
+    dest.mkdir(parents=True, exist_ok=True)
+    if source.is_file():
+        shutil.copy(source, dest / "tokenizer.json")
+        for name, obj in transformers_files(add_prefix_space=False).items():
+            (dest / name).write_text(json.dumps(obj, indent=1))
+        return
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, dest / name)
+
+
+def save_checkpoint(model: GPTNeoX, config: NeoXConfig, path: str | Path, tokenizer: Path | None = None) -> Path:
+    """Write a checkpoint directory; `tokenizer` is a tokenizer.json or a directory holding one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.yml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    if tokenizer is not None:
+        copy_tokenizer(Path(tokenizer), tmp / "tokenizer")
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[GPTNeoX, NeoXConfig]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.yml").is_file() or not (path / "model.safetensors").is_file():
+        raise ConfigError(f"{path}: not a checkpoint (config.yml and model.safetensors expected)")
+    config = load_config(path / "config.yml")
+    model = GPTNeoX(config.model)
+    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    return model.to(device), config
+
+
+def hf_config(m: ModelConfig, eod: int = 0):
+    """The GPTNeoXConfig of a model: built through the class, so transformers 4 and 5 each store it their way."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(
+        vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
+        hidden_act=HF_ACT[m.gelu_approximate], rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base,
+        max_position_embeddings=m.max_position_embeddings, layer_norm_eps=m.layernorm_epsilon,
+        use_parallel_residual=m.gpt_j_residual, tie_word_embeddings=False, bos_token_id=eod, eos_token_id=eod,
+        architectures=["GPTNeoXForCausalLM"],
+    )  # fmt: skip
+
+
+def model_config_from_hf(c) -> ModelConfig:
+    """Our ModelConfig from a GPTNeoXConfig of transformers 4 (rotary_pct) or 5 (rope_parameters)."""
+    rope = getattr(c, "rope_parameters", None) or {}
+    rotary_pct = rope.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
+    base = rope.get("rope_theta", getattr(c, "rotary_emb_base", 10000))
+    if c.hidden_act not in FROM_HF_ACT:
+        raise ConfigError(f"hidden_act {c.hidden_act!r} is not a GELU this model implements")
+    if getattr(c, "tie_word_embeddings", False):
+        raise ConfigError("tie_word_embeddings: GPT-NeoX's input and output embeddings are untied")
+    return ModelConfig(
+        num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+        vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, rotary_pct=rotary_pct,
+        rotary_emb_base=int(base), gpt_j_residual=c.use_parallel_residual, intermediate_size=c.intermediate_size,
+        layernorm_epsilon=c.layer_norm_eps, gelu_approximate=FROM_HF_ACT[c.hidden_act],
+        make_vocab_size_divisible_by=128 if c.vocab_size % 128 == 0 else 1,
+    )  # fmt: skip
+
+
+def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files that GPTNeoXForCausalLM/AutoTokenizer load."""
+    from safetensors.torch import save_file
+
+    from tokenizer.engine import resolve_tokenizer
+
+    model, config = load_checkpoint(checkpoint)
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    source = resolve_tokenizer(tokenizer) if tokenizer else Path(checkpoint) / "tokenizer"
+    if not (source.is_file() or (source / "tokenizer.json").is_file()):
+        source = resolve_tokenizer("gpt-neox-20b")
+    copy_tokenizer(source, out)
+    hf_config(config.model).save_pretrained(out)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
+    """A checkpoint from a Hugging Face GPT-NeoX directory (Pythia, GPT-NeoX-20B, or our own export)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    hf_dir = Path(hf_dir)
+    model_config = model_config_from_hf(GPTNeoXConfig.from_pretrained(hf_dir))
+    hf_model = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    state = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf_model.state_dict().items()}
+    model = GPTNeoX(model_config)
+    expected = set(model.state_dict())
+    model.load_state_dict({k: v for k, v in state.items() if k in expected})
+    config = NeoXConfig(model=model_config)
+    tokenizer = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
+    return save_checkpoint(model, config, output, tokenizer)

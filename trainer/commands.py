@@ -1,0 +1,75 @@
+"""Click commands of the model: plan, export-hf, import-hf, generate. Thin: parse, call one function, print."""
+
+import json
+
+import click
+
+
+def run_reporting_errors(fn, *args, **kwargs):
+    """Config and checkpoint errors become one clear line and exit status 1."""
+    from pile_tools.reader import InputError
+    from tokenizer.engine import TokenizerError
+    from trainer.config import ConfigError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, InputError, TokenizerError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+@click.command("plan")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--gpus", type=int, default=None, help="GPUs in all (default: one model replica, TP x PP).")
+@click.option("--tflops", type=float, default=117.0, show_default=True, help="Sustained TFLOPS per GPU.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(config_path, gpus, tflops, overrides, as_json):
+    """Parameters, memory per GPU, FLOPs, time and GPU-hours of a config's run, without building the model."""
+    from trainer.config import load_config
+    from trainer.plan import as_dict, describe, make_plan
+
+    config = run_reporting_errors(load_config, config_path, overrides)
+    result = run_reporting_errors(make_plan, config, gpus, tflops)
+    click.echo(json.dumps(as_dict(result), indent=1) if as_json else describe(result))
+
+
+@click.command("export-hf")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False))
+@click.option("--tokenizer", default=None, help="Tokenizer to ship (default: the checkpoint's own).")
+def export_hf(checkpoint, output, tokenizer):
+    """Write a checkpoint as a Hugging Face GPTNeoXForCausalLM directory (config, safetensors, tokenizer)."""
+    from trainer.checkpoint import export_hf as run
+
+    click.echo(f"Hugging Face model in {run_reporting_errors(run, checkpoint, output, tokenizer)}")
+
+
+@click.command("import-hf")
+@click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False))
+def import_hf(hf_dir, output):
+    """Make a checkpoint from a Hugging Face GPT-NeoX directory (Pythia, GPT-NeoX-20B, an export)."""
+    from trainer.checkpoint import import_hf as run
+
+    click.echo(f"checkpoint in {run_reporting_errors(run, hf_dir, output)}")
+
+
+@click.command("generate")
+@click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", default=None, help="Text to continue.")
+@click.option("--prompt-ids", default=None, help="Token ids to continue, comma-separated.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--greedy", is_flag=True, help="Always the most likely token.")
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=float, default=0.9, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the prompt and generated ids and text as JSON.")
+def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, as_json):
+    """Sample from a checkpoint with the KV cache, on the GPU if there is one."""
+    from trainer.sample import sample
+
+    if (prompt is None) == (prompt_ids is None):
+        raise click.UsageError("give exactly one of --prompt and --prompt-ids")
+    result = run_reporting_errors(sample, checkpoint, prompt, prompt_ids, max_new_tokens=max_new_tokens,
+                                  greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+    click.echo(json.dumps(result, ensure_ascii=False) if as_json else result["prompt"] + result["text"])

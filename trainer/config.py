@@ -1,0 +1,234 @@
+"""gpt-neox YAML configs, parsed once into typed dataclasses: one per concern, derived values in __post_init__.
+
+Keys keep gpt-neox's names (`num_layers`, `optimizer: {type, params: {lr, betas, eps}}`, `zero_optimization`,
+...; `-` and `_` alike), so a gpt-neox user's config loads here. Unknown keys are listed in one warning; a value
+of the wrong type is an error naming its key. Precedence: --set KEY=VALUE > the file > the defaults.
+"""
+
+import dataclasses
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from trainer.model import ModelConfig
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the key."""
+
+
+@dataclass
+class OptimizerConfig:
+    type: str = "Adam"
+    lr: float = 6e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int | None = None
+    warmup: float = 0.01  # a fraction of lr_decay_iters, as in gpt-neox
+    gradient_clipping: float = 1.0
+
+
+@dataclass
+class ParallelConfig:
+    pipe_parallel_size: int = 1
+    model_parallel_size: int = 1
+    zero_stage: int = 0
+
+
+@dataclass
+class PrecisionConfig:
+    fp16: bool = False
+    bf16: bool = False
+    initial_scale_power: int = 12
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    min_loss_scale: float = 1.0
+    loss_scale: float = 0.0  # 0: dynamic
+
+    def __post_init__(self):
+        if self.fp16 and self.bf16:
+            raise ConfigError("fp16 and bf16: enable at most one")
+
+
+@dataclass
+class TrainingConfig:
+    seq_length: int = 2048
+    train_micro_batch_size_per_gpu: int = 4
+    gradient_accumulation_steps: int = 1
+    train_iters: int = 1000
+    save_interval: int = 1000
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    log_interval: int = 10
+    seed: int = 1234
+
+
+@dataclass
+class NeoXConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: dict = field(default_factory=dict)  # data keys, read by the trainer
+
+    def __post_init__(self):
+        if self.optimizer.lr_decay_iters is None:
+            self.optimizer.lr_decay_iters = self.training.train_iters
+        if self.model.num_attention_heads % self.parallel.model_parallel_size:
+            raise ConfigError(f"model_parallel_size {self.parallel.model_parallel_size} does not divide "
+                              f"num_attention_heads {self.model.num_attention_heads}")  # fmt: skip
+
+    def data_parallel_size(self, world_size: int) -> int:
+        per_replica = self.parallel.model_parallel_size * self.parallel.pipe_parallel_size
+        if world_size % per_replica:
+            raise ConfigError(
+                f"world size {world_size} is not a multiple of model_parallel_size x pipe_parallel_size = {per_replica}"
+            )
+        return world_size // per_replica
+
+    def global_batch(self, world_size: int) -> int:
+        t = self.training
+        return t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * self.data_parallel_size(world_size)
+
+
+SECTIONS = {"optimizer": OptimizerConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
+            "training": TrainingConfig, "model": ModelConfig}  # fmt: skip
+# Keys taken as they are, and where they go; the model's own fields are named as gpt-neox names them.
+FLAT = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)} | {
+    "max_position_embeddings": "model", "model_parallel_size": "parallel"}  # fmt: skip
+DATA_KEYS = {"data_path", "train_data_paths", "train_data_weights", "valid_data_paths", "valid_data_weights",
+             "test_data_paths", "test_data_weights", "vocab_file", "tokenizer_type", "data_impl", "split",
+             "save", "load", "tensorboard_dir", "log_dir", "tokenizer"}  # fmt: skip
+# Accepted with no effect: kernel choices and switches whose math this implementation always does.
+NO_EFFECT = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations",
+             "synchronize_each_layer", "output_layer_parallelism", "attention_config", "sparsity_config",
+             "hidden_dropout", "attention_dropout", "gradient_predivide_factor", "steps_per_print",
+             "wall_clock_breakdown", "wandb_group", "wandb_project", "use_wandb", "distributed_backend",
+             "checkpoint_num_layers", "contiguous_checkpointing", "attention_softmax_in_fp32",
+             "apply_query_key_layer_scaling", "zero_allow_untested_optimizer", "train_batch_size",
+             "keep_last_n_checkpoints", "eval_tasks"}  # fmt: skip
+# Keys whose only supported value is the one GPT-NeoX uses.
+FIXED = {"pos_emb": "rotary", "norm": "layernorm", "no_weight_tying": True, "activation": "gelu"}
+
+
+def check_type(key: str, value, annotation):
+    """`value` as `annotation` wants it, or a ConfigError naming `key`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(check_type(key, v, a) for v, a in zip(value, args))
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(annotation, True)
+    if not ok:
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return float(value) if annotation is float else value
+
+
+def flatten(raw: dict) -> dict:
+    """gpt-neox's nested keys (optimizer, fp16, bf16, zero_optimization) as flat ones; '-' read as '_'."""
+    flat = {}
+    for key, value in raw.items():
+        key = key.replace("-", "_")
+        if key == "optimizer" and isinstance(value, dict):
+            flat["type"] = value.get("type", "Adam")
+            for k, v in (value.get("params") or {}).items():
+                flat[k] = v
+        elif key in ("fp16", "bf16") and isinstance(value, dict):
+            flat[key] = value.get("enabled", True)
+            for k, v in value.items():
+                if k != "enabled":
+                    flat[k] = v
+        elif key == "zero_optimization" and isinstance(value, dict):
+            flat["zero_stage"] = value.get("stage", 0)
+        else:
+            flat[key] = value
+    return flat
+
+
+def build(raw: dict) -> NeoXConfig:
+    """The typed config for a gpt-neox-style dict: warns once about unknown keys, fails on wrong types."""
+    sections = {name: {} for name in SECTIONS}
+    data, unknown = {}, []
+    flat = flatten(raw)
+    for key, value in flat.items():
+        if key in FIXED:
+            if value != FIXED[key]:
+                raise ConfigError(f"{key}: only {FIXED[key]!r} is supported (GPT-NeoX's choice), got {value!r}")
+        elif key == "bias_gelu_fusion":
+            sections["model"]["gelu_approximate"] = "tanh" if check_type(key, value, bool) else "none"
+        elif key in FLAT:
+            cls = SECTIONS[FLAT[key]]
+            sections[FLAT[key]][key] = check_type(key, value, {f.name: f.type for f in dataclasses.fields(cls)}[key])
+        elif key in DATA_KEYS:
+            data[key] = value
+        elif key not in NO_EFFECT:
+            unknown.append(key)
+    if unknown:
+        warnings.warn(f"unknown config keys, ignored: {', '.join(sorted(unknown))}", stacklevel=3)
+    sections["model"]["model_parallel_size"] = sections["parallel"].get("model_parallel_size", 1)
+    try:
+        parts = {name: SECTIONS[name](**values) for name, values in sections.items()}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return NeoXConfig(**parts, data=data)
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """KEY=VALUE from --set; the value is read as YAML, so numbers, booleans and lists keep their type."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> NeoXConfig:
+    """Read a YAML config (a gpt-neox one works), apply --set overrides, and parse it once."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    raw.update(dict(parse_override(o) for o in overrides))
+    return build(raw)
+
+
+def to_yaml_dict(config: NeoXConfig) -> dict:
+    """The config back in gpt-neox's key names (what checkpoints store)."""
+    m, o, p, pr, t = config.model, config.optimizer, config.parallel, config.precision, config.training
+    out = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("gelu_approximate",)}
+    out["bias_gelu_fusion"] = m.gelu_approximate == "tanh"
+    out.update({f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
+    out.update(pipe_parallel_size=p.pipe_parallel_size, model_parallel_size=p.model_parallel_size,
+               zero_optimization={"stage": p.zero_stage},
+               optimizer={"type": o.type, "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps}},
+               min_lr=o.min_lr, weight_decay=o.weight_decay, lr_decay_style=o.lr_decay_style,
+               lr_decay_iters=o.lr_decay_iters, warmup=o.warmup, gradient_clipping=o.gradient_clipping)  # fmt: skip
+    if pr.fp16:
+        out["fp16"] = {"enabled": True, "initial_scale_power": pr.initial_scale_power,
+                       "loss_scale_window": pr.loss_scale_window, "hysteresis": pr.hysteresis,
+                       "min_loss_scale": pr.min_loss_scale}  # fmt: skip
+    if pr.bf16:
+        out["bf16"] = {"enabled": True}
+    return {**out, **config.data}

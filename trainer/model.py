@@ -1,0 +1,202 @@
+"""GPT-NeoX, as gpt-neox trains it for GPT-NeoX-20B. Torch only: it knows nothing of DeepSpeed or parallelism.
+
+Module names are Hugging Face's GPT-NeoX checkpoint keys (`gpt_neox.layers.N.attention.query_key_value`, ...,
+`embed_out`), so converting either way is a rename. The parts a pipeline needs stand apart: `gpt_neox.embed_in`,
+the blocks in `gpt_neox.layers`, `gpt_neox.final_layer_norm` and `embed_out`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    """The architecture. `padded_vocab_size` is derived; everything else is gpt-neox's meaning of the name."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    vocab_size: int = 50277
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25
+    rotary_emb_base: int = 10000
+    gpt_j_residual: bool = True  # the parallel residual x + attn(ln1(x)) + mlp(ln2(x)), as GPT-NeoX-20B trained
+    intermediate_size: int = 0  # 0: 4 x hidden_size
+    layernorm_epsilon: float = 1e-5
+    gelu_approximate: str = "tanh"  # gpt-neox's fused bias-GELU is the tanh form; "none" is the exact erf form
+    make_vocab_size_divisible_by: int = 128
+    model_parallel_size: int = 1
+    init_method: str = "small_init"
+    output_layer_init_method: str = "wang_init"
+    checkpoint_activations: bool = False
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        self.intermediate_size = self.intermediate_size or 4 * self.hidden_size
+        # Padded for the configured TP degree, once: a checkpoint's shapes then stay the same whatever layout loads it.
+        multiple = self.make_vocab_size_divisible_by * self.model_parallel_size
+        self.padded_vocab_size = math.ceil(self.vocab_size / multiple) * multiple
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dims(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+
+def init_std(name: str, config: ModelConfig) -> float:
+    """gpt-neox's init methods: small_init N(0, sqrt(2/(5d))); wang_init N(0, 2/(L sqrt(d)))."""
+    d, layers = config.hidden_size, config.num_layers
+    stds = {"small_init": math.sqrt(2 / (5 * d)), "wang_init": 2 / (layers * math.sqrt(d)), "normal": 0.02}
+    if name not in stds:
+        raise ValueError(f"unknown init method {name!r}; choose from {', '.join(stds)}")
+    return stds[name]
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings on the first `dims` of each head, half-split (GPT-NeoX style, not interleaved)."""
+
+    def __init__(self, dims: int, base: int):
+        super().__init__()
+        self.dims = dims
+        self.register_buffer(
+            "inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False
+        )
+
+    def forward(self, q, k, offset: int = 0):
+        # q, k: (batch, heads, seq, head_dim); cos/sin in fp32
+        positions = torch.arange(offset, offset + q.shape[2], device=q.device, dtype=torch.float32)
+        freqs = torch.outer(positions, self.inv_freq.to(q.device))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _rotate(self, x, cos, sin):
+        rot, keep = x[..., : self.dims], x[..., self.dims :]
+        x1, x2 = rot.float().chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return torch.cat(((rot.float() * cos + rotated * sin).to(x.dtype), keep), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.rotary = Rotary(config.rotary_dims, config.rotary_emb_base)
+
+    def forward(self, x, cache=None):
+        b, s, _ = x.shape
+        # fused QKV laid out per head as [q|k|v]: (batch, seq, heads, 3 * head_dim) -> 3 x (batch, heads, seq, head_dim)
+        q, k, v = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
+        offset = cache.length if cache is not None else 0
+        q, k = self.rotary(q, k, offset)
+        if cache is not None:
+            k, v = cache.update(self, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0 and s > 1)
+        return self.dense(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.approximate = config.gelu_approximate
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = Attention(config)
+        self.mlp = MLP(config)
+        self.parallel = config.gpt_j_residual
+
+    def forward(self, x, cache=None):
+        if self.parallel:  # two untied LayerNorms, both on the block's input: the paper's "oversight", kept
+            return x + self.attention(self.input_layernorm(x), cache) + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.attention(self.input_layernorm(x), cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Trunk(nn.Module):
+    """HF's `gpt_neox` submodule: embedding, blocks, final LayerNorm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_in = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gpt_neox = Trunk(config)
+        self.embed_out = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """small_init for every weight, wang_init for the two output projections of each block, zero biases."""
+        c = self.config
+        std, out_std = init_std(c.init_method, c), init_std(c.output_layer_init_method, c)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                projection = name.endswith(("attention.dense", "mlp.dense_4h_to_h"))
+                nn.init.normal_(module.weight, 0.0, out_std if projection else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """Logits (batch, seq, padded_vocab) for token ids (batch, seq); `cache` continues a KVCache."""
+        x = self.gpt_neox.embed_in(ids)
+        for block in self.gpt_neox.layers:
+            if self.config.checkpoint_activations and self.training and cache is None:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache)
+        if cache is not None:
+            cache.length += ids.shape[1]
+        return self.embed_out(self.gpt_neox.final_layer_norm(x))
+
+
+class KVCache:
+    """Keys and values of every block so far, preallocated for `max_len` positions."""
+
+    def __init__(self, model: GPTNeoX, batch: int, max_len: int, device=None, dtype=None):
+        c = model.config
+        p = next(model.parameters())
+        shape = (batch, c.num_attention_heads, max_len, c.head_dim)
+        self.k = {}
+        self.v = {}
+        for block in model.gpt_neox.layers:
+            self.k[block.attention] = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
+            self.v[block.attention] = torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)
+        self.length = 0
+
+    def update(self, attention, k, v):
+        end = self.length + k.shape[2]
+        self.k[attention][:, :, self.length : end] = k
+        self.v[attention][:, :, self.length : end] = v
+        return self.k[attention][:, :, :end], self.v[attention][:, :, :end]

@@ -1,0 +1,143 @@
+"""neox-data plan: parameters, memory per GPU for the configured layout, FLOPs, time and GPU-hours.
+
+Formulas (bytes per parameter, FLOPs per step, activations per layer) are the standard ones:
+- mixed precision (fp16/bf16): 2 weights + 2 gradients + 12 optimizer (fp32 master, Adam m and v);
+  fp32: 4 + 4 + 8. ZeRO stage 1 divides the optimizer states by DP, stage 2 also the gradients, 3 also weights.
+- model FLOPs per step, Narayanan et al. (2021): 72 B s L h^2 (1 + s / 6h + V / 12hL); activation checkpointing
+  recomputes the forward pass: 96 instead of 72 for the transformer part.
+- activations per layer and micro-batch, Korthikanti et al. (2022), with TP t and the attention matrix not stored
+  (scaled_dot_product_attention): s b h (10 + 24 / t) bytes at 2 bytes per value; with checkpointing 2 s b h
+  (the block's input) plus one block recomputed at a time. 1F1B keeps up to PP micro-batches in flight.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+from trainer.config import NeoXConfig
+
+
+@dataclass
+class Plan:
+    parameters: int
+    non_embedding_parameters: int
+    padded_vocab_size: int
+    layout: dict
+    blocks_per_stage: list[int]
+    parameters_per_gpu: int
+    memory_gib: dict
+    tokens_per_step: int
+    model_flops_per_step: float
+    hardware_flops_per_step: float
+    tflops_per_gpu: float
+    days: float
+    gpu_hours: float
+    total_tokens: float
+
+
+def block_parameters(h: int, ffn: int) -> int:
+    """Two LayerNorms, QKV, attention output, and the MLP's two projections, with biases."""
+    return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h)
+
+
+def count_parameters(config: NeoXConfig) -> tuple[int, int]:
+    """(total, without the input and output embeddings)."""
+    m = config.model
+    blocks = m.num_layers * block_parameters(m.hidden_size, m.intermediate_size)
+    return blocks + 2 * m.padded_vocab_size * m.hidden_size + 2 * m.hidden_size, blocks + 2 * m.hidden_size
+
+
+def split_blocks(layers: int, stages: int) -> list[int]:
+    """Blocks per pipeline stage, uniformly (earlier stages take the remainder)."""
+    return [layers // stages + (1 if i < layers % stages else 0) for i in range(stages)]
+
+
+def stage_parameters(config: NeoXConfig, blocks: list[int]) -> list[int]:
+    """Parameters of each stage: its blocks; the embedding on the first, final LayerNorm and head on the last."""
+    m = config.model
+    per_block, embedding = block_parameters(m.hidden_size, m.intermediate_size), m.padded_vocab_size * m.hidden_size
+    out = [n * per_block for n in blocks]
+    out[0] += embedding
+    out[-1] += embedding + 2 * m.hidden_size
+    return out
+
+
+def memory(config: NeoXConfig, params_per_gpu: int, blocks: int, dp: int) -> dict:
+    """GiB per GPU of the most loaded stage, by kind."""
+    mixed = config.precision.fp16 or config.precision.bf16
+    weight, grad, optim = (2, 2, 12) if mixed else (4, 4, 8)
+    zero = config.parallel.zero_stage
+    m, t = config.model, config.training
+    tp, pp = config.parallel.model_parallel_size, config.parallel.pipe_parallel_size
+    sbh = t.seq_length * t.train_micro_batch_size_per_gpu * m.hidden_size
+    full_layer = sbh * (10 + 24 / tp)
+    in_flight = min(pp, t.gradient_accumulation_steps)
+    logits = t.seq_length * t.train_micro_batch_size_per_gpu * m.padded_vocab_size / tp * 4
+    gib = 2**30
+    out = {
+        "weights": params_per_gpu * weight / (dp if zero >= 3 else 1) / gib,
+        "gradients": params_per_gpu * grad / (dp if zero >= 2 else 1) / gib,
+        "optimizer_states": params_per_gpu * optim / (dp if zero >= 1 else 1) / gib,
+        "activations_without_checkpointing": (blocks * full_layer * in_flight + logits) / gib,
+        "activations_with_checkpointing": (blocks * 2 * sbh * in_flight + full_layer + logits) / gib,
+    }
+    chosen = "activations_with_checkpointing" if m.checkpoint_activations else "activations_without_checkpointing"
+    out["total"] = out["weights"] + out["gradients"] + out["optimizer_states"] + out[chosen]
+    return out
+
+
+def step_flops(config: NeoXConfig, global_batch: int) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs with recomputation) of one optimizer step."""
+    m, s = config.model, config.training.seq_length
+    h, layers, vocab = m.hidden_size, m.num_layers, m.padded_vocab_size
+    transformer = global_batch * s * layers * h * h * (1 + s / (6 * h))
+    head = global_batch * s * layers * h * h * vocab / (12 * h * layers)
+    recompute = 96 if m.checkpoint_activations else 72
+    return 72 * (transformer + head), recompute * transformer + 72 * head
+
+
+def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0) -> Plan:
+    p = config.parallel
+    gpus = gpus or p.model_parallel_size * p.pipe_parallel_size
+    dp = config.data_parallel_size(gpus)
+    total, non_embedding = count_parameters(config)
+    blocks = split_blocks(config.model.num_layers, p.pipe_parallel_size)
+    stages = stage_parameters(config, blocks)
+    heaviest = max(range(len(stages)), key=stages.__getitem__)
+    per_gpu = math.ceil(stages[heaviest] / p.model_parallel_size)
+    batch = config.global_batch(gpus)
+    model_flops, hardware_flops = step_flops(config, batch)
+    seconds = hardware_flops * config.training.train_iters / (gpus * tflops * 1e12)
+    return Plan(
+        parameters=total, non_embedding_parameters=non_embedding, padded_vocab_size=config.model.padded_vocab_size,
+        layout={"gpus": gpus, "tensor_parallel": p.model_parallel_size, "pipeline_parallel": p.pipe_parallel_size,
+                "data_parallel": dp, "zero_stage": p.zero_stage, "global_batch": batch},
+        blocks_per_stage=blocks, parameters_per_gpu=per_gpu,
+        memory_gib=memory(config, per_gpu, blocks[heaviest], dp),
+        tokens_per_step=batch * config.training.seq_length, model_flops_per_step=model_flops,
+        hardware_flops_per_step=hardware_flops, tflops_per_gpu=tflops, days=seconds / 86400,
+        gpu_hours=seconds * gpus / 3600,
+        total_tokens=float(batch * config.training.seq_length * config.training.train_iters),
+    )  # fmt: skip
+
+
+def describe(plan: Plan) -> str:
+    lay, mem = plan.layout, plan.memory_gib
+    lines = [
+        f"parameters          {plan.parameters:,} ({plan.non_embedding_parameters:,} without embeddings)",
+        f"padded vocabulary   {plan.padded_vocab_size:,}",
+        f"layout              {lay['gpus']} GPUs = TP {lay['tensor_parallel']} x PP {lay['pipeline_parallel']} x "
+        f"DP {lay['data_parallel']}, ZeRO stage {lay['zero_stage']}",
+        f"blocks per stage    {', '.join(map(str, plan.blocks_per_stage))}",
+        f"global batch        {lay['global_batch']:,} sequences, {plan.tokens_per_step:,} tokens a step",
+        f"parameters per GPU  {plan.parameters_per_gpu:,} (the most loaded stage)",
+        "memory per GPU, GiB " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in mem.items()),
+        f"FLOPs per step      {plan.model_flops_per_step:.3e} model, "
+        f"{plan.hardware_flops_per_step:.3e} with recomputation",
+        f"run                 {plan.total_tokens / 1e9:,.1f}B tokens: {plan.days:,.1f} days, "
+        f"{plan.gpu_hours:,.0f} GPU-hours at {plan.tflops_per_gpu:g} TFLOPS per GPU",
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def as_dict(plan: Plan) -> dict:
+    return asdict(plan)

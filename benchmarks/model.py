@@ -1,6 +1,6 @@
 """Forward + backward tokens/s of our GPT-NeoX against transformers' GPTNeoXForCausalLM, same config, same batch.
 
-    .venv/bin/python benchmarks/model.py [--config configs/pythia-70M.yml] [--batch 4] [--seq 512] [--steps 5]
+    .venv/bin/python benchmarks/model.py [--config configs/pythia-70M.yml] [--batch 4] [--seq 512] [--steps 10]
 
 Both models get the same weights (ours exported through export-hf's conversion), the same random ids and the
 same loss (cross-entropy over the logits), fp32 on CPU (bf16 on a GPU if there is one). Runs alternate, so both
@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--config", default="configs/pythia-70M.yml")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

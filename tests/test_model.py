@@ -134,3 +134,16 @@ def test_generate_cli_and_bad_input(tmp_path, run):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path / "hf")("Hello world")["input_ids"] == [12092, 1533]
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    plain = GPTNeoX(tiny())
+    checkpointed = GPTNeoX(tiny(checkpoint_activations=True))
+    checkpointed.load_state_dict(plain.state_dict())
+    ids = random_ids(300)
+    for model in (plain, checkpointed):
+        logits = model.train()(ids)
+        torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name

@@ -141,18 +141,20 @@ def warn_premixed(receipts, weights: str, echo) -> None:
                  f"Use --weights none unless this input is known not to be upsampled")  # fmt: skip
 
 
-def write_manifest(out, plan, receipts, shards, epochs, unknown, start) -> dict:
+def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start) -> dict:
     skipped, examples = defaultdict(int), []
     for _, r in receipts:
         for reason, n in r["skipped"].items():
             skipped[reason] += n
         examples.extend(r["skip_examples"])
     components = defaultdict(lambda: {"splits": {}})
+    weights = {r["prefix"]: r["weight"] for split in blend["splits"].values() for r in split["shards"]}
     for prefix, s in sorted(shards.items()):
         components[s["component"]]["epochs"] = epochs[s["component"]]
         components[s["component"]]["splits"][prefix.split("/")[0]] = {
             "prefix": prefix,
             **{k: s[k] for k in ("documents", "tokens", "text_bytes")},
+            "weight": weights[prefix],
         }
     manifest = {
         "tool": "neox-data build-shards", "version": pile_tools.__version__, "fingerprint": plan["fingerprint"],
@@ -188,7 +190,7 @@ def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print) 
     if plan["options"]["materialize"]:
         blend["materialized"] = materialize(out, shards, epochs, plan["options"]["seed"], dtype)
     write_json(out / "blend.json", blend)
-    manifest = write_manifest(out, plan, receipts, shards, epochs, unknown, start)
+    manifest = write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start)
     report_skips(manifest, echo)
     shutil.rmtree(out / ".parts", ignore_errors=True)
     (out / "plan.json").unlink(missing_ok=True)

@@ -85,6 +85,8 @@ def test_blend_and_manifest(corpus, tmp_path, run):
     total_docs = sum(s["documents"] for c in manifest["components"].values() for s in c["splits"].values())
     assert total_docs == len(corpus_documents(corpus))
     assert "Fortunes" in manifest["unknown_components"] and manifest["skipped"] == {}
+    weights = {r["prefix"]: r["weight"] for r in train}
+    assert manifest["components"]["DM Mathematics"]["splits"]["train"]["weight"] == weights["train/dm-mathematics"]
 
 
 def test_weights_file_none_and_materialize(corpus, tmp_path, run):

@@ -76,17 +76,26 @@ def make_plan(inputs, tokenizer, *, split, weights, component, part_size, max_do
     return plan
 
 
+def committed_parts(out: Path) -> list[Path]:
+    return [p for p in (out / ".parts").glob("[0-9]*") if (p / "receipt.json").is_file()]
+
+
 def claim_output(out: Path, plan: dict) -> bool:
-    """Check `out` can take this run; True when it already holds this run's finished shards."""
+    """Check `out` can take this run; True when it already holds this run's finished shards.
+
+    A different run's plan.json with no committed part (a run that failed at once) is no work to protect."""
     for name in ("manifest.json", "plan.json"):
         if (out / name).is_file():
             theirs = json.loads((out / name).read_text()).get("fingerprint")
-            if theirs != plan["fingerprint"]:
+            if theirs == plan["fingerprint"]:
+                return name == "manifest.json"
+            if name == "manifest.json" or committed_parts(out):
                 raise InputError(
                     f"{out} holds the shards of a different run ({name} fingerprint {theirs}, this run "
                     f"{plan['fingerprint']}: inputs, tokenizer or options differ); use another --output or remove it"
                 )
-            return name == "manifest.json"
+            shutil.rmtree(out / ".parts", ignore_errors=True)
+            (out / "plan.json").unlink()
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"{out} is not empty and holds no neox-data run; use an empty or new --output directory")
     out.mkdir(parents=True, exist_ok=True)

@@ -268,7 +268,8 @@ class PartReader:
         try:
             rows = datasets.load_dataset(dataset_name, split=split or "train", streaming=True)
         except Exception as e:
-            raise InputError(f"{HF_PREFIX}{name}: cannot open the Hugging Face dataset ({e})") from None
+            raise InputError(f"{name}: not a local file or directory, and not a Hugging Face dataset that can be "
+                             f"opened ({type(e).__name__}: {e})") from None  # fmt: skip
         for number, row in enumerate(rows, 1):
             if isinstance(row.get("meta"), str):  # some hub copies of the Pile keep meta as a JSON string
                 try:

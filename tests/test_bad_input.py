@@ -127,3 +127,15 @@ def test_bad_tokenizer_and_options(tmp_path, run):
     assert result.exit_code == 0, result.output  # {} is a valid (empty) table: every component gets 1.0
     result = build(run, tmp_path / "a.jsonl", out=tmp_path / "p", extra=["--weights", "heavy"])
     assert result.exit_code == 1 and "--weights" in result.output
+
+
+def test_output_that_is_a_file_and_a_missing_dataset(tmp_path, run):
+    (tmp_path / "a.jsonl").write_bytes(GOOD)
+    (tmp_path / "taken").write_text("a file")
+    result = build(run, tmp_path / "a.jsonl", out=tmp_path / "taken")
+    assert result.exit_code == 2 and "is a file" in result.output and (tmp_path / "taken").read_text() == "a file"
+    result = run("build-shards", f"hf:{tmp_path}/no-such-dataset", "--tokenizer", NEOX, "--output", tmp_path / "o")
+    assert result.exit_code == 1 and "not a local file or directory" in result.output
+    assert build(run, tmp_path / "a.jsonl", out=tmp_path / "o").exit_code == 0, (
+        "a failed start does not block the directory"
+    )

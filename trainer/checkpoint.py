@@ -8,6 +8,7 @@ released checkpoints, `lm_head` inside transformers 5, which reads `embed_out` f
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,6 +108,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None 
     out.mkdir(parents=True, exist_ok=True)
     source = resolve_tokenizer(tokenizer) if tokenizer else Path(checkpoint) / "tokenizer"
     if not (source.is_file() or (source / "tokenizer.json").is_file()):
+        warnings.warn(f"{checkpoint} holds no tokenizer; shipping the released GPT-NeoX-20B one", stacklevel=2)
         source = resolve_tokenizer("gpt-neox-20b")
     copy_tokenizer(source, out)
     hf_config(config.model).save_pretrained(out)

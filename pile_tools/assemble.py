@@ -18,9 +18,7 @@ import pile_tools
 from pile_tools.atomic import write_json
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.indexed import Shard, read_index, write_index
-from pile_tools.reader import InputError
-
-MAX_MESSAGES = 10
+from pile_tools.reader import InputError, report_skips
 
 
 def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
@@ -191,16 +189,7 @@ def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print) 
         blend["materialized"] = materialize(out, shards, epochs, plan["options"]["seed"], dtype)
     write_json(out / "blend.json", blend)
     manifest = write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start)
-    report_skips(manifest, echo)
+    report_skips(manifest["skipped"], manifest["skip_examples"], echo)
     shutil.rmtree(out / ".parts", ignore_errors=True)
     (out / "plan.json").unlink(missing_ok=True)
     return manifest
-
-
-def report_skips(manifest: dict, echo) -> None:
-    if not manifest["skipped"]:
-        return
-    counts = ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in sorted(manifest["skipped"].items()))
-    echo(f"warning: skipped lines: {counts}")
-    for message in manifest["skip_examples"][:MAX_MESSAGES]:
-        echo(f"  {message}")

@@ -99,6 +99,14 @@ class Skips:
             self.examples.append(message)
 
 
+def report_skips(counts: dict[str, int], examples: list[str], echo, shown: int = 10) -> None:
+    """One warning line with the counts by reason, then the first messages (file:line: reason)."""
+    if counts:
+        echo("warning: skipped lines: " + ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(counts.items())))
+        for message in examples[:shown]:
+            echo(f"  {message}")
+
+
 class _ZstdRaw(io.RawIOBase):
     """Decompresses a zstd stream of one or more frames, and raises on a truncated or non-zstd file."""
 

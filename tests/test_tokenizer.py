@@ -167,3 +167,22 @@ def test_compare_counts_equal_tokenizers(tmp_path, run, sample_docs):
     assert np.isclose(
         report["total"]["tokens"]["gpt2"], sum(e["tokens"]["gpt2"] for e in report["components"].values())
     )
+
+
+def test_bad_lines_are_named_and_counted(tmp_path, run, sample_docs):
+    good = b"".join(json.dumps({"text": d["text"]}).encode() + b"\n" for d in sample_docs["Fortunes.jsonl.zst"][:40])
+    (tmp_path / "in.jsonl").write_bytes(good + b'{"text": 5}\n' + b"not json\n")
+    result = run.ok("train-tokenizer", tmp_path / "in.jsonl", "--output", tmp_path / "t", "--vocab-size", 600)
+    assert "in.jsonl:41: text not string" in result.output and "in.jsonl:42: invalid json" in result.output
+    report = json.loads((tmp_path / "t" / "train_report.json").read_text())
+    assert report["skipped"] == {"text_not_string": 1, "invalid_json": 1}
+    strict = run("train-tokenizer", tmp_path / "in.jsonl", "--output", tmp_path / "s", "--vocab-size", 600, "--strict")
+    assert strict.exit_code == 1 and "in.jsonl:41" in strict.output and not (tmp_path / "s" / "tokenizer.json").exists()
+    result = run.ok(
+        "compare-tokenizers", tmp_path / "in.jsonl", "--tokenizer", "gpt-neox-20b", "--output", tmp_path / "c"
+    )
+    assert "in.jsonl:42: invalid json" in result.output
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["skipped"] == {
+        "text_not_string": 1,
+        "invalid_json": 1,
+    }

@@ -15,7 +15,7 @@ import numpy as np
 from pile_tools.atomic import write_text
 from pile_tools.build import guard_sample
 from pile_tools.parts import prefetch
-from pile_tools.reader import InputError, Skips, discover, plan_parts, read_documents
+from pile_tools.reader import InputError, Skips, discover, plan_parts, read_documents, report_skips
 from tokenizer.engine import BUILTIN, Encoder, choose_engine, load_reference, resolve_tokenizer
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
@@ -78,6 +78,7 @@ def count(inputs: list[str], tokenizers: dict[str, Path], echo=print) -> dict:
         tally(batch, encoders, components)
     if not components:
         raise InputError("no documents in the input")
+    report_skips(skips.counts, skips.examples, echo)
     return {"components": dict(sorted(components.items())), "skipped": skips.counts,
             "engines": {name: enc.engine for name, (enc, _) in encoders.items()}}  # fmt: skip
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from pile_tools.atomic import write_json, write_text
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.parts import prefetch
-from pile_tools.reader import InputError, Part, Skips, discover, plan_parts, read_documents
+from pile_tools.reader import InputError, Part, Skips, discover, plan_parts, read_documents, report_skips
 
 CACHE_BYTES = 1 << 30  # inputs up to this much text are read once and kept, larger ones are read twice
 SPECIALS = ["<|endoftext|>", "<|padding|>"]
@@ -71,7 +71,9 @@ def take(c: Component, nbytes: int) -> int:
     return n
 
 
-def plan_sample(inputs: list[str], max_bytes: int | None, weights: str, seed: int, strict: bool) -> TrainPlan:
+def plan_sample(
+    inputs: list[str], max_bytes: int | None, weights: str, seed: int, strict: bool, echo=print
+) -> TrainPlan:
     """First pass: sizes per component, then each component's sampling rate under the byte budget."""
     plan = TrainPlan(parts=plan_parts(discover(inputs), part_size=1 << 62))
     table, every = load_epochs(weights)
@@ -97,6 +99,7 @@ def plan_sample(inputs: list[str], max_bytes: int | None, weights: str, seed: in
         c.rate = plan.budget * c.epochs / mass  # share of the budget ∝ epochs x size, spread over the bytes
         c.credit = seeded_credit(name, seed) * c.bytes / max(1, c.documents)
     plan.skipped = skips.counts
+    report_skips(skips.counts, skips.examples, echo)
     return plan
 
 
@@ -196,10 +199,10 @@ def composition(tok) -> dict:
 
 
 def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, component_weights="pile",
-                    add_prefix_space=False, min_frequency=2, seed=1234, strict=False) -> dict:  # fmt: skip
+                    add_prefix_space=False, min_frequency=2, seed=1234, strict=False, echo=print) -> dict:  # fmt: skip
     """Sample, train and save; returns the training report."""
     start = time.time()
-    plan = plan_sample(inputs, max_bytes, component_weights, seed, strict)
+    plan = plan_sample(inputs, max_bytes, component_weights, seed, strict, echo)
     tok = train(sample_texts(plan, strict), vocab_size, min_frequency, add_prefix_space)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ else the run falls back to the next engine and, last, to `tokenizers` itself.
 """
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,9 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@lru_cache(maxsize=4)
 def load_reference(path: Path):
-    """The HF `tokenizers` object for `path`, with a clear error for a file it cannot read."""
+    """The HF `tokenizers` object for `path`, with a clear error for a file it cannot read (loaded once)."""
     from tokenizers import Tokenizer
 
     try:

@@ -186,3 +186,15 @@ def test_bad_lines_are_named_and_counted(tmp_path, run, sample_docs):
         "text_not_string": 1,
         "invalid_json": 1,
     }
+
+
+def test_without_max_bytes_every_capped_byte_is_used_once(tmp_path, run, sample_docs):
+    docs = sample_docs["Fortunes.jsonl.zst"] + sample_docs["Gutenberg_PG_19.jsonl.zst"][:3]  # some over the cap
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    run.ok("train-tokenizer", tmp_path / "in.jsonl", "--output", tmp_path / "t", "--vocab-size", 600,
+           "--component-weights", "none")  # fmt: skip
+    report = json.loads((tmp_path / "t" / "train_report.json").read_text())
+    cap, components = report["document_cap_bytes"], report["components"].values()
+    assert all(c["used_documents"] == c["documents"] and c["used_bytes"] == c["bytes"] for c in components)
+    capped = sum(min(len(d["text"].encode()), cap) for d in docs)
+    assert report["used_bytes"] == report["budget_bytes"] == capped < sum(len(d["text"].encode()) for d in docs)

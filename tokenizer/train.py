@@ -63,12 +63,13 @@ def seeded_credit(component: str, seed: int) -> float:
 
 
 def take(c: Component, nbytes: int) -> int:
-    """Copies of the next document: systematic sampling by bytes, so each component's share of the sample is
-    `rate` x its bytes to within one document (independent coin flips would miss by several on small inputs)."""
-    c.credit += c.rate * nbytes
-    n = int(c.credit // nbytes) if nbytes else 0
-    c.credit -= n * nbytes
-    return n
+    """Copies of the next document: floor(rate), plus one more by systematic sampling of the fraction by bytes, so
+    each component's share is `rate` x its bytes to within one document (coin flips would miss by several)."""
+    whole = int(c.rate)
+    c.credit += (c.rate - whole) * nbytes
+    extra = nbytes > 0 and c.credit >= nbytes
+    c.credit -= nbytes if extra else 0
+    return whole + extra
 
 
 def plan_sample(
@@ -87,17 +88,16 @@ def plan_sample(
     plan.cache = cache
     if not sizes:
         raise InputError("no documents in the input")
-    total = sum(sum(s) for s in sizes.values())
-    plan.budget = max_bytes or total
-    plan.doc_cap = min(1 << 20, max(16 << 10, plan.budget // 1000))
+    plan.doc_cap = min(1 << 20, max(16 << 10, (max_bytes or sum(map(sum, sizes.values()))) // 1000))
     unknown: set[str] = set()
     for name, s in sorted(sizes.items()):
         c = plan.components[name] = Component(documents=len(s), bytes=sum(min(n, plan.doc_cap) for n in s))
         c.epochs = epochs_for(name, table, every, unknown)
+    plan.budget = max_bytes or sum(c.bytes for c in plan.components.values())  # default: every capped byte once
     mass = sum(c.epochs * c.bytes for c in plan.components.values()) or 1.0
-    for c in plan.components.values():
+    for name, c in plan.components.items():
         c.rate = plan.budget * c.epochs / mass  # share of the budget ∝ epochs x size, spread over the bytes
-        c.credit = seeded_credit(name, seed) * c.bytes / max(1, c.documents)
+        c.credit = seeded_credit(name, seed) * (c.rate % 1) * c.bytes / max(1, c.documents)
     plan.skipped = skips.counts
     report_skips(skips.counts, skips.examples, echo)
     return plan

@@ -32,7 +32,7 @@ def baseline(corpus: Path, vocab_size: int, out: Path) -> None:
             texts += [
                 orjson.loads(line)["text"] for line in io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(fh))
             ]
-    cap = min(1 << 20, max(16 << 10, sum(len(t.encode()) for t in texts) // 1000))  # the cap train-tokenizer uses
+    cap = min(1 << 20, max(64 << 10, sum(len(t.encode()) for t in texts) // 1000))  # the cap train-tokenizer uses
     tok = build_tokenizer(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(SPACE_RUNS), min_frequency=2, special_tokens=SPECIALS,

@@ -88,7 +88,7 @@ def plan_sample(
     plan.cache = cache
     if not sizes:
         raise InputError("no documents in the input")
-    plan.doc_cap = min(1 << 20, max(16 << 10, (max_bytes or sum(map(sum, sizes.values()))) // 1000))
+    plan.doc_cap = min(1 << 20, max(64 << 10, (max_bytes or sum(map(sum, sizes.values()))) // 1000))
     unknown: set[str] = set()
     for name, s in sorted(sizes.items()):
         c = plan.components[name] = Component(documents=len(s), bytes=sum(min(n, plan.doc_cap) for n in s))

@@ -38,7 +38,8 @@ def baseline(corpus: Path, vocab_size: int, out: Path) -> None:
         vocab_size=vocab_size - len(SPACE_RUNS), min_frequency=2, special_tokens=SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )  # fmt: skip
-    tok.train_from_iterator((t[:cap] for t in texts), trainer=trainer)
+    texts = [t if len(t.encode()) <= cap else t.encode()[:cap].decode("utf-8", errors="ignore") for t in texts]
+    tok.train_from_iterator(iter(texts), trainer=trainer)
     tok.save(str(out))
 
 

@@ -56,6 +56,13 @@ def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())  # isascii() is O(1) on CPython's ASCII strings
 
 
+def cap_text(text: str, cap: int) -> str:
+    """The first `cap` bytes of the text's UTF-8 (a character cut in half is dropped)."""
+    if utf8_size(text) <= cap:
+        return text
+    return text.encode()[:cap].decode("utf-8", errors="ignore")
+
+
 def seeded_credit(component: str, seed: int) -> float:
     """A reproducible starting point in [0, 1) for a component's systematic sample."""
     h = hashlib.blake2b(component.encode(), digest_size=8, key=seed.to_bytes(8, "little", signed=True)).digest()
@@ -109,7 +116,7 @@ def sample_batches(plan: TrainPlan, strict: bool, batch: int = 64):
     docs = plan.cache if plan.cache is not None else read_documents(plan.parts, "reading", Skips(strict))
     for component, text in docs:
         c = plan.components[component]
-        text = text[: plan.doc_cap]
+        text = cap_text(text, plan.doc_cap)
         nbytes = utf8_size(text)
         n = take(c, nbytes)
         c.used_documents += n
@@ -123,8 +130,8 @@ def sample_batches(plan: TrainPlan, strict: bool, batch: int = 64):
 
 
 def sample_texts(plan: TrainPlan, strict: bool):
-    """The sample one text at a time, prepared ahead in a thread: the trainer's threads pull texts one by one
-    while holding the GIL, so reading and sampling must not happen inside that pull."""
+    """The sample one text at a time. The trainer's threads pull texts one by one while holding the GIL, so input
+    that is not in memory is read and sampled ahead in a thread, not inside that pull."""
     if plan.cache is not None:  # in memory already: hand the trainer a list, the cheapest thing to pull from
         yield from [text for batch in sample_batches(plan, strict) for text in batch]
         return

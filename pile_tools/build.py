@@ -25,7 +25,7 @@ from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thr
 from pile_tools.reader import HF_PREFIX, InputError, Part, PartReader, Skips, discover, plan_parts
 from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 
-GUARD_BYTES = 1 << 20  # text encoded by both the fast engine and `tokenizers` before the run
+GUARD_BYTES = 1 << 19  # text encoded by both the fast engine and `tokenizers` before the run
 GUARD_DOC_CHARS = 64 << 10
 
 

@@ -1,1 +1,1 @@
-"""GPT-NeoX model, configs and DeepSpeed trainer (arrives with the model and trainer issues)."""
+"""The GPT-NeoX model, its configs, planning, checkpoints and Hugging Face interop (the DeepSpeed trainer next)."""

@@ -75,8 +75,8 @@ def materialize(out: Path, shards: dict, epochs: dict, seed: int, dtype: np.dtyp
     with open(tmp, "wb") as f:
         for name in sorted(k for k in shards if k.startswith("train/")):
             shard, e = Shard(out / name), epochs[shards[name]["component"]]
-            for _ in range(int(e)):
-                f.write(np.asarray(shard.tokens).tobytes())
+            for _ in range(int(e)):  # whole epochs: the shard's .bin again, copied by the kernel
+                append_file(f, Path(f"{out / name}.bin"))
                 sizes.append(np.asarray(shard.sizes))
             rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
             chosen = np.sort(rng.choice(len(shard), round((e - int(e)) * len(shard)), replace=False))

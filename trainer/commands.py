@@ -4,17 +4,7 @@ import json
 
 import click
 
-
-def run_reporting_errors(fn, *args, **kwargs):
-    """Config and checkpoint errors become one clear line and exit status 1."""
-    from pile_tools.reader import InputError
-    from tokenizer.engine import TokenizerError
-    from trainer.config import ConfigError
-
-    try:
-        return fn(*args, **kwargs)
-    except (ConfigError, InputError, TokenizerError) as e:
-        raise click.ClickException(str(e)) from None
+from pile_tools.commands import run_reporting_errors
 
 
 @click.command("plan")

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from pile_tools.reader import InputError
 from trainer.model import ModelConfig
 
 
-class ConfigError(Exception):
+class ConfigError(InputError):
     """A config that cannot be used; the message names the key."""
 
 

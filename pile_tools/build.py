@@ -22,7 +22,7 @@ from pile_tools.atomic import write_json
 from pile_tools.components import load_epochs
 from pile_tools.indexed import token_dtype
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
-from pile_tools.reader import HF_PREFIX, InputError, Part, PartReader, Skips, discover, plan_parts
+from pile_tools.reader import HF_PREFIX, InputError, Part, PartReader, Skips, discover, part_bytes, plan_parts
 from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 
 GUARD_BYTES = 1 << 19  # text encoded by both the fast engine and `tokenizers` before the run
@@ -37,13 +37,6 @@ def parse_split(split: str) -> list[float]:
     if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise InputError(f"--split {split!r}: give 1 to 3 non-negative weights for train,valid,test, like 995,4,1")
     return weights + [0.0] * (3 - len(weights))
-
-
-def part_bytes(part: Part) -> int:
-    """Input bytes a part reads (0 for a streamed HF dataset)."""
-    if part.source.startswith(HF_PREFIX):
-        return 0
-    return (part.end or os.path.getsize(part.source)) - part.start
 
 
 def describe_input(source: str) -> dict:
@@ -77,7 +70,8 @@ def make_plan(inputs, tokenizer, *, split, weights, component, part_size, max_do
 
 
 def committed_parts(out: Path) -> list[Path]:
-    return [p for p in (out / ".parts").glob("[0-9]*") if (p / "receipt.json").is_file()]
+    """Parts committed by their rename (NNNNN/); a NNNNN.tmp-PID/ may hold a receipt, but was never committed."""
+    return [p for p in (out / ".parts").glob("[0-9]*") if p.name.isdigit() and (p / "receipt.json").is_file()]
 
 
 def claim_output(out: Path, plan: dict) -> bool:

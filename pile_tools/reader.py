@@ -69,6 +69,13 @@ def discover(inputs: list[str]) -> list[str]:
     return sources
 
 
+def part_bytes(part: Part) -> int:
+    """Input bytes a part reads (0 for a streamed HF dataset)."""
+    if part.source.startswith(HF_PREFIX):
+        return 0
+    return (part.end or os.path.getsize(part.source)) - part.start
+
+
 def plan_parts(sources: list[str], part_size: int) -> list[Part]:
     """Cut sources into parts; only uncompressed JSON lines can be cut at byte offsets."""
     parts = []
@@ -293,7 +300,7 @@ def read_documents(parts: list[Part], desc: str, skips: Skips):
     """(component, text) of every document, with a progress bar over input bytes; skips are counted."""
     from tqdm import tqdm
 
-    total = sum(os.path.getsize(p.source) for p in parts if not p.source.startswith(HF_PREFIX))
+    total = sum(map(part_bytes, parts))
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, leave=False) as bar:
         for part in parts:
             reader, seen = PartReader(part, None, skips), 0

@@ -36,16 +36,21 @@ def copy_tokenizer(source: Path, dest: Path) -> None:
             shutil.copy(source / name, dest / name)
 
 
-def save_checkpoint(model: GPTNeoX, config: NeoXConfig, path: str | Path, tokenizer: Path | None = None) -> Path:
-    """Write a checkpoint directory; `tokenizer` is a tokenizer.json or a directory holding one."""
+def save_weights(model: GPTNeoX, path: Path) -> None:
+    """The state dict as safetensors, with the metadata transformers looks for."""
     from safetensors.torch import save_file
 
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"format": "pt"})
+
+
+def save_checkpoint(model: GPTNeoX, config: NeoXConfig, path: str | Path, tokenizer: Path | None = None) -> Path:
+    """Write a checkpoint directory; `tokenizer` is a tokenizer.json or a directory holding one."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     (tmp / "config.yml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    save_weights(model, tmp / "model.safetensors")
     if tokenizer is not None:
         copy_tokenizer(Path(tokenizer), tmp / "tokenizer")
     shutil.rmtree(path, ignore_errors=True)
@@ -99,8 +104,6 @@ def model_config_from_hf(c) -> ModelConfig:
 
 def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None) -> Path:
     """Write config.json, model.safetensors and the tokenizer files that GPTNeoXForCausalLM/AutoTokenizer load."""
-    from safetensors.torch import save_file
-
     from tokenizer.engine import resolve_tokenizer
 
     model, config = load_checkpoint(checkpoint)
@@ -112,8 +115,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None 
         source = resolve_tokenizer("gpt-neox-20b")
     copy_tokenizer(source, out)
     hf_config(config.model).save_pretrained(out)
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    save_weights(model, out / "model.safetensors")
     return out
 
 

@@ -4,12 +4,13 @@ import click
 
 from pile_tools.commands import build_shards, inspect_shards, merge_shards
 from tokenizer.commands import compare_tokenizers, train_tokenizer
-from trainer.commands import export_hf, generate, import_hf, plan
+from trainer.commands import export_hf, generate, import_hf, plan, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="neox-data")
-def main():
+@click.option("--local_rank", "--local-rank", type=int, hidden=True, help="Set by the deepspeed launcher; unused.")
+def main(local_rank):
     """GPT-NeoX-20B's data and training recipe: tokenizer, Pile shards, model, trainer."""
 
 
@@ -22,6 +23,7 @@ main.add_command(plan)
 main.add_command(export_hf)
 main.add_command(import_hf)
 main.add_command(generate)
+main.add_command(train)
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,14 @@
 """Checkpoints of the model, and conversion to and from Hugging Face's GPT-NeoX.
 
-Until the trainer writes DeepSpeed checkpoints, a checkpoint is a directory: `config.yml` (gpt-neox keys),
-`model.safetensors` (our state dict, HF's key names) and `tokenizer/` (what AutoTokenizer reads). The names
-match HF's, so converting is a rename of the output layer at most: `embed_out` here and in transformers 4 and the
-released checkpoints, `lm_head` inside transformers 5, which reads `embed_out` files too.
+A checkpoint is a directory holding `config.yml` (gpt-neox keys), `tokenizer/` (what AutoTokenizer reads) and the
+weights: `model.safetensors` (import-hf, or a standalone save), or DeepSpeed's files as the trainer writes them:
+    <save>/latest                                  the tag of the newest complete checkpoint, replaced atomically
+    <save>/global_step<N>/mp_rank_00_model_states.pt   weights ("module"), our client state, scheduler
+    <save>/global_step<N>/*optim_states.pt         optimizer states (per ZeRO partition)
+    <save>/global_step<N>/rng_state_<rank>.pt      each rank's RNG states
+A training run's save directory stands for its latest checkpoint. The state dict keys are HF's, so converting is
+a rename of the output layer at most: `embed_out` here and in transformers 4 and the released checkpoints,
+`lm_head` inside transformers 5, which reads `embed_out` files too.
 """
 
 import json
@@ -14,6 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pile_tools.atomic import write_text
 from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.model import GPTNeoX, ModelConfig
 
@@ -58,15 +64,34 @@ def save_checkpoint(model: GPTNeoX, config: NeoXConfig, path: str | Path, tokeni
     return path
 
 
-def load_checkpoint(path: str | Path, device="cpu") -> tuple[GPTNeoX, NeoXConfig]:
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint a path stands for: itself, or the one a training run's `latest` names."""
+    path = Path(path)
+    latest = path / "latest"
+    return path / latest.read_text().strip() if latest.is_file() else path
+
+
+def load_state_dict(path: Path) -> dict:
+    """The weights of a checkpoint directory, in fp32, from safetensors or DeepSpeed's model states."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    if not (path / "config.yml").is_file() or not (path / "model.safetensors").is_file():
-        raise ConfigError(f"{path}: not a checkpoint (config.yml and model.safetensors expected)")
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    states = path / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ConfigError(f"{path}: not a checkpoint (config.yml with model.safetensors or DeepSpeed's "
+                          "mp_rank_00_model_states.pt expected)")  # fmt: skip
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> tuple[GPTNeoX, NeoXConfig]:
+    path = checkpoint_dir(path)
+    if not (path / "config.yml").is_file():
+        raise ConfigError(f"{path}: not a checkpoint (no config.yml)")
     config = load_config(path / "config.yml")
     model = GPTNeoX(config.model)
-    model.load_state_dict(load_file(path / "model.safetensors", device=str(device)))
+    model.load_state_dict(load_state_dict(path))
     return model.to(device), config
 
 
@@ -109,7 +134,7 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None 
     model, config = load_checkpoint(checkpoint)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    source = resolve_tokenizer(tokenizer) if tokenizer else Path(checkpoint) / "tokenizer"
+    source = resolve_tokenizer(tokenizer) if tokenizer else checkpoint_dir(checkpoint) / "tokenizer"
     if not (source.is_file() or (source / "tokenizer.json").is_file()):
         warnings.warn(f"{checkpoint} holds no tokenizer; shipping the released GPT-NeoX-20B one", stacklevel=2)
         source = resolve_tokenizer("gpt-neox-20b")
@@ -133,3 +158,67 @@ def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
     config = NeoXConfig(model=model_config)
     tokenizer = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
     return save_checkpoint(model, config, output, tokenizer)
+
+
+def rng_states() -> dict:
+    import random
+
+    import numpy as np
+
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer) -> Path:
+    """A DeepSpeed checkpoint of step `step`, with the data position and RNG states, the parsed config and the
+    tokenizer; `latest` names it only once every rank has written every file, so a save cut short (even by
+    SIGKILL) never becomes the latest and the previous one stays loadable."""
+    import torch.distributed as dist
+
+    tag = f"global_step{step}"
+    engine.save_checkpoint(str(save), tag=tag, client_state=state, save_latest=False)
+    where = save / tag
+    rank = dist.get_rank()
+    tmp = where / f"rng_state_{rank}.pt.tmp"
+    torch.save(rng_states(), tmp)
+    tmp.replace(where / f"rng_state_{rank}.pt")
+    if rank == 0:
+        write_text(where / "config.yml", yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
+        if tokenizer is not None:
+            copy_tokenizer(Path(tokenizer), where / "tokenizer")
+    dist.barrier()
+    if rank == 0:
+        write_text(save / "latest", tag)
+    dist.barrier()
+    return where
+
+
+def load_training_checkpoint(engine, load: Path) -> dict:
+    """Restore weights, optimizer, scheduler and this rank's RNG states from `load`'s latest checkpoint; returns
+    the client state (step and data position)."""
+    import torch.distributed as dist
+
+    if not (load / "latest").is_file():
+        raise ConfigError(f"--load: {load} holds no 'latest' checkpoint")
+    path, state = engine.load_checkpoint(str(load))
+    if path is None:
+        raise ConfigError(f"--load: the checkpoint in {load} could not be read")
+    rng = Path(path).parent / f"rng_state_{dist.get_rank()}.pt"
+    if not rng.is_file():  # a checkpoint with another layout: keep this run's seeds
+        rng = Path(path).parent / "rng_state_0.pt"
+    set_rng_states(torch.load(rng, weights_only=False))
+    return state

@@ -1,6 +1,7 @@
 """Click commands of the model: plan, export-hf, import-hf, generate. Thin: parse, call one function, print."""
 
 import json
+import os
 
 import click
 
@@ -63,3 +64,32 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
     result = run_reporting_errors(sample, checkpoint, prompt, prompt_ids, max_new_tokens=max_new_tokens,
                                   greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
     click.echo(json.dumps(result, ensure_ascii=False) if as_json else result["prompt"] + result["text"])
+
+
+@click.command("train")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="A build-shards output directory (default: the config's data keys).")  # fmt: skip
+@click.option("--save", default=None, type=click.Path(file_okay=False), help="Checkpoints and metrics go here.")
+@click.option("--load", default=None, type=click.Path(file_okay=False), help="Resume from this run's latest checkpoint.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+def train(config_path, data_dir, save, load, overrides):
+    """Train a GPT-NeoX model with DeepSpeed; one process, or many under the `deepspeed` launcher.
+
+    \b
+    neox-data train --config configs/tiny.yml --data shards --save run
+    deepspeed --num_gpus 8 $(which neox-data) train --config configs/pythia-160M.yml --data shards --save run
+    """
+    from trainer.config import load_config
+    from trainer.train import train as run
+
+    config = run_reporting_errors(load_config, config_path, overrides)
+    result = run_reporting_errors(run, config, data_dir, save, load)
+    if int(os.environ.get("RANK", 0)) == 0:
+        valid = result.get("valid") or {}
+        first = result.get("first_valid") or {}
+        line = f"trained to step {result['step']}, train loss {result.get('train_loss', float('nan')):.4f}"
+        if valid:
+            line += f", valid loss {first['loss']:.4f} -> " if first else ", valid loss "
+            line += f"{valid['loss']:.4f}"
+        click.echo(line + (f"; checkpoints in {save}" if save else ""))

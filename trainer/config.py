@@ -35,6 +35,13 @@ class OptimizerConfig:
     warmup: float = 0.01  # a fraction of lr_decay_iters, as in gpt-neox
     gradient_clipping: float = 1.0
 
+    def __post_init__(self):
+        # gpt-neox's "Adam" is decoupled-weight-decay Adam (apex FusedAdam, adam_w_mode): both names mean AdamW
+        if self.type.lower() not in ("adam", "adamw"):
+            raise ConfigError(f"optimizer.type: {self.type!r} is not supported; use Adam or AdamW")
+        if self.lr_decay_style not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"lr_decay_style: {self.lr_decay_style!r}; choose cosine, linear or constant")
+
 
 @dataclass
 class ParallelConfig:
@@ -69,6 +76,8 @@ class TrainingConfig:
     eval_iters: int = 10
     log_interval: int = 10
     seed: int = 1234
+    train_batch_size: int | None = None  # optional: when given, must equal micro x accumulation x DP
+    exit_interval: int | None = None  # save and stop once the step is a multiple of this (gpt-neox, Megatron)
 
 
 @dataclass
@@ -97,7 +106,15 @@ class NeoXConfig:
 
     def global_batch(self, world_size: int) -> int:
         t = self.training
-        return t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * self.data_parallel_size(world_size)
+        dp = self.data_parallel_size(world_size)
+        batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp
+        if t.train_batch_size is not None and t.train_batch_size != batch:
+            raise ConfigError(
+                f"train_batch_size {t.train_batch_size} != train_micro_batch_size_per_gpu "
+                f"{t.train_micro_batch_size_per_gpu} x gradient_accumulation_steps {t.gradient_accumulation_steps} "
+                f"x data parallel {dp} = {batch}"
+            )
+        return batch
 
 
 SECTIONS = {"optimizer": OptimizerConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
@@ -114,7 +131,7 @@ NO_EFFECT = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partit
              "hidden_dropout", "attention_dropout", "gradient_predivide_factor", "steps_per_print",
              "wall_clock_breakdown", "wandb_group", "wandb_project", "use_wandb", "distributed_backend",
              "checkpoint_num_layers", "contiguous_checkpointing", "attention_softmax_in_fp32",
-             "apply_query_key_layer_scaling", "zero_allow_untested_optimizer", "train_batch_size",
+             "apply_query_key_layer_scaling", "zero_allow_untested_optimizer",
              "keep_last_n_checkpoints", "eval_tasks"}  # fmt: skip
 # Keys whose only supported value is the one GPT-NeoX uses.
 FIXED = {"pos_emb": "rotary", "norm": "layernorm", "no_weight_tying": True, "activation": "gelu"}

@@ -14,6 +14,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from pile_tools.indexed import Shard
@@ -26,8 +27,8 @@ def epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) -> i
     return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
 
 
-def build_doc_idx(num_docs: int, epochs: int, rng: np.random.Generator) -> np.ndarray:
-    doc_idx = np.tile(np.arange(num_docs, dtype=np.int32), epochs)
+def build_doc_idx(documents: np.ndarray, epochs: int, rng: np.random.Generator) -> np.ndarray:
+    doc_idx = np.tile(np.asarray(documents, dtype=np.int32), epochs)
     rng.shuffle(doc_idx)
     return doc_idx
 
@@ -41,9 +42,10 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
     return np.stack([where, positions - starts[where]], axis=1)
 
 
-def cache_key(shard: Shard, num_samples: int, seq_length: int, seed: int) -> str:
+def cache_key(shard: Shard, documents: range, num_samples: int, seq_length: int, seed: int) -> str:
     stat = os.stat(f"{shard.prefix}.idx")
-    what = f"{shard.prefix.name}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|{num_samples}|{seq_length}|{seed}"
+    what = (f"{shard.prefix.name}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|{documents.start}:{documents.stop}|"
+            f"{num_samples}|{seq_length}|{seed}")  # fmt: skip
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -54,13 +56,16 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class GPTDataset:
-    """`num_samples` samples of `seq_length + 1` tokens from one shard; indices cached under `cache_dir`."""
+    """`num_samples` samples of `seq_length + 1` tokens from one shard (or a range of its documents, for a
+    Megatron-style `split` of one shard); indices cached under `cache_dir`."""
 
-    def __init__(self, prefix: str | Path, num_samples: int, seq_length: int, seed: int, cache_dir: Path | None = None):
+    def __init__(self, prefix: str | Path, num_samples: int, seq_length: int, seed: int,
+                 cache_dir: Path | None = None, documents: range | None = None):  # fmt: skip
         self.shard = Shard(Path(prefix))
+        self.documents = documents if documents is not None else range(len(self.shard))
         self.num_samples, self.seq_length = num_samples, seq_length
         cache = Path(cache_dir) if cache_dir else self.shard.prefix.parent / "index-cache"
-        stem = f"{self.shard.prefix.name}_{cache_key(self.shard, num_samples, seq_length, seed)}"
+        stem = f"{self.shard.prefix.name}_{cache_key(self.shard, self.documents, num_samples, seq_length, seed)}"
         paths = {name: cache / f"{stem}_{name}.npy" for name in ("doc_idx", "sample_idx", "shuffle_idx")}
         if not all(p.is_file() for p in paths.values()):
             cache.mkdir(parents=True, exist_ok=True)
@@ -71,8 +76,9 @@ class GPTDataset:
     def build(self, seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
         sizes = np.asarray(self.shard.sizes)
-        epochs = epochs_needed(int(sizes.sum(dtype=np.int64)), self.num_samples, self.seq_length)
-        doc_idx = build_doc_idx(len(sizes), epochs, rng)
+        documents = np.arange(self.documents.start, self.documents.stop)
+        epochs = epochs_needed(int(sizes[documents].sum(dtype=np.int64)), self.num_samples, self.seq_length)
+        doc_idx = build_doc_idx(documents, epochs, rng)
         return {
             "doc_idx": doc_idx,
             "sample_idx": build_sample_idx(sizes, doc_idx, self.seq_length, self.num_samples),
@@ -92,3 +98,46 @@ class GPTDataset:
         pieces += [self.shard[int(self.doc_idx[k])] for k in range(first + 1, last)]
         pieces.append(self.shard[int(self.doc_idx[last])][: end + 1])
         return np.concatenate(pieces).astype(np.int64)
+
+
+@numba.njit(cache=True)
+def _earliest_due_first(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    # Sample i goes to the source whose next sample is due soonest ((count + 1) / weight), among the sources
+    # whose share so far lags their weight. Megatron's largest-deficit-first rule can stray 1.6 samples from a
+    # weight; this rule stays within one sample of every source's weight at every prefix (tests/test_data.py).
+    counts = np.zeros(len(weights), dtype=np.int64)
+    source, within = np.empty(size, dtype=np.int16), np.empty(size, dtype=np.int64)
+    for i in range(size):
+        best, best_due = -1, np.inf
+        for d in range(len(weights)):
+            if weights[d] * (i + 1) > counts[d] and (counts[d] + 1) / weights[d] < best_due:
+                best, best_due = d, (counts[d] + 1) / weights[d]
+        source[i], within[i] = best, counts[best]
+        counts[best] += 1
+    return source, within
+
+
+def blend_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, sample within the source) of each of `size` blended samples, each source's share its weight.
+
+    A sequential greedy, compiled with numba (Megatron compiles its own in C++): 10M samples in ~0.4 s.
+    int16 sources: a blend has at most a few hundred shards.
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
+        raise ValueError(f"blend weights must be >= 0 with a positive sum, got {weights.tolist()}")
+    return _earliest_due_first(weights / weights.sum(), size)
+
+
+class BlendedDataset:
+    """Samples of several sources, each source's share equal to its weight, in a deterministic order."""
+
+    def __init__(self, sources: list, source: np.ndarray, within: np.ndarray, names: list[str] | None = None):
+        self.sources, self.source, self.within = sources, source, within
+        self.names = names or [str(i) for i in range(len(sources))]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.sources[self.source[i]][int(self.within[i])]

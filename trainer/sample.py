@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from pile_tools.reader import InputError
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint import checkpoint_dir, load_checkpoint
 from trainer.generate import generate
 
 
@@ -14,7 +14,7 @@ def sample(checkpoint: str, prompt: str | None, prompt_ids: str | None, **option
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, _ = load_checkpoint(checkpoint, device)
-    path = Path(checkpoint) / "tokenizer" / "tokenizer.json"
+    path = checkpoint_dir(checkpoint) / "tokenizer" / "tokenizer.json"
     tok = Tokenizer.from_file(str(path)) if path.is_file() else None
     if prompt_ids is not None:
         try:

@@ -1,0 +1,166 @@
+"""Where the trainer's samples come from, and which of them each rank reads at each step.
+
+Sources, per split, are either a build-shards output directory (its blend.json: shards and weights) or
+gpt-neox's data keys: `train_data_paths` / `train_data_weights` (and valid/test), or one `data_path` (a prefix,
+Megatron's "w1 p1 w2 p2 ..." blend, or a build-shards directory) cut into train/valid/test document ranges by
+`split` as Megatron cuts it. Each split is a BlendedDataset of GPTDatasets sized to exactly what the run reads:
+train_iters x global batch for train, eval_iters x global batch for valid (the same set at every evaluation, so
+the curve is not noise) and test.
+
+Which samples a step reads is a function of the position alone: step s reads global samples
+[s x G, (s + 1) x G); micro-batch m of rank r reads the `micro` samples from s x G + (m x dp + r) x micro.
+Resuming is restoring the position, and nothing is cached between steps (gpt-neox's itertools.cycle grows host
+memory over a run).
+"""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.config import ConfigError, NeoXConfig
+from trainer.data import BlendedDataset, GPTDataset, blend_index
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Source:
+    prefix: Path
+    weight: float
+    documents: range | None = None  # a document range of the shard, for `data_path` with `split`
+
+
+def check_prefix(prefix: Path, key: str) -> Path:
+    for suffix in (".bin", ".idx"):
+        if not Path(f"{prefix}{suffix}").is_file():
+            raise ConfigError(f"{key}: {prefix}{suffix} does not exist")
+    return prefix
+
+
+def sources_from_blend(data_dir: Path, key: str) -> dict[str, list[Source]]:
+    """Shards and weights of each split from a build-shards output's blend.json."""
+    path = data_dir / "blend.json"
+    if not path.is_file():
+        raise ConfigError(f"{key}: {data_dir} holds no blend.json (is it a build-shards output?)")
+    splits = json.loads(path.read_text())["splits"]
+    return {
+        split: [Source(check_prefix(data_dir / s["prefix"], key), s["weight"]) for s in splits[split]["shards"]]
+        for split in SPLITS
+    }
+
+
+def megatron_split(split: str, documents: int) -> list[range]:
+    """Megatron's train/valid/test document ranges for a `split` like "969,30,1"."""
+    try:
+        parts = [float(s) for s in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"split: expected three numbers like 969,30,1, got {split!r}") from None
+    parts = (parts + [0.0, 0.0])[:3]
+    bounds = [0]
+    for p in parts:
+        bounds.append(bounds[-1] + int(round(p / sum(parts) * documents)))
+    bounds = [b - (bounds[-1] - documents) if i else 0 for i, b in enumerate(bounds)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(3)]
+
+
+def weighted_prefixes(value, key: str) -> list[tuple[float, Path]]:
+    """`data_path` as Megatron writes it: one prefix, or alternating weights and prefixes."""
+    items = value.split() if isinstance(value, str) else list(value)
+    if len(items) == 1:
+        return [(1.0, Path(items[0]))]
+    if len(items) % 2:
+        raise ConfigError(f"{key}: expected one prefix or pairs of weight and prefix, got {value!r}")
+    try:
+        return [(float(items[i]), Path(items[i + 1])) for i in range(0, len(items), 2)]
+    except ValueError:
+        raise ConfigError(f"{key}: expected pairs of weight and prefix, got {value!r}") from None
+
+
+def sources_from_keys(data: dict) -> dict[str, list[Source]]:
+    """gpt-neox's data keys as sources per split."""
+    if data.get("train_data_paths"):
+        out = {}
+        for split in SPLITS:
+            paths = data.get(f"{split}_data_paths") or []
+            weights = data.get(f"{split}_data_weights") or [None] * len(paths)
+            if len(weights) != len(paths):
+                raise ConfigError(f"{split}_data_weights: {len(weights)} weights for {len(paths)} paths")
+            prefixes = [check_prefix(Path(p), f"{split}_data_paths") for p in paths]
+            # no weights: each shard in proportion to its tokens, as if concatenated
+            out[split] = [Source(p, w if w is not None else float(np.sum(shard_sizes(p)))) for p, w in
+                          zip(prefixes, weights)]  # fmt: skip
+        return out
+    value = data["data_path"]
+    if isinstance(value, str) and Path(value).is_dir():
+        return sources_from_blend(Path(value), "data_path")
+    pairs = [(w, check_prefix(p, "data_path")) for w, p in weighted_prefixes(value, "data_path")]
+    split = data.get("split", "969,30,1")
+    ranges = {p: megatron_split(split, len(shard_sizes(p))) for _, p in pairs}
+    return {name: [Source(p, w, ranges[p][i]) for w, p in pairs] for i, name in enumerate(SPLITS)}
+
+
+def shard_sizes(prefix: Path) -> np.ndarray:
+    from pile_tools.indexed import read_index
+
+    return read_index(Path(f"{prefix}.idx"))[1]
+
+
+def resolve_sources(data_dir: str | Path | None, data: dict) -> dict[str, list[Source]]:
+    """Sources per split: --data DIR first, then the config's keys; a clear error when there are none."""
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise ConfigError(f"--data: {data_dir} is not a directory")
+        return sources_from_blend(Path(data_dir), "--data")
+    if not data.get("train_data_paths") and not data.get("data_path"):
+        raise ConfigError("no training data: give --data DIR (a build-shards output), or data_path or "
+                          "train_data_paths in the config")  # fmt: skip
+    if data.get("data_path") and isinstance(data["data_path"], str) and not data.get("train_data_paths"):
+        first = weighted_prefixes(data["data_path"], "data_path")[-1][1]
+        if not first.is_dir() and not Path(f"{first}.idx").is_file():
+            raise ConfigError(f"data_path: {first} is neither a build-shards directory nor a shard prefix")
+    return sources_from_keys(data)
+
+
+def split_dataset(sources: list[Source], num_samples: int, seq_length: int, seed: int) -> BlendedDataset | None:
+    """The blend of `sources` holding exactly `num_samples` samples (None when the split has no data)."""
+    sources = [s for s in sources if s.weight > 0 and (s.documents is None or len(s.documents))]
+    if not sources or num_samples == 0:
+        return None
+    source, within = blend_index([s.weight for s in sources], num_samples)
+    counts = np.bincount(source, minlength=len(sources))
+    datasets = [
+        GPTDataset(s.prefix, int(n), seq_length, seed, documents=s.documents) if n else None
+        for s, n in zip(sources, counts)
+    ]
+    return BlendedDataset(datasets, source, within, names=[s.prefix.name for s in sources])
+
+
+def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_batch: int) -> dict:
+    """train, valid and test datasets sized to what the run reads."""
+    t = config.training
+    sizes = {"train": t.train_iters * global_batch, "valid": t.eval_iters * global_batch,
+             "test": t.eval_iters * global_batch}  # fmt: skip
+    out = {}
+    for split in SPLITS:
+        try:
+            out[split] = split_dataset(sources.get(split, []), sizes[split], t.seq_length, t.seed)
+        except ValueError as e:  # a source with no tokens
+            raise ConfigError(f"{split} data: {e}") from None
+    if out["train"] is None:
+        raise ConfigError("the training split holds no data")
+    return out
+
+
+def sample_positions(step: int, micro_step: int, micro: int, dp: int, rank: int, global_batch: int, size: int):
+    """Positions in the dataset of the `micro` samples that data-parallel rank `rank` reads at (step, micro_step)."""
+    start = step * global_batch + (micro_step * dp + rank) * micro
+    return np.arange(start, start + micro) % size
+
+
+def micro_batch(dataset, step: int, micro_step: int, micro: int, dp: int, rank: int, global_batch: int):
+    """Those samples' tokens, as int64 (micro, seq + 1)."""
+    where = sample_positions(step, micro_step, micro, dp, rank, global_batch, len(dataset))
+    return torch.from_numpy(np.stack([dataset[int(i)] for i in where]))

@@ -1,0 +1,103 @@
+"""DeepSpeed set-up from the parsed config: the process group, the generated DeepSpeed config, AdamW with
+parameter groups, and the learning-rate schedule. Nothing here is kept by hand beside the YAML config."""
+
+import math
+import os
+import socket
+import warnings
+
+import torch
+from torch import nn
+
+from trainer.config import NeoXConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed():
+    """Join (or, run alone, create) the process group; returns the deepspeed module.
+
+    The deepspeed launcher, torchrun and Slurm wrappers set RANK/WORLD_SIZE/...; a plain `neox-data train` is
+    one process, given those variables here so DeepSpeed does not look for MPI.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    # the shared-memory op serves inference only; compiling it costs ~60 s at every CPU start
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return deepspeed
+
+
+def check_precision(config: NeoXConfig) -> None:
+    """fp16 needs a GPU (DeepSpeed refuses it on CPU): train in fp32 there, and say so."""
+    if config.precision.fp16 and not torch.cuda.is_available():
+        warnings.warn("fp16 needs a GPU and DeepSpeed refuses it on CPU: training in fp32 here "
+                      "(--set bf16=true for bf16, ~6x slower on CPU)", stacklevel=2)  # fmt: skip
+        config.precision.fp16 = False
+
+
+def deepspeed_config(config: NeoXConfig, world_size: int) -> dict:
+    """The DeepSpeed JSON, generated from the dataclasses (never kept by hand beside them)."""
+    t, p, pr = config.training, config.parallel, config.precision
+    out = {
+        "train_batch_size": config.global_batch(world_size),
+        "train_micro_batch_size_per_gpu": t.train_micro_batch_size_per_gpu,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "gradient_clipping": config.optimizer.gradient_clipping,
+        "zero_optimization": {"stage": p.zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: no JIT-compiled FusedAdam
+        "steps_per_print": 2**31 - 1,  # we log
+        "wall_clock_breakdown": False,
+    }
+    if pr.fp16:
+        out["fp16"] = {"enabled": True, "loss_scale": pr.loss_scale, "initial_scale_power": pr.initial_scale_power,
+                       "loss_scale_window": pr.loss_scale_window, "hysteresis": pr.hysteresis,
+                       "min_loss_scale": pr.min_loss_scale}  # fmt: skip
+    if pr.bf16:
+        out["bf16"] = {"enabled": True}
+    return out
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the weight matrices and embeddings; none on biases and LayerNorms (as gpt-neox)."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            (no_decay if isinstance(module, nn.LayerNorm) or name == "bias" else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: nn.Module, config: NeoXConfig) -> torch.optim.Optimizer:
+    o = config.optimizer
+    fused = torch.cuda.is_available() and not config.precision.fp16  # DeepSpeed's fp16 wrapper keeps fp32 masters
+    return torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                             fused=fused or None)  # fmt: skip
+
+
+def learning_rate(config: NeoXConfig, step: int) -> float:
+    """The rate of optimizer step `step` (0-based): linear warmup, then cosine (or linear) decay to min_lr."""
+    o = config.optimizer
+    warmup = int(o.warmup * o.lr_decay_iters)
+    if step < warmup:
+        return o.lr * (step + 1) / warmup
+    if o.lr_decay_style == "constant":
+        return o.lr
+    done = min(1.0, (step - warmup) / max(1, o.lr_decay_iters - warmup))
+    shape = 0.5 * (1 + math.cos(math.pi * done)) if o.lr_decay_style == "cosine" else 1 - done
+    return o.min_lr + (o.lr - o.min_lr) * shape
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: NeoXConfig):
+    base = config.optimizer.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(config, step) / base)

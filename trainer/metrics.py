@@ -1,0 +1,122 @@
+"""What a run reports: metrics.jsonl (one JSON object per step and per evaluation), TensorBoard event files, a
+line per log_interval, and the loss-curve PNG drawn from metrics.jsonl. Rank 0 writes; the others stay quiet.
+
+metrics.jsonl lines: {"kind": "train", "step", "loss", "lr", "loss_scale", "grad_norm", "tokens_per_s",
+"tflops_per_gpu", "mfu", "consumed_samples", "elapsed_s"} and {"kind": "valid" | "test", "step", "loss", "ppl",
+"components": {shard: loss}}. On resume the lines past the checkpoint's step are dropped (atomically).
+"""
+
+import json
+from pathlib import Path
+
+import click
+
+from pile_tools.atomic import write_text
+
+# Dense bf16/fp16 tensor-core peak, FLOP/s, by device name (for MFU).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "A10": 125e12,
+              "L40": 181e12, "V100": 125e12, "B200": 2250e12, "GH200": 989e12}  # fmt: skip
+
+
+def peak_flops(device_name: str) -> float | None:
+    matches = [k for k in PEAK_FLOPS if k in device_name]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+class Metrics:
+    def __init__(self, directory: Path | None, log_interval: int, total_steps: int, start_step: int, rank: int):
+        self.rank, self.log_interval = rank, log_interval
+        self.file = self.writer = self.bar = None
+        if rank != 0:
+            return
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            truncate_after(directory / "metrics.jsonl", start_step)
+            self.file = open(directory / "metrics.jsonl", "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+        if click.get_text_stream("stderr").isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def record(self, entry: dict) -> None:
+        if self.rank != 0:
+            return
+        if self.file:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        if self.writer:
+            prefix = entry["kind"]
+            for key, value in entry.items():
+                if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, entry["step"])
+        if entry["kind"] == "train":
+            if self.bar:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{entry['loss']:.4f}")
+            if entry["step"] % self.log_interval == 0:
+                self.echo(describe(entry))
+        else:
+            self.echo(f"{entry['kind']:5} step {entry['step']:>7}  loss {entry['loss']:.4f}  ppl {entry['ppl']:.2f}")
+
+    def echo(self, line: str) -> None:
+        if self.rank == 0:
+            (self.bar.write if self.bar else click.echo)(line)
+
+    def close(self) -> None:
+        for thing in (self.bar, self.file, self.writer):
+            if thing is not None:
+                thing.close()
+
+
+def describe(e: dict) -> str:
+    line = (f"step {e['step']:>7}  loss {e['loss']:.4f}  lr {e['lr']:.3e}  scale {e['loss_scale']:g}  "
+            f"grad norm {e['grad_norm'] if e['grad_norm'] is not None else float('nan'):.3f}  "
+            f"{e['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+    if e.get("tflops_per_gpu") is not None:
+        line += f"  {e['tflops_per_gpu']:.1f} TFLOPS/GPU"
+    if e.get("mfu") is not None:
+        line += f"  MFU {e['mfu']:.1%}"
+    return line
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+
+
+def plot_losses(metrics_path: Path, png: Path) -> Path:
+    """Training loss (and validation loss, if any) against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, style in (("train", "-"), ("valid", "o-")):
+        points = [(r["step"], r["loss"]) for r in rows if r["kind"] == kind]
+        if points:
+            ax.plot(*zip(*points), style, label=kind, markersize=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(png)
+    return png

@@ -1,0 +1,211 @@
+"""neox-data train: the GPT-NeoX model on DeepSpeed, from shards to checkpoints, resumable to the sample.
+
+One process (`neox-data train`, the CPU default) or many under the `deepspeed` launcher (data parallelism; each
+rank reads its own slice of every global batch). Every check of the config and the data runs before the process
+group, the model or any index is built, so a bad config costs nothing.
+"""
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from trainer.batches import build_datasets, micro_batch, resolve_sources, sample_positions
+from trainer.checkpoint import load_training_checkpoint, save_training_checkpoint
+from trainer.config import ConfigError, NeoXConfig
+from trainer.engine import check_precision, deepspeed_config, init_distributed, make_optimizer, make_scheduler
+from trainer.metrics import Metrics, peak_flops, plot_losses
+from trainer.model import GPTNeoX
+from trainer.plan import step_flops
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32; (batch, seq) per token when reduction is 'none'."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+    return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+def shards_manifest(data_dir: Path | None) -> dict:
+    path = data_dir / "manifest.json" if data_dir else None
+    return json.loads(path.read_text()) if path and path.is_file() else {}
+
+
+def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | None]:
+    """Every check that needs no process group: sources, vocabulary, layout, batch. Returns (sources, tokenizer)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    config.global_batch(world)  # DP, and train_batch_size against micro x accumulation x DP
+    p = config.parallel
+    if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
+        raise ConfigError("model_parallel_size / pipe_parallel_size > 1: train runs data parallelism only so far "
+                          "(tensor and pipeline parallelism are the next step)")  # fmt: skip
+    if load is not None and not (Path(load) / "latest").is_file():
+        raise ConfigError(f"--load: {load} holds no 'latest' checkpoint")
+    data_dir = Path(data_dir) if data_dir else None
+    if data_dir is None and isinstance(config.data.get("data_path"), str) and Path(config.data["data_path"]).is_dir():
+        data_dir = Path(config.data["data_path"])
+    sources = resolve_sources(data_dir, config.data)
+    tokenizer = config.data.get("tokenizer") or config.data.get("vocab_file")
+    shards = shards_manifest(data_dir).get("tokenizer", {})
+    if shards.get("vocab_size", 0) > config.model.vocab_size:
+        raise ConfigError(f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model "
+                          f"{config.model.vocab_size:,}")  # fmt: skip
+    if tokenizer is None and shards.get("path") and Path(shards["path"]).is_file():
+        tokenizer = shards["path"]
+    if save is None:
+        warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
+    return sources, tokenizer
+
+
+class Trainer:
+    """The engine, the data and the position: `run()` trains from the position to train_iters."""
+
+    def __init__(self, config: NeoXConfig, sources: dict, save, load, tokenizer):
+        self.config, self.save, self.tokenizer = config, Path(save) if save else None, tokenizer
+        deepspeed = init_distributed()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+        self.dp, self.global_batch = config.data_parallel_size(self.world), config.global_batch(self.world)
+        self.data = self.build_data(sources)
+        torch.manual_seed(config.training.seed)
+        model = GPTNeoX(config.model)
+        optimizer = make_optimizer(model, config)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    lr_scheduler=make_scheduler(optimizer, config),
+                                                    config=deepspeed_config(config, self.world))  # fmt: skip
+        p = config.precision
+        self.plain_fp32 = config.parallel.zero_stage == 0 and not (p.fp16 or p.bf16)
+        self.step = 0
+        if load is not None:
+            self.step = load_training_checkpoint(self.engine, Path(load))["iteration"]
+        metrics_dir = Path(config.data.get("log_dir") or save) if (config.data.get("log_dir") or save) else None
+        self.metrics = Metrics(metrics_dir, config.training.log_interval, config.training.train_iters, self.step,
+                               self.rank)  # fmt: skip
+        self.metrics_dir = metrics_dir
+        name = torch.cuda.get_device_name() if self.device is not None else ""
+        self.peak = peak_flops(name) if (config.precision.fp16 or config.precision.bf16) else None
+
+    def build_data(self, sources: dict) -> dict:
+        """Rank 0 builds (and caches) the sample indices first; the others then read them."""
+        if self.rank != 0:
+            dist.barrier()
+        data = build_datasets(self.config, sources, self.global_batch)
+        if self.rank == 0:
+            dist.barrier()
+        return data
+
+    def batch(self, split: str, step: int, micro_step: int) -> torch.Tensor:
+        t = self.config.training
+        ids = micro_batch(self.data[split], step, micro_step, t.train_micro_batch_size_per_gpu, self.dp,
+                          self.rank, self.global_batch)  # fmt: skip
+        return ids.to(self.device, non_blocking=True) if self.device is not None else ids
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over the global batch: (loss averaged over it on all ranks, lr, gradient norm)."""
+        steps = self.config.training.gradient_accumulation_steps
+        lr, norm, losses = self.engine.get_lr()[0], None, []
+        for m in range(steps):
+            ids = self.batch("train", self.step, m)
+            loss = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:])
+            self.engine.backward(loss)
+            if m == steps - 1 and self.plain_fp32:
+                # DeepSpeed's fp32 path without ZeRO clips without keeping the norm: take it from the reduced grads
+                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads).item()
+            self.engine.step()
+            losses.append(loss.detach())
+        loss = torch.stack(losses).mean()
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss /= self.world
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
+        return loss.item(), lr, float(norm) if norm is not None else None
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> dict | None:
+        """Loss and perplexity over the split's fixed eval_iters global batches, and the loss per component."""
+        dataset = self.data[split]
+        if dataset is None:
+            return None
+        t = self.config.training
+        self.engine.eval()
+        sums = torch.zeros(len(dataset.sources), dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        for it in range(t.eval_iters):
+            for m in range(t.gradient_accumulation_steps):
+                ids = self.batch(split, it, m)
+                per_sample = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:], reduction="none").mean(1).double().cpu()
+                where = sample_positions(it, m, t.train_micro_batch_size_per_gpu, self.dp, self.rank,
+                                         self.global_batch, len(dataset))  # fmt: skip
+                source = torch.from_numpy(dataset.source[where].astype("int64"))
+                sums.index_add_(0, source, per_sample)
+                counts.index_add_(0, source, torch.ones_like(per_sample))
+        self.engine.train()
+        if self.world > 1:
+            for x in (sums, counts):
+                dist.all_reduce(x)
+        loss = (sums.sum() / counts.sum()).item()
+        components = {n: (s / c).item() for n, s, c in zip(dataset.names, sums, counts) if c > 0}
+        return {"kind": split, "step": self.step, "loss": loss, "ppl": float(torch.exp(torch.tensor(loss))),
+                "components": components}  # fmt: skip
+
+    def train_entry(self, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict:
+        t = self.config.training
+        model_flops, hardware_flops = step_flops(self.config, self.global_batch)
+        tflops = hardware_flops / seconds / self.world / 1e12
+        return {
+            "kind": "train", "step": self.step, "loss": loss, "lr": lr,
+            "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)), "grad_norm": grad_norm,
+            "tokens_per_s": self.global_batch * t.seq_length / seconds,
+            "tflops_per_gpu": tflops if self.device is not None else None,
+            "mfu": model_flops / seconds / self.world / self.peak if self.peak else None,
+            "consumed_samples": self.step * self.global_batch, "elapsed_s": seconds,
+        }  # fmt: skip
+
+    def checkpoint(self) -> None:
+        if self.save is not None:
+            state = {"iteration": self.step, "consumed_samples": self.step * self.global_batch}
+            save_training_checkpoint(self.engine, self.config, self.save, self.step, state, self.tokenizer)
+
+    def run(self) -> dict:
+        t = self.config.training
+        results = {"start_step": self.step}
+        if self.step == 0 and t.eval_interval:
+            results["first_valid"] = self.record(self.evaluate("valid"))
+        while self.step < t.train_iters:
+            start = time.perf_counter()
+            loss, lr, grad_norm = self.train_step()
+            self.step += 1
+            self.metrics.record(self.train_entry(loss, lr, grad_norm, time.perf_counter() - start))
+            results["train_loss"] = loss
+            stop = bool(t.exit_interval) and self.step % t.exit_interval == 0
+            if t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop:
+                self.checkpoint()
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_iters):
+                results["valid"] = self.record(self.evaluate("valid"))
+            if stop:
+                break
+        if self.step == t.train_iters:
+            results["test"] = self.record(self.evaluate("test"))
+        results["step"] = self.step
+        self.metrics.close()
+        if self.rank == 0 and self.metrics_dir is not None and (self.metrics_dir / "metrics.jsonl").is_file():
+            results["plot"] = str(plot_losses(self.metrics_dir / "metrics.jsonl", self.metrics_dir / "loss.png"))
+        return results
+
+    def record(self, entry: dict | None) -> dict | None:
+        if entry is not None:
+            self.metrics.record(entry)
+        return entry
+
+
+def train(config: NeoXConfig, data_dir=None, save=None, load=None) -> dict:
+    """Check everything, then train from the loaded position (or step 0) to train_iters."""
+    check_precision(config)
+    sources, tokenizer = check_run(config, data_dir, save, load)
+    return Trainer(config, sources, save, load, tokenizer).run()

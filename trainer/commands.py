@@ -71,7 +71,9 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="A build-shards output directory (default: the config's data keys).")  # fmt: skip
 @click.option("--save", default=None, type=click.Path(file_okay=False), help="Checkpoints and metrics go here.")
-@click.option("--load", default=None, type=click.Path(file_okay=False), help="Resume from this run's latest checkpoint.")
+@click.option(
+    "--load", default=None, type=click.Path(file_okay=False), help="Resume from this run's latest checkpoint."
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 def train(config_path, data_dir, save, load, overrides):
     """Train a GPT-NeoX model with DeepSpeed; one process, or many under the `deepspeed` launcher.

@@ -78,6 +78,7 @@ class TrainingConfig:
     seed: int = 1234
     train_batch_size: int | None = None  # optional: when given, must equal micro x accumulation x DP
     exit_interval: int | None = None  # save and stop once the step is a multiple of this (gpt-neox, Megatron)
+    compile: bool = False  # torch.compile each block (ours; fuses LayerNorm, GELU, rotary and the residual adds)
 
 
 @dataclass

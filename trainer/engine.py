@@ -47,6 +47,12 @@ def check_precision(config: NeoXConfig) -> None:
         config.precision.fp16 = False
 
 
+def plain_fp32(config: NeoXConfig) -> bool:
+    """fp32 without ZeRO: DeepSpeed steps the torch optimizer directly, and the trainer clips (keeping the norm,
+    which DeepSpeed's fp32 path computes and drops)."""
+    return config.parallel.zero_stage == 0 and not (config.precision.fp16 or config.precision.bf16)
+
+
 def deepspeed_config(config: NeoXConfig, world_size: int) -> dict:
     """The DeepSpeed JSON, generated from the dataclasses (never kept by hand beside them)."""
     t, p, pr = config.training, config.parallel, config.precision
@@ -54,7 +60,7 @@ def deepspeed_config(config: NeoXConfig, world_size: int) -> dict:
         "train_batch_size": config.global_batch(world_size),
         "train_micro_batch_size_per_gpu": t.train_micro_batch_size_per_gpu,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "gradient_clipping": config.optimizer.gradient_clipping,
+        "gradient_clipping": 0.0 if plain_fp32(config) else config.optimizer.gradient_clipping,
         "zero_optimization": {"stage": p.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch's AdamW: no JIT-compiled FusedAdam
         "steps_per_print": 2**31 - 1,  # we log

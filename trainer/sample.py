@@ -1,7 +1,5 @@
 """generate's glue: load a checkpoint and its tokenizer, encode the prompt, sample, decode."""
 
-from pathlib import Path
-
 import torch
 
 from pile_tools.reader import InputError

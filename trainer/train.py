@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from trainer.batches import build_datasets, micro_batch, resolve_sources, sample_positions
 from trainer.checkpoint import load_training_checkpoint, save_training_checkpoint
 from trainer.config import ConfigError, NeoXConfig
-from trainer.engine import check_precision, deepspeed_config, init_distributed, make_optimizer, make_scheduler
+from trainer.engine import (
+    check_precision,
+    deepspeed_config,
+    init_distributed,
+    make_optimizer,
+    make_scheduler,
+    plain_fp32,
+)
 from trainer.metrics import Metrics, peak_flops, plot_losses
 from trainer.model import GPTNeoX
 from trainer.plan import step_flops
@@ -73,12 +80,16 @@ class Trainer:
         self.data = self.build_data(sources)
         torch.manual_seed(config.training.seed)
         model = GPTNeoX(config.model)
+        if config.training.compile:
+            for block in model.gpt_neox.layers:  # regional: one graph, compiled once, reused by every block
+                block.compile()
         optimizer = make_optimizer(model, config)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                     lr_scheduler=make_scheduler(optimizer, config),
                                                     config=deepspeed_config(config, self.world))  # fmt: skip
-        p = config.precision
-        self.plain_fp32 = config.parallel.zero_stage == 0 and not (p.fp16 or p.bf16)
+        self.plain_fp32 = plain_fp32(config)
+        if self.plain_fp32 and self.world == 1:
+            self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
         self.step = 0
         if load is not None:
             self.step = load_training_checkpoint(self.engine, Path(load))["iteration"]
@@ -112,10 +123,9 @@ class Trainer:
             ids = self.batch("train", self.step, m)
             loss = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:])
             self.engine.backward(loss)
-            if m == steps - 1 and self.plain_fp32:
-                # DeepSpeed's fp32 path without ZeRO clips without keeping the norm: take it from the reduced grads
-                grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-                norm = torch.nn.utils.get_total_norm(grads).item()
+            if m == steps - 1 and self.plain_fp32:  # the reduced gradients, before the step (see plain_fp32)
+                clip = self.config.optimizer.gradient_clipping
+                norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip or float("inf")).item()
             self.engine.step()
             losses.append(loss.detach())
         loss = torch.stack(losses).mean()
@@ -208,4 +218,8 @@ def train(config: NeoXConfig, data_dir=None, save=None, load=None) -> dict:
     """Check everything, then train from the loaded position (or step 0) to train_iters."""
     check_precision(config)
     sources, tokenizer = check_run(config, data_dir, save, load)
-    return Trainer(config, sources, save, load, tokenizer).run()
+    try:
+        return Trainer(config, sources, save, load, tokenizer).run()
+    finally:
+        if dist.is_initialized():  # a gloo group left behind aborts the process at exit
+            dist.destroy_process_group()

@@ -6,6 +6,17 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test check clean
 
+# The exported model, loaded and sampled by transformers alone.
+define GENERATE
+import sys, torch
+from transformers import AutoTokenizer, GPTNeoXForCausalLM
+tok, model = AutoTokenizer.from_pretrained(sys.argv[1]), GPTNeoXForCausalLM.from_pretrained(sys.argv[1])
+ids = tok("The", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+print("transformers generates:", repr(tok.decode(out[0])))
+endef
+export GENERATE
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
@@ -24,6 +35,11 @@ demo: $(STAMP)
 	$(BIN)/neox-data build-shards pile_tools/sample --tokenizer gpt-neox-20b \
 		--output demo-output/shards --split 90,5,5 --weights pile
 	$(BIN)/neox-data inspect demo-output/shards --decode 1 --chars 120
+	rm -rf demo-output/run
+	$(BIN)/neox-data train --config configs/tiny.yml --data demo-output/shards --save demo-output/run
+	$(BIN)/neox-data export-hf demo-output/run --output demo-output/hf
+	$(BIN)/python -c "$$GENERATE" demo-output/hf
+	@echo "loss curve: demo-output/run/loss.png; metrics: demo-output/run/metrics.jsonl"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -7,7 +7,7 @@ mean ~1,500), written as a real .idx with a sparse .bin. Ours builds doc_idx, sa
 (trainer/data.py, cache off). The baseline is Megatron's build_sample_idx loop (one document step at a time),
 written in Python, timed on --baseline-samples samples and scaled linearly (its cost is linear in the samples);
 Megatron compiles that loop in C++, which is still ~270 s on its rank 0 for a large run (Megatron issue #795).
-Goal (issue 5): 10M samples in <= 10 s here.
+Goal (issue 5): 10M samples in <= 10 s here. Also timed: the blend of 10M samples across 22 sources.
 """
 
 import argparse
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pile_tools.indexed import write_index
-from trainer.data import GPTDataset
+from trainer.data import GPTDataset, blend_index
 
 
 def megatron_sample_idx(sizes, doc_idx, seq_length, num_samples):
@@ -73,6 +73,11 @@ def main():
         print(f"ours (numpy, doc_idx + sample_idx + shuffle_idx, saved):  {ours:8.1f} s   (goal <= 10 s)")
         print(f"Megatron's sample_idx loop in Python, scaled:            {loop:8.1f} s   ({loop / ours:.0f}x ours)")
         print(f"Megatron's sample boundaries are the tokens ours start at (first {args.baseline_samples:,}): {same}")
+    weights = rng.random(22)  # the Pile's 22 components
+    blend_index(weights, 1000)  # compile (cached on disk after the first run)
+    start = time.perf_counter()
+    blend_index(weights, args.samples)
+    print(f"blend of {args.samples:,} samples over 22 sources (numba):       {time.perf_counter() - start:8.1f} s")
 
 
 if __name__ == "__main__":

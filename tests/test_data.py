@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pile_tools.indexed import ShardWriter
-from trainer.data import GPTDataset
+from trainer.batches import Source, megatron_split, split_dataset
+from trainer.data import GPTDataset, blend_index
 
 
 def make_shard(path, sizes, seed=0):
@@ -52,3 +53,49 @@ def test_index_is_cached_and_keyed(tmp_path, monkeypatch):
     monkeypatch.undo()
     GPTDataset(tmp_path / "s", 20, 8, seed=2)
     assert len(list((tmp_path / "index-cache").glob("*.npy"))) == 6
+
+
+def simple_blend(weights, size):
+    """The blend rule in plain Python: each sample to the source due soonest among those behind their share."""
+    total = sum(weights)
+    weights = [w / total for w in weights]
+    counts, order = [0] * len(weights), []
+    for i in range(size):
+        behind = [d for d in range(len(weights)) if weights[d] * (i + 1) > counts[d]]
+        d = min(behind, key=lambda d: ((counts[d] + 1) / weights[d], d))
+        order.append((d, counts[d]))
+        counts[d] += 1
+    return order
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [0.7, 0.2, 0.1], [5, 0, 1, 3, 0.25], list(range(1, 23))])
+def test_blend_shares_stay_within_one_sample_of_the_weights(weights):
+    size = 5000
+    source, within = blend_index(weights, size)
+    assert list(zip(source.tolist(), within.tolist())) == simple_blend(weights, size)
+    share = np.asarray(weights, float) / sum(weights)
+    seen = np.zeros(len(weights))
+    for i, d in enumerate(source):  # every prefix, not only the end
+        seen[d] += 1
+        assert np.abs(seen - share * (i + 1)).max() < 1.0, i
+
+
+def test_blended_samples_equal_the_simple_implementation(tmp_path):
+    docs = {name: make_shard(tmp_path / name, sizes, seed=k) for k, (name, sizes) in
+            enumerate({"a": [5, 40, 3, 16], "b": [90, 1, 33], "c": [7, 7, 7, 7, 7, 7]}.items())}  # fmt: skip
+    sources = [Source(tmp_path / name, w) for name, w in zip(docs, (0.5, 0.3, 0.2))]
+    dataset = split_dataset(sources, 200, 9, seed=5)
+    order = simple_blend([0.5, 0.3, 0.2], 200)
+    expected = {name: simple_samples(docs[name], sum(d == k for d, _ in order), 9, seed=5) for k, name in
+                enumerate(docs)}  # fmt: skip
+    for i, (d, j) in enumerate(order):
+        got = dataset[i]
+        assert len(got) == 10, "no sample reads past its shard's end"
+        assert np.array_equal(got, expected[list(docs)[d]][j]), i
+
+
+def test_megatron_split_of_one_shard():
+    assert megatron_split("969,30,1", 1000) == [range(0, 969), range(969, 999), range(999, 1000)]
+    assert megatron_split("8,1,1", 7) == [range(0, 5), range(5, 6), range(6, 7)]  # Megatron: rounded, then shifted
+    ranges = megatron_split("1,1,1", 10)
+    assert ranges[0].start == 0 and ranges[-1].stop == 10 and sum(map(len, ranges)) == 10

@@ -183,6 +183,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
+def prune_checkpoints(save: Path, keep: int) -> None:
+    """Delete all but the `keep` newest global_step<N> checkpoints (the latest is always among them)."""
+    tags = sorted((p for p in save.glob("global_step*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer) -> Path:
     """A DeepSpeed checkpoint of step `step`, with the data position and RNG states, the parsed config and the
     tokenizer; `latest` names it only once every rank has written every file, so a save cut short (even by
@@ -203,6 +210,8 @@ def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, 
     dist.barrier()
     if rank == 0:
         write_text(save / "latest", tag)
+        if config.training.keep_last_n_checkpoints:
+            prune_checkpoints(save, config.training.keep_last_n_checkpoints)
     dist.barrier()
     return where
 

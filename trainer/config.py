@@ -78,6 +78,7 @@ class TrainingConfig:
     seed: int = 1234
     train_batch_size: int | None = None  # optional: when given, must equal micro x accumulation x DP
     exit_interval: int | None = None  # save and stop once the step is a multiple of this (gpt-neox, Megatron)
+    keep_last_n_checkpoints: int | None = None  # older complete checkpoints are deleted (None: keep all)
     compile: bool = False  # torch.compile each block (ours; fuses LayerNorm, GELU, rotary and the residual adds)
 
 
@@ -133,7 +134,7 @@ NO_EFFECT = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partit
              "wall_clock_breakdown", "wandb_group", "wandb_project", "use_wandb", "distributed_backend",
              "checkpoint_num_layers", "contiguous_checkpointing", "attention_softmax_in_fp32",
              "apply_query_key_layer_scaling", "zero_allow_untested_optimizer",
-             "keep_last_n_checkpoints", "eval_tasks"}  # fmt: skip
+             "eval_tasks"}  # fmt: skip
 # Keys whose only supported value is the one GPT-NeoX uses.
 FIXED = {"pos_emb": "rotary", "norm": "layernorm", "no_weight_tying": True, "activation": "gelu"}
 

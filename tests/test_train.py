@@ -1,0 +1,160 @@
+"""neox-data train on CPU: exact resume, a save killed midway, 2-process data parallelism, export of a training
+checkpoint, and bad configs that fail before any work."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SAMPLE
+
+ROOT = Path(__file__).parent.parent
+# A tiny model on short sequences: seconds per run, still every code path of the trainer.
+SMALL = ["--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4", "--set", "train_iters=6",
+         "--set", "eval_interval=3", "--set", "eval_iters=2", "--set", "save_interval=2", "--set", "log_interval=1",
+         "--set", "warmup=0.5"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from helpers import Cli
+
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    Cli().ok("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--split", "80,10,10",
+             "--workers", 1)  # fmt: skip
+    return out
+
+
+def train(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cli", "train", "--config", str(ROOT / "configs" / "tiny.yml"), *map(str, args)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+def weights(run: Path, tag: str) -> dict:
+    return torch.load(run / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory) -> Path:
+    """6 steps in one go: the reference run."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train("--data", shards, "--save", run, *SMALL)
+    return run
+
+
+def test_resume_gives_the_same_losses_and_weights(shards, straight, tmp_path):
+    run = tmp_path / "run"
+    train("--data", shards, "--save", run, *SMALL, "--set", "exit_interval=3")
+    assert (run / "latest").read_text() == "global_step3" and len(losses(run)) == 3
+    train("--data", shards, "--save", run, "--load", run, *SMALL)
+    assert losses(run) == losses(straight)  # bitwise, every step
+    a, b = weights(run, "global_step6"), weights(straight, "global_step6")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    state = torch.load(run / "global_step6" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["consumed_samples"] == 6 * 4 and state["iteration"] == 6
+    assert sorted(p.name for p in run.glob("global_step*")) == ["global_step4", "global_step6"]  # keep_last_n: 2
+    assert (run / "loss.png").stat().st_size > 0 and (run / "global_step6" / "tokenizer" / "tokenizer.json").is_file()
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if "global_step4" in str(f) and "model_states" in str(f):  # half the file, then SIGKILL
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, straight, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", KILL_DURING_SAVE, "train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards,
+           "--save", run, *SMALL]  # fmt: skip
+    killed = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert (run / "global_step4").is_dir()  # the cut-short save is there...
+    assert (run / "latest").read_text() == "global_step2"  # ...but not the latest
+    train("--data", shards, "--save", run, "--load", run, *SMALL)
+    assert losses(run) == losses(straight)
+    assert (run / "latest").read_text() == "global_step6"
+
+
+def test_two_processes_match_one_with_the_same_global_batch(shards, straight, tmp_path):
+    run = tmp_path / "run"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [launcher, "--num_gpus", 2, "--no_local_rank", "--master_port", 29511, Path(sys.executable).parent /
+           "neox-data", "train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
+           "--set", "train_micro_batch_size_per_gpu=2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = losses(straight), losses(run)
+    assert [s for s, _ in one] == [s for s, _ in two]
+    assert all(abs(a - b) <= 1e-5 * abs(a) for (_, a), (_, b) in zip(one, two)), (one, two)
+
+
+def test_export_of_a_training_run_loads_in_transformers(straight, tmp_path, run):
+    from transformers import GPTNeoXForCausalLM
+
+    from trainer.checkpoint import load_checkpoint
+
+    run.ok("export-hf", straight, "--output", tmp_path / "hf")
+    ours, _ = load_checkpoint(straight)
+    hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 50000, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.eval()(ids), rtol=1e-5, atol=1e-5)
+    generated = json.loads(run.ok("generate", straight, "--prompt", "The", "--greedy", "--json").output)
+    assert len(generated["generated_ids"]) > 0
+
+
+def test_validation_loss_falls_and_is_reported_per_component(straight):
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in rows if r["kind"] == "valid"]
+    assert [r["step"] for r in valid] == [0, 3, 6]
+    assert valid[-1]["loss"] < valid[0]["loss"]
+    assert len(valid[0]["components"]) >= 2 and all(v > 0 for v in valid[0]["components"].values())
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert all(r["grad_norm"] > 0 and r["lr"] > 0 and r["tokens_per_s"] > 0 for r in train_rows)
+    assert train_rows[0]["lr"] < train_rows[1]["lr"]  # warmup, then decay
+    assert [r for r in rows if r["kind"] == "test"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "optimizer={type: Lion, params: {lr: 0.001}}"], "optimizer.type: 'Lion'"),
+        (["--set", "train_batch_size=12"], "train_batch_size 12 != train_micro_batch_size_per_gpu"),
+        (["--set", "model_parallel_size=3"], "model_parallel_size 3 does not divide num_attention_heads"),
+        (["--data", "/nonexistent/shards"], "--data: /nonexistent/shards is not a directory"),
+        ([], "no training data"),
+        (["--set", "lr_decay_style=exponential"], "lr_decay_style"),
+    ],
+)
+def test_bad_config_fails_before_any_work(tmp_path, args, message, shards):
+    data = [] if "--data" in args or not args else ["--data", shards]
+    result = train(*data, *args, "--save", tmp_path / "run", check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_fp16_on_cpu_says_so_and_trains_in_fp32(shards, tmp_path):
+    result = train("--data", shards, "--save", tmp_path / "run", *SMALL, "--set", "fp16=true", "--set", "train_iters=1")
+    assert "fp16 needs a GPU" in result.stderr and "training in fp32" in result.stderr
+    assert losses(tmp_path / "run")[0][0] == 1

@@ -39,10 +39,11 @@ demo: $(STAMP)
 	$(BIN)/neox-data train --config configs/tiny.yml --data demo-output/shards --save demo-output/run
 	$(BIN)/neox-data export-hf demo-output/run --output demo-output/hf
 	$(BIN)/python -c "$$GENERATE" demo-output/hf
+	$(BIN)/neox-data evaluate demo-output/run --output demo-output/eval.json
 	@echo "loss curve: demo-output/run/loss.png; metrics: demo-output/run/metrics.jsonl"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests  # also executes notebooks/
 
 check: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

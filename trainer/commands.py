@@ -95,3 +95,28 @@ def train(config_path, data_dir, save, load, overrides):
             line += f", valid loss {first['loss']:.4f} -> " if first else ", valid loss "
             line += f"{valid['loss']:.4f}"
         click.echo(line + (f"; checkpoints in {save}" if save else ""))
+
+
+@click.command("evaluate")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--tasks",
+    default="neox_books_wordperplexity,neox_books_lastword",
+    show_default=True,
+    help="Comma-separated lm-eval tasks (the harness's, e.g. lambada_openai,piqa,hellaswag, need the hub).",
+)
+@click.option("--num-fewshot", type=int, default=None, help="Examples in each prompt (default: the task's own).")
+@click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write the harness's results JSON.")
+@click.option("--limit", type=float, default=None, help="At most this many documents per task (a test run).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+def evaluate(model, tasks, num_fewshot, output, limit, batch_size):
+    """Run the LM Evaluation Harness on an HF directory or a checkpoint (a training run's directory too)."""
+    from trainer.evaluate import evaluate as run
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    summary = run_reporting_errors(run, model, names, num_fewshot=num_fewshot, output=output, limit=limit,
+                                   batch_size=batch_size)  # fmt: skip
+    for task, metrics in summary.items():
+        click.echo(f"{task:<28} " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
+    if output:
+        click.echo(f"results in {output}")

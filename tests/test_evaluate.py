@@ -38,7 +38,7 @@ def test_a_briefly_trained_model_has_lower_word_perplexity(tmp_path, run):
     genesis = read_jsonl_zst(SAMPLE / "Gutenberg_PG_19.jsonl.zst")[0]["text"]  # English prose, not the held-out book
     ids = torch.tensor(Tokenizer.from_file(str(NEOX)).encode(genesis[:200_000]).ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for _ in range(60):
         batch = torch.stack([ids[i : i + 65] for i in torch.randint(0, len(ids) - 65, (16,)).tolist()])
         logits = model(batch[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())

@@ -154,7 +154,9 @@ def test_bad_config_fails_before_any_work(tmp_path, args, message, shards):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-def test_fp16_on_cpu_says_so_and_trains_in_fp32(shards, tmp_path):
-    result = train("--data", shards, "--save", tmp_path / "run", *SMALL, "--set", "fp16=true", "--set", "train_iters=1")
+def test_fp16_on_cpu_and_a_load_without_checkpoint_say_so_and_train(shards, tmp_path):
+    result = train("--data", shards, "--save", tmp_path / "run", "--load", tmp_path / "run", *SMALL,
+                   "--set", "fp16=true", "--set", "train_iters=1")  # fmt: skip
     assert "fp16 needs a GPU" in result.stderr and "training in fp32" in result.stderr
+    assert "no checkpoint in" in result.stderr and "starting from step 0" in result.stderr
     assert losses(tmp_path / "run")[0][0] == 1

@@ -43,15 +43,18 @@ def shards_manifest(data_dir: Path | None) -> dict:
 
 
 def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | None]:
-    """Every check that needs no process group: sources, vocabulary, layout, batch. Returns (sources, tokenizer)."""
+    """Every check that needs no process group: sources, vocabulary, layout, batch, --load.
+
+    Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     config.global_batch(world)  # DP, and train_batch_size against micro x accumulation x DP
     p = config.parallel
     if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
         raise ConfigError("model_parallel_size / pipe_parallel_size > 1: train runs data parallelism only so far "
                           "(tensor and pipeline parallelism are the next step)")  # fmt: skip
-    if load is not None and not (Path(load) / "latest").is_file():
-        raise ConfigError(f"--load: {load} holds no 'latest' checkpoint")
+    if load is not None and not (Path(load) / "latest").is_file():  # as Megatron and gpt-neox: start afresh
+        warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
+        load = None
     data_dir = Path(data_dir) if data_dir else None
     if data_dir is None and isinstance(config.data.get("data_path"), str) and Path(config.data["data_path"]).is_dir():
         data_dir = Path(config.data["data_path"])
@@ -65,7 +68,7 @@ def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | Non
         tokenizer = shards["path"]
     if save is None:
         warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
-    return sources, tokenizer
+    return sources, tokenizer, load
 
 
 class Trainer:
@@ -217,7 +220,7 @@ class Trainer:
 def train(config: NeoXConfig, data_dir=None, save=None, load=None) -> dict:
     """Check everything, then train from the loaded position (or step 0) to train_iters."""
     check_precision(config)
-    sources, tokenizer = check_run(config, data_dir, save, load)
+    sources, tokenizer, load = check_run(config, data_dir, save, load)
     try:
         return Trainer(config, sources, save, load, tokenizer).run()
     finally:

@@ -84,11 +84,15 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as scratch:
         hf = hf_directory(model, Path(scratch))
-        results = lm_eval.simple_evaluate(
-            model="hf", model_args={"pretrained": str(hf), "dtype": "float32" if device == "cpu" else "bfloat16"},
-            tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
-            task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR",
-        )  # fmt: skip
+        try:
+            results = lm_eval.simple_evaluate(
+                model="hf", model_args={"pretrained": str(hf), "dtype": "float32" if device == "cpu" else "bfloat16"},
+                tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
+                task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR",
+            )  # fmt: skip
+        except ConnectionError as e:
+            raise InputError(f"{e}: the harness's tasks download their data from the Hugging Face Hub; "
+                             f"the local ones ({', '.join(LOCAL_TASKS)}) need no network") from None  # fmt: skip
     summary = {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
                for task, metrics in results["results"].items()}  # fmt: skip
     if output is not None:

@@ -9,6 +9,7 @@ bundled training sample (Jane Austen's Persuasion, public domain; trainer/eval_t
 """
 
 import json
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -82,6 +83,8 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None
     if unknown:
         raise InputError(f"unknown task(s): {', '.join(unknown)} (local ones: {', '.join(LOCAL_TASKS)})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # per-request notices (e.g. each context cut to the model's length) drown the results on short-context models
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as scratch:
         hf = hf_directory(model, Path(scratch))
         try:

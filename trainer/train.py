@@ -222,7 +222,9 @@ def train(config: NeoXConfig, data_dir=None, save=None, load=None) -> dict:
     check_precision(config)
     sources, tokenizer, load = check_run(config, data_dir, save, load)
     try:
-        return Trainer(config, sources, save, load, tokenizer).run()
+        results = Trainer(config, sources, save, load, tokenizer).run()
+        dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
+        return results
     finally:
-        if dist.is_initialized():  # a gloo group left behind aborts the process at exit
+        if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""Tensor parallelism on CPU with gloo: a TP2 model's loss and gradients equal the single-process model's."""
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from trainer.model import GPTNeoX, ModelConfig
+from trainer.parallel import apply_tensor_parallel, partition_dim, vocab_parallel_cross_entropy
+
+
+def config(parallel: bool, tp: int) -> ModelConfig:
+    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500, gpt_j_residual=parallel,
+                       model_parallel_size=tp, make_vocab_size_divisible_by=8)  # fmt: skip
+
+
+def reference(parallel: bool, tp: int, ids):
+    torch.manual_seed(0)
+    model = GPTNeoX(config(parallel, tp)).double()
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in model.named_parameters()}
+
+
+def worker(rank, world, port, parallel, ids, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = GPTNeoX(config(parallel, world)).double()
+    apply_tensor_parallel(model, dist.group.WORLD, rank, world)
+    logits = model(ids[:, :-1])
+    start = rank * logits.shape[-1]
+    loss = vocab_parallel_cross_entropy(logits, ids[:, 1:], dist.group.WORLD, start).mean()
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        dim = partition_dim(name)
+        if dim is None:
+            grads[name] = p.grad
+        else:
+            pieces = [torch.empty_like(p.grad) for _ in range(world)]
+            dist.all_gather(pieces, p.grad.contiguous())
+            grads[name] = torch.cat(pieces, dim=dim)
+    if rank == 0:
+        out.put((loss.detach(), grads))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_tp2_loss_and_gradients_equal_one_process(parallel):
+    ids = torch.randint(0, 500, (3, 17), generator=torch.Generator().manual_seed(1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=worker, args=(r, 2, port, parallel, ids, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    loss, grads = out.get(timeout=120)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    want_loss, want_grads = reference(parallel, 2, ids)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=1e-12)
+    assert set(grads) == set(want_grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-9, atol=1e-12, msg=name)

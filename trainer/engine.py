@@ -86,7 +86,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, config: NeoXConfig) -> torch.optim.Optimizer:
     o = config.optimizer
-    fused = torch.cuda.is_available() and not config.precision.fp16  # DeepSpeed's fp16 wrapper keeps fp32 masters
+    # torch's fused AdamW (one kernel over all tensors, CPU and CUDA); fp16 keeps the path measured on a GPU
+    fused = not config.precision.fp16
     return torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
                              fused=fused or None)  # fmt: skip
 

@@ -1,7 +1,5 @@
 """Tensor parallelism on CPU with gloo: a TP2 model's loss and gradients equal the single-process model's."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -26,8 +24,8 @@ def reference(parallel: bool, tp: int, ids):
     return loss.detach(), {k: p.grad for k, p in model.named_parameters()}
 
 
-def worker(rank, world, port, parallel, ids, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def worker(rank, world, store, parallel, ids, out):
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = GPTNeoX(config(parallel, world)).double()
     apply_tensor_parallel(model, dist.group.WORLD, rank, world)
@@ -51,14 +49,12 @@ def worker(rank, world, port, parallel, ids, out):
 
 
 @pytest.mark.parametrize("parallel", [True, False])
-def test_tp2_loss_and_gradients_equal_one_process(parallel):
+def test_tp2_loss_and_gradients_equal_one_process(parallel, tmp_path):
     ids = torch.randint(0, 500, (3, 17), generator=torch.Generator().manual_seed(1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    store = tmp_path / "store"  # a file store: no port to collide with
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=worker, args=(r, 2, port, parallel, ids, out)) for r in range(2)]
+    procs = [ctx.Process(target=worker, args=(r, 2, store, parallel, ids, out)) for r in range(2)]
     for p in procs:
         p.start()
     loss, grads = out.get(timeout=120)
@@ -70,3 +66,15 @@ def test_tp2_loss_and_gradients_equal_one_process(parallel):
     assert set(grads) == set(want_grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_dry_run_lays_out_the_20b_run_without_building_the_model(run, monkeypatch):
+    monkeypatch.setattr(GPTNeoX, "__init__", lambda *a, **k: pytest.fail("the dry run built the model"))
+    out = run.ok("train", "--dry-run", "--config", "configs/20B.yml", "--world-size", 96).output
+    assert "96 ranks = PP 4 x DP 12 x TP 2" in out and "global batch 1,536" in out
+    stages = [line for line in out.splitlines() if line.startswith("stage")]
+    assert len(stages) == 4 and all("(11 blocks)" in s for s in stages)
+    assert "embed_in" in stages[0] and "embed_out" in stages[3]
+    assert "1=(0, 0, 1), 2=(0, 1, 0)" in out  # TP peers are neighbours, then data, then pipe
+    bad = run("train", "--dry-run", "--config", "configs/20B.yml", "--world-size", 100)
+    assert bad.exit_code == 1 and "not a multiple of model_parallel_size x pipe_parallel_size" in bad.output

@@ -75,7 +75,9 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
     "--load", default=None, type=click.Path(file_okay=False), help="Resume from this run's latest checkpoint."
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
-def train(config_path, data_dir, save, load, overrides):
+@click.option("--dry-run", is_flag=True, help="Print the parallel layout (stages, ranks, memory) and stop.")
+@click.option("--world-size", type=int, default=None, help="With --dry-run: the number of GPUs to lay out.")
+def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
     """Train a GPT-NeoX model with DeepSpeed; one process, or many under the `deepspeed` launcher.
 
     \b
@@ -86,6 +88,13 @@ def train(config_path, data_dir, save, load, overrides):
     from trainer.train import train as run
 
     config = run_reporting_errors(load_config, config_path, overrides)
+    if dry_run:  # no process group, no model: the 20B layout on 96 GPUs can be checked on a laptop
+        from trainer.layout import describe_layout
+
+        p = config.parallel
+        world = world_size or int(os.environ.get("WORLD_SIZE", p.model_parallel_size * p.pipe_parallel_size))
+        click.echo(run_reporting_errors(describe_layout, config, world))
+        return
     result = run_reporting_errors(run, config, data_dir, save, load)
     if int(os.environ.get("RANK", 0)) == 0:
         valid = result.get("valid") or {}

@@ -1,0 +1,85 @@
+"""The parallel layout of a run, computed without a process group or a model: `train --dry-run`.
+
+Ranks are laid out as DeepSpeed's PipeModelDataParallelTopology lays them out (axes pipe, data, model, the model
+axis fastest, as gpt-neox), so TP peers are neighbours on a node. The pipeline's layers are the model's own parts:
+    0 embed_in | 1 .. L blocks | L+1 final_layer_norm | L+2 embed_out
+cut into stages with DeepSpeed's own partitioner (`partition_balanced` over the blocks, PipelineModule's
+"type:Block"), so what is printed here is what the pipeline engine will build.
+"""
+
+import os
+from dataclasses import dataclass
+
+from trainer.config import NeoXConfig
+
+
+@dataclass
+class Stage:
+    first_layer: int
+    last_layer: int  # inclusive
+    blocks: list[int]
+    parameters_per_rank: int  # on each TP rank of the stage
+
+
+def layer_names(num_layers: int) -> list[str]:
+    return ["embed_in", *(f"block {i}" for i in range(num_layers)), "final_layer_norm", "embed_out"]
+
+
+def stage_bounds(num_layers: int, stages: int) -> list[int]:
+    """Layer index where each stage starts (and the end), balancing the blocks as PipelineModule does."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a dry run needs no accelerator: skip DeepSpeed's probe
+    from deepspeed.runtime.utils import partition_balanced
+
+    is_block = [0] + [1] * num_layers + [0, 0]
+    return [int(b) for b in partition_balanced(weights=is_block, num_parts=stages)]
+
+
+def layer_parameters(config: NeoXConfig, name: str) -> int:
+    """Parameters of one layer on one TP rank: split matrices divided by TP, LayerNorms and row biases whole."""
+    m, t = config.model, config.parallel.model_parallel_size
+    h, ffn, vocab = m.hidden_size, m.intermediate_size, m.padded_vocab_size
+    if name in ("embed_in", "embed_out"):
+        return vocab * h // t
+    if name == "final_layer_norm":
+        return 2 * h
+    split = (3 * h * h + 3 * h) + h * h + (ffn * h + ffn) + ffn * h
+    return split // t + 4 * h + 2 * h  # two LayerNorms, the two row-parallel biases
+
+
+def stages(config: NeoXConfig) -> list[Stage]:
+    names = layer_names(config.model.num_layers)
+    bounds = stage_bounds(config.model.num_layers, config.parallel.pipe_parallel_size)
+    out = []
+    for start, end in zip(bounds, bounds[1:]):
+        blocks = [int(n.split()[1]) for n in names[start:end] if n.startswith("block")]
+        out.append(Stage(start, end - 1, blocks, sum(layer_parameters(config, n) for n in names[start:end])))
+    return out
+
+
+def describe_layout(config: NeoXConfig, world_size: int) -> str:
+    """What --dry-run prints: the topology, the stages and the parameters per rank."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    from trainer.plan import make_plan
+
+    p = config.parallel
+    dp = config.data_parallel_size(world_size)
+    topology = PipeModelDataParallelTopology(num_pp=p.pipe_parallel_size, num_mp=p.model_parallel_size, num_dp=dp)
+    names = layer_names(config.model.num_layers)
+    lines = [f"layout      {world_size} ranks = PP {p.pipe_parallel_size} x DP {dp} x TP {p.model_parallel_size} "
+             f"(rank order pipe, data, model), ZeRO stage {p.zero_stage}, global batch "
+             f"{config.global_batch(world_size):,}"]  # fmt: skip
+    for i, s in enumerate(stages(config)):
+        blocks = f"blocks {s.blocks[0]}-{s.blocks[-1]} ({len(s.blocks)} blocks)" if s.blocks else "no blocks"
+        extras = [n for n in names[s.first_layer : s.last_layer + 1] if not n.startswith("block")]
+        extras = f" + {', '.join(extras)}" if extras else ""
+        lines.append(f"stage {i:<4}  layers {s.first_layer}-{s.last_layer}: {blocks}{extras}; "
+                     f"{s.parameters_per_rank:,} parameters per rank")  # fmt: skip
+    shown = min(world_size, 2 * p.model_parallel_size + 1)
+    ranks = ", ".join(f"{r}={tuple(topology.get_coord(r))}" for r in range(shown))
+    lines.append(f"ranks       (pipe, data, model): {ranks}, ...")
+    mem = make_plan(config, world_size).memory_gib
+    lines.append("memory      per GPU of the most loaded stage, GiB: " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.1f}" for k, v in mem.items()))  # fmt: skip
+    return "\n".join(lines)

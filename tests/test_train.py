@@ -160,3 +160,21 @@ def test_fp16_on_cpu_and_a_load_without_checkpoint_say_so_and_train(shards, tmp_
     assert "fp16 needs a GPU" in result.stderr and "training in fp32" in result.stderr
     assert "no checkpoint in" in result.stderr and "starting from step 0" in result.stderr
     assert losses(tmp_path / "run")[0][0] == 1
+
+
+@pytest.mark.slow
+def test_tp2_pp2_dp2_matches_one_process(shards, straight, tmp_path):
+    """8 processes: TP 2 x PP 2 x DP 2, same global batch (2 x DP 2 = 4), same padded vocabulary, same init."""
+    run = tmp_path / "run"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [launcher, "--num_gpus", 8, "--master_port", 29512, Path(sys.executable).parent / "neox-data", "train",
+           "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
+           "--set", "train_micro_batch_size_per_gpu=2", "--set", "model_parallel_size=2",
+           "--set", "pipe_parallel_size=2", "--set", "make_vocab_size_divisible_by=64"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, eight = losses(straight), losses(run)
+    assert [s for s, _ in one] == [s for s, _ in eight]
+    assert all(abs(a - b) <= 1e-4 * abs(a) for (_, a), (_, b) in zip(one, eight)), (one, eight)
+    assert (run / "latest").read_text() == "global_step6"

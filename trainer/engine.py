@@ -50,7 +50,9 @@ def check_precision(config: NeoXConfig) -> None:
 def plain_fp32(config: NeoXConfig) -> bool:
     """fp32 without ZeRO: DeepSpeed steps the torch optimizer directly, and the trainer clips (keeping the norm,
     which DeepSpeed's fp32 path computes and drops)."""
-    return config.parallel.zero_stage == 0 and not (config.precision.fp16 or config.precision.bf16)
+    p = config.parallel
+    pipelined = p.model_parallel_size > 1 or p.pipe_parallel_size > 1  # the pipeline engine clips with its grid
+    return p.zero_stage == 0 and not (config.precision.fp16 or config.precision.bf16) and not pipelined
 
 
 def deepspeed_config(config: NeoXConfig, world_size: int) -> dict:

@@ -6,6 +6,7 @@ group, the model or any index is built, so a bad config costs nothing.
 """
 
 import json
+import math
 import os
 import time
 import warnings
@@ -27,7 +28,8 @@ from trainer.engine import (
     plain_fp32,
 )
 from trainer.metrics import Metrics, peak_flops, plot_losses
-from trainer.model import GPTNeoX
+from trainer.model import Block, GPTNeoX
+from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
 
 
@@ -48,10 +50,6 @@ def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | Non
     Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     config.global_batch(world)  # DP, and train_batch_size against micro x accumulation x DP
-    p = config.parallel
-    if p.model_parallel_size > 1 or p.pipe_parallel_size > 1:
-        raise ConfigError("model_parallel_size / pipe_parallel_size > 1: train runs data parallelism only so far "
-                          "(tensor and pipeline parallelism are the next step)")  # fmt: skip
     if load is not None and not (Path(load) / "latest").is_file():  # as Megatron and gpt-neox: start afresh
         warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
         load = None
@@ -81,10 +79,16 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.dp, self.global_batch = config.data_parallel_size(self.world), config.global_batch(self.world)
         self.data = self.build_data(sources)
-        torch.manual_seed(config.training.seed)
-        model = GPTNeoX(config.model)
+        p = config.parallel
+        self.pipelined = p.model_parallel_size > 1 or p.pipe_parallel_size > 1
+        if self.pipelined:  # tensor x pipeline x data: trainer/pipeline.py
+            model, grid = build_pipeline(config, self.world)
+            self.dp_rank = grid.get_data_parallel_id()
+        else:
+            torch.manual_seed(config.training.seed)
+            model, self.dp_rank = GPTNeoX(config.model), self.rank
         if config.training.compile:
-            for block in model.gpt_neox.layers:  # regional: one graph, compiled once, reused by every block
+            for block in (m for m in model.modules() if isinstance(m, Block)):  # regional: one graph, reused
                 block.compile()
         optimizer = make_optimizer(model, config)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
@@ -115,13 +119,23 @@ class Trainer:
     def batch(self, split: str, step: int, micro_step: int) -> torch.Tensor:
         t = self.config.training
         ids = micro_batch(self.data[split], step, micro_step, t.train_micro_batch_size_per_gpu, self.dp,
-                          self.rank, self.global_batch)  # fmt: skip
+                          self.dp_rank, self.global_batch)  # fmt: skip
         return ids.to(self.device, non_blocking=True) if self.device is not None else ids
+
+    def pairs(self, split: str, step: int):
+        """The pipeline engine's micro-batches: (inputs, targets) for each accumulation step."""
+        for m in range(self.config.training.gradient_accumulation_steps):
+            ids = self.batch(split, step, m)
+            yield ids[:, :-1], ids[:, 1:]
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step over the global batch: (loss averaged over it on all ranks, lr, gradient norm)."""
         steps = self.config.training.gradient_accumulation_steps
         lr, norm, losses = self.engine.get_lr()[0], None, []
+        if self.pipelined:  # 1F1B over the micro-batches; the loss comes back averaged over DP, on every rank
+            loss = self.engine.train_batch(data_iter=self.pairs("train", self.step))
+            norm = self.engine.get_global_grad_norm()
+            return loss.item(), lr, float(norm) if norm is not None else None
         for m in range(steps):
             ids = self.batch("train", self.step, m)
             loss = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:])
@@ -146,6 +160,10 @@ class Trainer:
         if dataset is None:
             return None
         t = self.config.training
+        if self.pipelined:  # the pipeline engine gives the mean loss only: no per-component split
+            losses = [self.engine.eval_batch(self.pairs(split, it)).item() for it in range(t.eval_iters)]
+            loss = sum(losses) / len(losses)
+            return {"kind": split, "step": self.step, "loss": loss, "ppl": math.exp(loss), "components": {}}
         self.engine.eval()
         sums = torch.zeros(len(dataset.sources), dtype=torch.float64)
         counts = torch.zeros_like(sums)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE
+from helpers import SAMPLE, Cli
 
 ROOT = Path(__file__).parent.parent
 # A tiny model on short sequences: seconds per run, still every code path of the trainer.
@@ -162,19 +162,70 @@ def test_fp16_on_cpu_and_a_load_without_checkpoint_say_so_and_train(shards, tmp_
     assert losses(tmp_path / "run")[0][0] == 1
 
 
-@pytest.mark.slow
-def test_tp2_pp2_dp2_matches_one_process(shards, straight, tmp_path):
-    """8 processes: TP 2 x PP 2 x DP 2, same global batch (2 x DP 2 = 4), same padded vocabulary, same init."""
-    run = tmp_path / "run"
+# TP 2 x PP 2 x DP 2 with the straight run's global batch (2 x DP 2 = 4) and padded vocabulary (64 x TP 2 = 128)
+LAYOUT_8 = ["--set", "train_micro_batch_size_per_gpu=2", "--set", "model_parallel_size=2",
+            "--set", "pipe_parallel_size=2", "--set", "make_vocab_size_divisible_by=64"]  # fmt: skip
+
+
+def train_8(*args) -> None:
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [launcher, "--num_gpus", 8, "--master_port", 29512, Path(sys.executable).parent / "neox-data", "train",
-           "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
-           "--set", "train_micro_batch_size_per_gpu=2", "--set", "model_parallel_size=2",
-           "--set", "pipe_parallel_size=2", "--set", "make_vocab_size_divisible_by=64"]  # fmt: skip
+           "--config", ROOT / "configs" / "tiny.yml", *args, *LAYOUT_8]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_tp2_pp2_dp2_matches_one_process_and_exports(shards, straight, tmp_path):
+    """8 processes, same global batch, same data, same init: the same losses; the checkpoint exports to HF."""
+    from transformers import GPTNeoXForCausalLM
+
+    from trainer.checkpoint import load_checkpoint
+
+    run = tmp_path / "run"
+    train_8("--data", shards, "--save", run, *SMALL)
     one, eight = losses(straight), losses(run)
     assert [s for s, _ in one] == [s for s, _ in eight]
     assert all(abs(a - b) <= 1e-4 * abs(a) for (_, a), (_, b) in zip(one, eight)), (one, eight)
     assert (run / "latest").read_text() == "global_step6"
+    Cli().ok("export-hf", run, "--output", tmp_path / "hf")  # layer files of 2 stages x 2 TP ranks, joined
+    hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    reference, _ = load_checkpoint(straight)
+    ids = torch.randint(0, 50000, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, reference.eval()(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_across_layouts_gives_the_same_next_step_loss(shards, straight, tmp_path):
+    """1 process -> TP2 x PP2 x DP2 and back: the step after the checkpoint has the uninterrupted run's loss."""
+    want = dict(losses(straight))[4]
+    one, eight = tmp_path / "one", tmp_path / "eight"
+    train("--data", shards, "--save", one, *SMALL, "--set", "exit_interval=3")
+    train_8("--data", shards, "--save", tmp_path / "from-one", "--load", one, *SMALL)
+    train_8("--data", shards, "--save", eight, *SMALL, "--set", "exit_interval=3")
+    back = train("--data", shards, "--save", tmp_path / "from-eight", "--load", eight, *SMALL)
+    assert "the optimizer's moments restart" in back.stderr
+    for run in (tmp_path / "from-one", tmp_path / "from-eight"):
+        step, loss = losses(run)[0]
+        assert step == 4 and abs(loss - want) <= 1e-4 * want, (run.name, loss, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2)], ids=lambda v: str(v))
+def test_other_layouts_match_one_process(shards, straight, tmp_path, tp, pp, dp):
+    """TP2, PP2, TP2 x PP2, PP2 x DP2 (DP2 alone: the test above; all three: the 8-process test)."""
+    run = tmp_path / "run"
+    launcher = Path(sys.executable).parent / "deepspeed"
+    cmd = [launcher, "--num_gpus", tp * pp * dp, "--master_port", 29513, Path(sys.executable).parent / "neox-data",
+           "train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
+           "--set", f"train_micro_batch_size_per_gpu={4 // dp}", "--set", f"model_parallel_size={tp}",
+           "--set", f"pipe_parallel_size={pp}", "--set", f"make_vocab_size_divisible_by={128 // tp}",
+           "--set", "save_interval=0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, other = losses(straight), losses(run)
+    assert [s for s, _ in one] == [s for s, _ in other]
+    assert all(abs(a - b) <= 1e-4 * abs(a) for (_, a), (_, b) in zip(one, other)), (one, other)

@@ -72,11 +72,16 @@ def checkpoint_dir(path: str | Path) -> Path:
 
 
 def load_state_dict(path: Path) -> dict:
-    """The weights of a checkpoint directory, in fp32, from safetensors or DeepSpeed's model states."""
+    """The weights of a checkpoint directory, in fp32: safetensors, DeepSpeed's model states, or a pipelined run's
+    layer files joined across TP ranks (trainer/reshard.py)."""
     from safetensors.torch import load_file
+
+    from trainer.reshard import is_pipelined, merge_layer_files
 
     if (path / "model.safetensors").is_file():
         return load_file(path / "model.safetensors")
+    if path.is_dir() and is_pipelined(path):  # any TP x PP layout: one full state dict
+        return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
     states = path / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise ConfigError(f"{path}: not a checkpoint (config.yml with model.safetensors or DeepSpeed's "
@@ -216,14 +221,22 @@ def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, 
     return where
 
 
-def load_training_checkpoint(engine, load: Path) -> dict:
-    """Restore weights, optimizer, scheduler and this rank's RNG states from `load`'s latest checkpoint; returns
-    the client state (step and data position)."""
+def load_training_checkpoint(engine, load: Path, config: NeoXConfig, layout: tuple, tp_rank: int,
+                             pipelined: bool) -> dict:  # fmt: skip
+    """Restore this run from `load`'s latest checkpoint: everything when it was saved in the same (TP, PP, DP)
+    layout, else weights, step, data position and schedule (trainer/reshard.py). Returns the step and position."""
     import torch.distributed as dist
+
+    from trainer.reshard import checkpoint_layout, load_other_layout
 
     if not (load / "latest").is_file():
         raise ConfigError(f"--load: {load} holds no 'latest' checkpoint")
-    path, state = engine.load_checkpoint(str(load))
+    where = checkpoint_dir(load)
+    if checkpoint_layout(where)[1] != tuple(layout):
+        state = load_other_layout(engine, where, config, tp_rank, pipelined)
+        path = where / "mp_rank_00_model_states.pt"
+    else:
+        path, state = engine.load_checkpoint(str(load))
     if path is None:
         raise ConfigError(f"--load: the checkpoint in {load} could not be read")
     rng = Path(path).parent / f"rng_state_{dist.get_rank()}.pt"

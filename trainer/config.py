@@ -48,6 +48,14 @@ class ParallelConfig:
     pipe_parallel_size: int = 1
     model_parallel_size: int = 1
     zero_stage: int = 0
+    pipe_partition_method: str = "type:transformer"  # gpt-neox's key: balance blocks; or parameters, uniform
+
+    def __post_init__(self):
+        if not (
+            self.pipe_partition_method.startswith("type:") or self.pipe_partition_method in ("parameters", "uniform")
+        ):
+            raise ConfigError(f"pipe_partition_method: {self.pipe_partition_method!r}; choose type:transformer "
+                              "(blocks balanced), parameters or uniform")  # fmt: skip
 
 
 @dataclass
@@ -241,6 +249,7 @@ def to_yaml_dict(config: NeoXConfig) -> dict:
     out["bias_gelu_fusion"] = m.gelu_approximate == "tanh"
     out.update({f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
     out.update(pipe_parallel_size=p.pipe_parallel_size, model_parallel_size=p.model_parallel_size,
+               pipe_partition_method=p.pipe_partition_method,
                zero_optimization={"stage": p.zero_stage},
                optimizer={"type": o.type, "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps}},
                min_lr=o.min_lr, weight_decay=o.weight_decay, lr_decay_style=o.lr_decay_style,

@@ -3,8 +3,9 @@
 Ranks are laid out as DeepSpeed's PipeModelDataParallelTopology lays them out (axes pipe, data, model, the model
 axis fastest, as gpt-neox), so TP peers are neighbours on a node. The pipeline's layers are the model's own parts:
     0 embed_in | 1 .. L blocks | L+1 final_layer_norm | L+2 embed_out
-cut into stages with DeepSpeed's own partitioner (`partition_balanced` over the blocks, PipelineModule's
-"type:Block"), so what is printed here is what the pipeline engine will build.
+cut into stages with DeepSpeed's own partitioner, as PipelineModule cuts them for `pipe_partition_method`
+(`type:transformer`, gpt-neox's default: blocks balanced; `parameters`; `uniform`), so what is printed here is
+what the pipeline engine will build.
 """
 
 import os
@@ -25,13 +26,26 @@ def layer_names(num_layers: int) -> list[str]:
     return ["embed_in", *(f"block {i}" for i in range(num_layers)), "final_layer_norm", "embed_out"]
 
 
-def stage_bounds(num_layers: int, stages: int) -> list[int]:
-    """Layer index where each stage starts (and the end), balancing the blocks as PipelineModule does."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a dry run needs no accelerator: skip DeepSpeed's probe
-    from deepspeed.runtime.utils import partition_balanced
+def deepspeed_method(config: NeoXConfig) -> str:
+    """PipelineModule's partition_method for the config's pipe_partition_method ("type:..." balances blocks)."""
+    method = config.parallel.pipe_partition_method
+    return "type:Block" if method.startswith("type:") else method
 
-    is_block = [0] + [1] * num_layers + [0, 0]
-    return [int(b) for b in partition_balanced(weights=is_block, num_parts=stages)]
+
+def stage_bounds(config: NeoXConfig) -> list[int]:
+    """Layer index where each stage starts (and the end), computed as PipelineModule computes it."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a dry run needs no accelerator: skip DeepSpeed's probe
+    from deepspeed.runtime.utils import partition_balanced, partition_uniform
+
+    names, stages = layer_names(config.model.num_layers), config.parallel.pipe_parallel_size
+    method = deepspeed_method(config)
+    if method == "uniform":
+        return [int(b) for b in partition_uniform(num_items=len(names), num_parts=stages)]
+    if method == "parameters":
+        weights = [layer_parameters(config, n) for n in names]
+    else:
+        weights = [int(n.startswith("block")) for n in names]
+    return [int(b) for b in partition_balanced(weights=weights, num_parts=stages)]
 
 
 def layer_parameters(config: NeoXConfig, name: str) -> int:
@@ -48,7 +62,7 @@ def layer_parameters(config: NeoXConfig, name: str) -> int:
 
 def stages(config: NeoXConfig) -> list[Stage]:
     names = layer_names(config.model.num_layers)
-    bounds = stage_bounds(config.model.num_layers, config.parallel.pipe_parallel_size)
+    bounds = stage_bounds(config)
     out = []
     for start, end in zip(bounds, bounds[1:]):
         blocks = [int(n.split()[1]) for n in names[start:end] if n.startswith("block")]

@@ -3,8 +3,8 @@
 The order of the steps matters:
 1. the topology (pipe, data, model axes, as gpt-neox) and DeepSpeed's grid of process groups over it;
 2. the full model, built identically on every rank from the run's seed, then cut for this rank's TP slot;
-3. the pipeline's layers, the model's own parts (embed_in, the blocks, final_layer_norm, embed_out), balanced
-   by blocks ("type:Block"); with TP the loss is the vocab-parallel cross-entropy on split logits;
+3. the pipeline's layers, the model's own parts (embed_in, the blocks, final_layer_norm, embed_out), cut by
+   `pipe_partition_method` (trainer/layout.py); with TP the loss is the vocab-parallel cross-entropy;
 4. every parameter counted once in DeepSpeed's gradient norm: it sums over the pipe x model group the parameters
    marked model-parallel plus all of rank 0's, so the TP-replicated ones (LayerNorms, row biases) are marked on
    TP rank 0 of each stage.
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import NeoXConfig
+from trainer.layout import deepspeed_method
 from trainer.model import GPTNeoX
 from trainer.parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
@@ -57,5 +58,6 @@ def build_pipeline(config: NeoXConfig, world_size: int):
     layers = [model.gpt_neox.embed_in, *model.gpt_neox.layers, model.gpt_neox.final_layer_norm, model.embed_out]
     interval = 1 if config.model.checkpoint_activations else 0
     module = PipelineModule(layers=layers, loss_fn=LMLoss(tp_group, tp_rank, tp), topology=topo,
-                            partition_method="type:Block", activation_checkpoint_interval=interval)  # fmt: skip
+                            partition_method=deepspeed_method(config),
+                            activation_checkpoint_interval=interval)  # fmt: skip
     return module, grid

@@ -83,10 +83,10 @@ class Trainer:
         self.pipelined = p.model_parallel_size > 1 or p.pipe_parallel_size > 1
         if self.pipelined:  # tensor x pipeline x data: trainer/pipeline.py
             model, grid = build_pipeline(config, self.world)
-            self.dp_rank = grid.get_data_parallel_id()
+            self.dp_rank, self.tp_rank = grid.get_data_parallel_id(), grid.get_slice_parallel_rank()
         else:
             torch.manual_seed(config.training.seed)
-            model, self.dp_rank = GPTNeoX(config.model), self.rank
+            model, self.dp_rank, self.tp_rank = GPTNeoX(config.model), self.rank, 0
         if config.training.compile:
             for block in (m for m in model.modules() if isinstance(m, Block)):  # regional: one graph, reused
                 block.compile()
@@ -99,7 +99,9 @@ class Trainer:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
         self.step = 0
         if load is not None:
-            self.step = load_training_checkpoint(self.engine, Path(load))["iteration"]
+            layout = (p.model_parallel_size, p.pipe_parallel_size, self.dp)
+            state = load_training_checkpoint(self.engine, Path(load), config, layout, self.tp_rank, self.pipelined)
+            self.step = state["iteration"]
         metrics_dir = Path(config.data.get("log_dir") or save) if (config.data.get("log_dir") or save) else None
         self.metrics = Metrics(metrics_dir, config.training.log_interval, config.training.train_iters, self.step,
                                self.rank)  # fmt: skip

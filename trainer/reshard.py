@@ -1,0 +1,100 @@
+"""Checkpoints across parallel layouts: one full state dict from any layout, and this rank's part of it in another.
+
+A pipelined run's checkpoint holds one file per layer and TP rank, `layer_{i:02d}-model_{t:02d}-model_states.pt`,
+keyed within the layer (`attention.dense.weight`). Layer i is the model's part i of the pipeline
+(0 embed_in, 1..L the blocks, L+1 final_layer_norm, L+2 embed_out); TP shards are joined along the dimension
+`parallel.PARTITION_DIM` names, and replicated tensors are taken from TP rank 0. The reverse cut gives a rank of
+any layout its own tensors. Resuming in another layout restores weights, step, data position and learning-rate
+schedule; the optimizer's moments restart (DeepSpeed's ZeRO partitions are tied to the layout they were saved in).
+"""
+
+import re
+import warnings
+from pathlib import Path
+
+import torch
+
+from trainer.config import ConfigError, NeoXConfig, load_config
+from trainer.parallel import partition_dim
+
+LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+
+
+def layer_prefixes(num_layers: int) -> list[str]:
+    """The full state dict's key prefix of each pipeline layer."""
+    return ["gpt_neox.embed_in.", *(f"gpt_neox.layers.{i}." for i in range(num_layers)),
+            "gpt_neox.final_layer_norm.", "embed_out."]  # fmt: skip
+
+
+def merge_layer_files(path: Path, num_layers: int) -> dict:
+    """The full fp32 state dict of a pipelined checkpoint directory."""
+    files: dict[int, dict[int, Path]] = {}
+    for f in path.iterdir():
+        if m := LAYER_FILE.fullmatch(f.name):
+            files.setdefault(int(m[1]), {})[int(m[2])] = f
+    prefixes = layer_prefixes(num_layers)
+    if sorted(files) != list(range(len(prefixes))):
+        raise ConfigError(f"{path}: expected layer files 0..{len(prefixes) - 1}, found {sorted(files)}")
+    full = {}
+    for layer, by_rank in files.items():
+        shards = [torch.load(by_rank[t], map_location="cpu", weights_only=True) for t in sorted(by_rank)]
+        for key in shards[0]:
+            name = prefixes[layer] + key
+            dim = partition_dim(name)
+            if dim is None and not all(torch.equal(s[key], shards[0][key]) for s in shards):
+                warnings.warn(f"{path}: replicated {name} differs across TP ranks; taking rank 0's", stacklevel=2)
+            full[name] = (torch.cat([s[key] for s in shards], dim) if dim is not None else shards[0][key]).float()
+    return full
+
+
+def is_pipelined(path: Path) -> bool:
+    return any(LAYER_FILE.fullmatch(f.name) for f in path.iterdir())
+
+
+def checkpoint_layout(path: Path) -> tuple[NeoXConfig, tuple[int, int, int]]:
+    """(the checkpoint's config, its (TP, PP, DP))."""
+    config = load_config(path / "config.yml")
+    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    p = config.parallel
+    return config, (p.model_parallel_size, p.pipe_parallel_size, int(states.get("dp_world_size", 1)))
+
+
+def local_state(full: dict, module, tp_rank: int, tp: int, pipelined: bool, num_layers: int) -> dict:
+    """The part of `full` that `module` (a plain model, or a rank's PipelineModule) holds."""
+    if not pipelined:
+        return full
+    prefixes = layer_prefixes(num_layers)
+    out = {}
+    for key in module.state_dict():
+        layer, _, rest = key.partition(".")
+        name = prefixes[int(layer)] + rest
+        dim = partition_dim(name)
+        out[key] = full[name].chunk(tp, dim)[tp_rank].clone() if dim is not None and tp > 1 else full[name]
+    return out
+
+
+def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipelined: bool) -> dict:
+    """Weights (resharded), step, data position and schedule of a checkpoint saved in another layout."""
+    from trainer.checkpoint import load_state_dict
+
+    saved, layout = checkpoint_layout(path)
+    if saved.model.padded_vocab_size != config.model.padded_vocab_size:
+        raise ConfigError(
+            f"make_vocab_size_divisible_by: the checkpoint's vocabulary is padded to {saved.model.padded_vocab_size:,}"
+            f" rows, this run's to {config.model.padded_vocab_size:,}; choose make_vocab_size_divisible_by so that "
+            f"it x model_parallel_size divides {saved.model.padded_vocab_size:,}"
+        )
+    full = load_state_dict(path)
+    tp = config.parallel.model_parallel_size
+    module = engine.module
+    module.load_state_dict(local_state(full, module, tp_rank, tp, pipelined, config.model.num_layers))
+    if hasattr(engine.optimizer, "refresh_fp32_params"):  # fp16/bf16/ZeRO: the fp32 masters follow the weights
+        engine.optimizer.refresh_fp32_params()
+    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    step = int(states["iteration"])
+    engine.lr_scheduler.last_epoch = step - 1
+    engine.lr_scheduler.step()  # the rate of step `step`
+    engine.global_steps, engine.global_samples = step, int(states["consumed_samples"])
+    warnings.warn(f"{path} was saved with TP x PP x DP = {' x '.join(map(str, layout))}: weights, step and data "
+                  "position restored; the optimizer's moments restart", stacklevel=2)  # fmt: skip
+    return {"iteration": step, "consumed_samples": int(states["consumed_samples"])}

@@ -94,18 +94,33 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, str
     assert (run / "latest").read_text() == "global_step6"
 
 
-def test_two_processes_match_one_with_the_same_global_batch(shards, straight, tmp_path):
-    run = tmp_path / "run"
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [launcher, "--num_gpus", 2, "--no_local_rank", "--master_port", 29511, Path(sys.executable).parent /
-           "neox-data", "train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
-           "--set", "train_micro_batch_size_per_gpu=2"]  # fmt: skip
+def launch(processes: int, *args) -> None:
+    """`neox-data train --config configs/tiny.yml ARGS` on `processes` gloo ranks under the deepspeed launcher."""
+    from trainer.engine import free_port
+
+    bin_dir = Path(sys.executable).parent
+    cmd = [bin_dir / "deepspeed", "--num_gpus", processes, "--master_port", free_port(), bin_dir / "neox-data",
+           "train", "--config", ROOT / "configs" / "tiny.yml", *args]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one, two = losses(straight), losses(run)
-    assert [s for s, _ in one] == [s for s, _ in two]
-    assert all(abs(a - b) <= 1e-5 * abs(a) for (_, a), (_, b) in zip(one, two)), (one, two)
+
+
+def layout(tp: int, pp: int, dp: int) -> list[str]:
+    """Overrides for TP x PP x DP with the straight run's global batch (4) and padded vocabulary (128 x TP 1)."""
+    return ["--set", f"train_micro_batch_size_per_gpu={4 // dp}", "--set", f"model_parallel_size={tp}",
+            "--set", f"pipe_parallel_size={pp}", "--set", f"make_vocab_size_divisible_by={128 // tp}"]  # fmt: skip
+
+
+def assert_same_losses(reference: Path, run: Path, rtol: float) -> None:
+    one, other = losses(reference), losses(run)
+    assert [s for s, _ in one] == [s for s, _ in other]
+    assert all(abs(a - b) <= rtol * abs(a) for (_, a), (_, b) in zip(one, other)), (one, other)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(shards, straight, tmp_path):
+    launch(2, "--data", shards, "--save", tmp_path / "run", *SMALL, *layout(1, 1, 2))
+    assert_same_losses(straight, tmp_path / "run", 1e-5)
 
 
 def test_export_of_a_training_run_loads_in_transformers(straight, tmp_path, run):
@@ -162,20 +177,6 @@ def test_fp16_on_cpu_and_a_load_without_checkpoint_say_so_and_train(shards, tmp_
     assert losses(tmp_path / "run")[0][0] == 1
 
 
-# TP 2 x PP 2 x DP 2 with the straight run's global batch (2 x DP 2 = 4) and padded vocabulary (64 x TP 2 = 128)
-LAYOUT_8 = ["--set", "train_micro_batch_size_per_gpu=2", "--set", "model_parallel_size=2",
-            "--set", "pipe_parallel_size=2", "--set", "make_vocab_size_divisible_by=64"]  # fmt: skip
-
-
-def train_8(*args) -> None:
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [launcher, "--num_gpus", 8, "--master_port", 29512, Path(sys.executable).parent / "neox-data", "train",
-           "--config", ROOT / "configs" / "tiny.yml", *args, *LAYOUT_8]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_tp2_pp2_dp2_matches_one_process_and_exports(shards, straight, tmp_path):
     """8 processes, same global batch, same data, same init: the same losses; the checkpoint exports to HF."""
@@ -184,10 +185,8 @@ def test_tp2_pp2_dp2_matches_one_process_and_exports(shards, straight, tmp_path)
     from trainer.checkpoint import load_checkpoint
 
     run = tmp_path / "run"
-    train_8("--data", shards, "--save", run, *SMALL)
-    one, eight = losses(straight), losses(run)
-    assert [s for s, _ in one] == [s for s, _ in eight]
-    assert all(abs(a - b) <= 1e-4 * abs(a) for (_, a), (_, b) in zip(one, eight)), (one, eight)
+    launch(8, "--data", shards, "--save", run, *SMALL, *layout(2, 2, 2))
+    assert_same_losses(straight, run, 1e-4)
     assert (run / "latest").read_text() == "global_step6"
     Cli().ok("export-hf", run, "--output", tmp_path / "hf")  # layer files of 2 stages x 2 TP ranks, joined
     hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -203,8 +202,8 @@ def test_resume_across_layouts_gives_the_same_next_step_loss(shards, straight, t
     want = dict(losses(straight))[4]
     one, eight = tmp_path / "one", tmp_path / "eight"
     train("--data", shards, "--save", one, *SMALL, "--set", "exit_interval=3")
-    train_8("--data", shards, "--save", tmp_path / "from-one", "--load", one, *SMALL)
-    train_8("--data", shards, "--save", eight, *SMALL, "--set", "exit_interval=3")
+    launch(8, "--data", shards, "--save", tmp_path / "from-one", "--load", one, *SMALL, *layout(2, 2, 2))
+    launch(8, "--data", shards, "--save", eight, *SMALL, "--set", "exit_interval=3", *layout(2, 2, 2))
     back = train("--data", shards, "--save", tmp_path / "from-eight", "--load", eight, *SMALL)
     assert "the optimizer's moments restart" in back.stderr
     for run in (tmp_path / "from-one", tmp_path / "from-eight"):
@@ -216,16 +215,6 @@ def test_resume_across_layouts_gives_the_same_next_step_loss(shards, straight, t
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2)], ids=lambda v: str(v))
 def test_other_layouts_match_one_process(shards, straight, tmp_path, tp, pp, dp):
     """TP2, PP2, TP2 x PP2, PP2 x DP2 (DP2 alone: the test above; all three: the 8-process test)."""
-    run = tmp_path / "run"
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [launcher, "--num_gpus", tp * pp * dp, "--master_port", 29513, Path(sys.executable).parent / "neox-data",
-           "train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
-           "--set", f"train_micro_batch_size_per_gpu={4 // dp}", "--set", f"model_parallel_size={tp}",
-           "--set", f"pipe_parallel_size={pp}", "--set", f"make_vocab_size_divisible_by={128 // tp}",
-           "--set", "save_interval=0"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    one, other = losses(straight), losses(run)
-    assert [s for s, _ in one] == [s for s, _ in other]
-    assert all(abs(a - b) <= 1e-4 * abs(a) for (_, a), (_, b) in zip(one, other)), (one, other)
+    launch(tp * pp * dp, "--data", shards, "--save", tmp_path / "run", *SMALL, *layout(tp, pp, dp),
+           "--set", "save_interval=0")  # fmt: skip
+    assert_same_losses(straight, tmp_path / "run", 1e-4)

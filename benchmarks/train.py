@@ -43,7 +43,7 @@ def write_shards(root: Path, tokens: int, vocab: int) -> Path:
     return root
 
 
-def ours(args, overrides: list[str]) -> list[float]:
+def ours(args, overrides: list[str]) -> list[dict]:
     save = WORK / "run"
     subprocess.run(["rm", "-rf", str(save)], check=True)
     cmd = [sys.executable, "-m", "cli", "train", "--config", args.config, "--data", str(args.data),
@@ -53,7 +53,7 @@ def ours(args, overrides: list[str]) -> list[float]:
     return [r for r in rows if r["kind"] == "train"][args.warmup :]
 
 
-def plain(args) -> list[float]:
+def plain(args) -> list[dict]:
     """The hand-written loop, in this process (called through --plain)."""
     import torch
     import torch.nn.functional as F

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pile_tools.indexed import read_index
 from trainer.config import ConfigError, NeoXConfig
 from trainer.data import BlendedDataset, GPTDataset, blend_index
 
@@ -103,8 +104,6 @@ def sources_from_keys(data: dict) -> dict[str, list[Source]]:
 
 
 def shard_sizes(prefix: Path) -> np.ndarray:
-    from pile_tools.indexed import read_index
-
     return read_index(Path(f"{prefix}.idx"))[1]
 
 
@@ -117,10 +116,6 @@ def resolve_sources(data_dir: str | Path | None, data: dict) -> dict[str, list[S
     if not data.get("train_data_paths") and not data.get("data_path"):
         raise ConfigError("no training data: give --data DIR (a build-shards output), or data_path or "
                           "train_data_paths in the config")  # fmt: skip
-    if data.get("data_path") and isinstance(data["data_path"], str) and not data.get("train_data_paths"):
-        first = weighted_prefixes(data["data_path"], "data_path")[-1][1]
-        if not first.is_dir() and not Path(f"{first}.idx").is_file():
-            raise ConfigError(f"data_path: {first} is neither a build-shards directory nor a shard prefix")
     return sources_from_keys(data)
 
 

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from trainer.config import NeoXConfig
+from trainer.plan import block_parameters, make_plan
 
 
 @dataclass
@@ -56,8 +57,8 @@ def layer_parameters(config: NeoXConfig, name: str) -> int:
         return vocab * h // t
     if name == "final_layer_norm":
         return 2 * h
-    split = (3 * h * h + 3 * h) + h * h + (ffn * h + ffn) + ffn * h
-    return split // t + 4 * h + 2 * h  # two LayerNorms, the two row-parallel biases
+    replicated = 4 * h + 2 * h  # two LayerNorms, the two row-parallel biases
+    return (block_parameters(h, ffn) - replicated) // t + replicated
 
 
 def stages(config: NeoXConfig) -> list[Stage]:
@@ -74,8 +75,6 @@ def describe_layout(config: NeoXConfig, world_size: int) -> str:
     """What --dry-run prints: the topology, the stages and the parameters per rank."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    from trainer.plan import make_plan
 
     p = config.parallel
     dp = config.data_parallel_size(world_size)

@@ -52,11 +52,15 @@ def is_pipelined(path: Path) -> bool:
 
 
 def checkpoint_layout(path: Path) -> tuple[NeoXConfig, tuple[int, int, int]]:
-    """(the checkpoint's config, its (TP, PP, DP))."""
+    """(the checkpoint's config, its (TP, PP, DP)); DP from the per-rank RNG files, so no model states are read."""
     config = load_config(path / "config.yml")
-    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     p = config.parallel
-    return config, (p.model_parallel_size, p.pipe_parallel_size, int(states.get("dp_world_size", 1)))
+    ranks = len(list(path.glob("rng_state_*.pt")))
+    return config, (
+        p.model_parallel_size,
+        p.pipe_parallel_size,
+        ranks // (p.model_parallel_size * p.pipe_parallel_size),
+    )
 
 
 def local_state(full: dict, module, tp_rank: int, tp: int, pipelined: bool, num_layers: int) -> dict:

@@ -102,10 +102,10 @@ class Trainer:
             layout = (p.model_parallel_size, p.pipe_parallel_size, self.dp)
             state = load_training_checkpoint(self.engine, Path(load), config, layout, self.tp_rank, self.pipelined)
             self.step = state["iteration"]
-        metrics_dir = Path(config.data.get("log_dir") or save) if (config.data.get("log_dir") or save) else None
-        self.metrics = Metrics(metrics_dir, config.training.log_interval, config.training.train_iters, self.step,
+        where = config.data.get("log_dir") or save
+        self.metrics_dir = Path(where) if where else None
+        self.metrics = Metrics(self.metrics_dir, config.training.log_interval, config.training.train_iters, self.step,
                                self.rank)  # fmt: skip
-        self.metrics_dir = metrics_dir
         name = torch.cuda.get_device_name() if self.device is not None else ""
         self.peak = peak_flops(name) if (config.precision.fp16 or config.precision.bf16) else None
 
@@ -184,7 +184,7 @@ class Trainer:
                 dist.all_reduce(x)
         loss = (sums.sum() / counts.sum()).item()
         components = {n: (s / c).item() for n, s, c in zip(dataset.names, sums, counts) if c > 0}
-        return {"kind": split, "step": self.step, "loss": loss, "ppl": float(torch.exp(torch.tensor(loss))),
+        return {"kind": split, "step": self.step, "loss": loss, "ppl": math.exp(loss),
                 "components": components}  # fmt: skip
 
     def train_entry(self, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict:

@@ -2,7 +2,7 @@
 
 import click
 
-from pile_tools.commands import build_shards, inspect_shards, merge_shards
+from pile_tools.commands import build_shards, inspect_shards, merge_shards, verify_shards
 from tokenizer.commands import compare_tokenizers, train_tokenizer
 from trainer.commands import evaluate, export_hf, generate, import_hf, plan, train
 
@@ -17,6 +17,7 @@ def main(local_rank):
 main.add_command(build_shards)
 main.add_command(merge_shards)
 main.add_command(inspect_shards)
+main.add_command(verify_shards)
 main.add_command(train_tokenizer)
 main.add_command(compare_tokenizers)
 main.add_command(plan)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import pile_tools
-from pile_tools.atomic import write_json
+from pile_tools.atomic import write_json, writing
+from pile_tools.checksums import file_hash
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.indexed import Shard, read_index, write_index
 from pile_tools.reader import InputError, report_skips
@@ -59,12 +60,30 @@ def concatenate(prefix: Path, sources: list[Path], dtype: np.dtype) -> None:
     """Write `prefix.bin/.idx` as the sources' sequences one after another."""
     tmp = Path(f"{prefix}.bin.tmp")
     sizes = []
-    with open(tmp, "wb") as out:
-        for src in sources:
-            append_file(out, Path(f"{src}.bin"))
-            sizes.append(np.array(read_index(Path(f"{src}.idx"))[1]))
-    tmp.replace(f"{prefix}.bin")
+    with writing(Path(f"{prefix}.bin")):
+        try:
+            with open(tmp, "wb") as out:
+                for src in sources:
+                    append_file(out, Path(f"{src}.bin"))
+                    sizes.append(np.array(read_index(Path(f"{src}.idx"))[1]))
+            tmp.replace(f"{prefix}.bin")
+        finally:
+            tmp.unlink(missing_ok=True)
     write_index(Path(f"{prefix}.idx"), np.concatenate(sizes), dtype)
+
+
+def write_epochs(f, prefix: Path, e: float, seed: int, name: str) -> list[np.ndarray]:
+    """Append a shard's whole epochs, then a seeded fraction of its documents, to `f`; returns their sizes."""
+    shard, sizes = Shard(prefix), []
+    for _ in range(int(e)):  # whole epochs: the shard's .bin again, copied by the kernel
+        append_file(f, Path(f"{prefix}.bin"))
+        sizes.append(np.asarray(shard.sizes))
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    chosen = np.sort(rng.choice(len(shard), round((e - int(e)) * len(shard)), replace=False))
+    for i in chosen:
+        f.write(shard[i].tobytes())
+    sizes.append(np.asarray(shard.sizes)[chosen])
+    return sizes
 
 
 def materialize(out: Path, shards: dict, epochs: dict, seed: int, dtype: np.dtype) -> dict:
@@ -72,18 +91,14 @@ def materialize(out: Path, shards: dict, epochs: dict, seed: int, dtype: np.dtyp
     prefix = out / "materialized" / "train"
     prefix.parent.mkdir(exist_ok=True)
     tmp, sizes = Path(f"{prefix}.bin.tmp"), []
-    with open(tmp, "wb") as f:
-        for name in sorted(k for k in shards if k.startswith("train/")):
-            shard, e = Shard(out / name), epochs[shards[name]["component"]]
-            for _ in range(int(e)):  # whole epochs: the shard's .bin again, copied by the kernel
-                append_file(f, Path(f"{out / name}.bin"))
-                sizes.append(np.asarray(shard.sizes))
-            rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-            chosen = np.sort(rng.choice(len(shard), round((e - int(e)) * len(shard)), replace=False))
-            for i in chosen:
-                f.write(shard[i].tobytes())
-            sizes.append(np.asarray(shard.sizes)[chosen])
-    tmp.replace(f"{prefix}.bin")
+    with writing(Path(f"{prefix}.bin")):
+        try:
+            with open(tmp, "wb") as f:
+                for name in sorted(k for k in shards if k.startswith("train/")):
+                    sizes += write_epochs(f, out / name, epochs[shards[name]["component"]], seed, name)
+            tmp.replace(f"{prefix}.bin")
+        finally:
+            tmp.unlink(missing_ok=True)
     all_sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
     write_index(Path(f"{prefix}.idx"), all_sizes, dtype)
     return {"prefix": "materialized/train", "documents": len(all_sizes), "tokens": int(all_sizes.sum())}
@@ -117,13 +132,14 @@ def collect_shards(receipts: list[tuple[Path, dict]]) -> dict:
     for where, receipt in receipts:
         for prefix, stat in receipt["shards"].items():
             entry = shards.setdefault(prefix, {"component": stat["component"], "documents": 0, "tokens": 0,
-                                               "text_bytes": 0, "sources": []})  # fmt: skip
+                                               "text_bytes": 0, "max_id": 0, "sources": []})  # fmt: skip
             if entry["component"] != stat["component"]:
                 raise InputError(
                     f"components {entry['component']!r} and {stat['component']!r} share the file name {prefix}"
                 )
             for key in ("documents", "tokens", "text_bytes"):
                 entry[key] += stat[key]
+            entry["max_id"] = max(entry["max_id"], stat.get("max_id", 0))
             entry["sources"].append(where / prefix)
     return shards
 
@@ -151,7 +167,7 @@ def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start) -
         components[s["component"]]["epochs"] = epochs[s["component"]]
         components[s["component"]]["splits"][prefix.split("/")[0]] = {
             "prefix": prefix,
-            **{k: s[k] for k in ("documents", "tokens", "text_bytes")},
+            **{k: s[k] for k in ("documents", "tokens", "text_bytes", "max_id", "xxh3_128")},
             "weight": weights[prefix],
         }
     manifest = {
@@ -184,6 +200,7 @@ def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print) 
     for prefix, s in sorted(shards.items()):
         (out / prefix).parent.mkdir(parents=True, exist_ok=True)
         concatenate(out / prefix, s["sources"], dtype)
+        s["xxh3_128"] = file_hash(Path(f"{out / prefix}.bin"))  # the content `neox-data verify` checks
     blend = build_blend(out, shards, epochs, plan["options"]["weights"])
     if plan["options"]["materialize"]:
         blend["materialized"] = materialize(out, shards, epochs, plan["options"]["seed"], dtype)

@@ -2,6 +2,7 @@
 
 import os
 import re
+from pathlib import Path
 
 import click
 
@@ -20,15 +21,30 @@ class Size(click.ParamType):
         return int(float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " "))
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as `warning: MESSAGE`, without Python's file name and source line."""
+    click.echo(f"warning: {message}", err=True)
+
+
 def run_reporting_errors(fn, *args, **kwargs):
-    """Call fn; input and tokenizer errors become one clear line and exit status 1, not a traceback."""
+    """Call fn; input, tokenizer and write errors become one clear line and exit status 1, not a traceback.
+    Warnings print as one line each."""
+    import errno
+    import warnings
+
+    from pile_tools.atomic import DISK_FULL, write_failure
     from pile_tools.reader import InputError
     from tokenizer.engine import TokenizerError
 
+    warnings.showwarning = one_line_warning
     try:
         return fn(*args, **kwargs)
     except (InputError, TokenizerError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # a write no caller wrapped: still one line, naming what the error names
+        if e.errno in (*DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise click.ClickException(str(write_failure(Path(e.filename or "the output"), e))) from None
+        raise
 
 
 def echo_err(message: str) -> None:
@@ -46,7 +62,8 @@ def echo_err(message: str) -> None:
     help="Epochs per component: 'pile' (the Pile paper's Table 1), 'none' (1 each), or a JSON file.",
 )
 @click.option("--split", default="995,4,1", show_default=True, help="train,valid,test weights.")
-@click.option("--workers", type=int, default=os.cpu_count(), show_default=True, help="Encoding processes.")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True,
+              help="Encoding processes.")  # fmt: skip
 @click.option(
     "--component",
     default=None,
@@ -58,8 +75,10 @@ def echo_err(message: str) -> None:
     help="Also write the train split's repeats to disk as one dataset, for tools that cannot blend.",
 )
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of --materialize's fractions.")
-@click.option("--rank", type=int, default=0, show_default=True, help="This process's share of the parts.")
-@click.option("--world-size", type=int, default=1, show_default=True, help="Processes sharing the parts.")
+@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
+              help="This process's share of the parts.")  # fmt: skip
+@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes sharing the parts.")  # fmt: skip
 @click.option(
     "--part-size",
     type=Size(),
@@ -87,7 +106,7 @@ def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, *
 
     if not 0 <= rank < world_size:
         raise click.BadParameter(f"--rank {rank} must be in [0, --world-size {world_size})", param_hint="--rank")
-    out = run_reporting_errors(run, list(inputs), tokenizer, output, workers=max(1, workers), rank=rank,
+    out = run_reporting_errors(run, list(inputs), tokenizer, output, workers=workers, rank=rank,
                                world_size=world_size, strict=strict, echo=echo_err, **opts)  # fmt: skip
     if out is not None:
         click.echo(f"shards in {out}  (blend.json, manifest.json; look inside with: neox-data inspect {out})")
@@ -106,11 +125,32 @@ def merge_shards(dirs, output):
 
 @click.command("inspect")
 @click.argument("target", type=click.Path(exists=False))
-@click.option("--decode", type=int, default=0, help="Decode and print the first N documents of each shard.")
+@click.option(
+    "--decode", type=click.IntRange(min=0), default=0, help="Decode and print the first N documents of each shard."
+)
 @click.option("--tokenizer", default=None, help="Tokenizer for --decode (default: the one in manifest.json).")
-@click.option("--chars", type=int, default=400, show_default=True, help="Characters shown per decoded document.")
+@click.option("--chars", type=click.IntRange(min=0), default=400, show_default=True,
+              help="Characters shown per decoded document.")  # fmt: skip
 def inspect_shards(target, decode, tokenizer, chars):
     """Print counts per shard of a build-shards directory or one .bin/.idx prefix, and decode documents."""
     from pile_tools.inspect import inspect
 
     run_reporting_errors(inspect, target, decode, tokenizer, chars, click.echo)
+
+
+@click.command("verify")
+@click.argument("targets", nargs=-1, required=True, type=click.Path(exists=False))
+@click.option("--tokenizer", default=None, help="Vocabulary and EOD id to check against (default: the manifest's).")
+@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True,
+              help="Shards checked at once.")  # fmt: skip
+def verify_shards(targets, tokenizer, workers):
+    """Audit shards fully: .idx and .bin agree, every document ends with EOD, every id is in the vocabulary,
+    checksums and counts equal manifest.json's, blend.json's shards exist. One line per problem; exit 1 on any.
+
+    \b
+    neox-data verify shards/
+    neox-data verify /data/megatron/pile_text_document --tokenizer gpt-neox-20b
+    """
+    from pile_tools.verify import verify_or_fail
+
+    run_reporting_errors(verify_or_fail, list(targets), tokenizer, workers, click.echo)

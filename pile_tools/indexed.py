@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pile_tools.atomic import writing
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 DTYPES = {
@@ -45,13 +47,17 @@ def write_index(path: Path, sizes: np.ndarray, dtype: np.dtype) -> None:
     np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
     pointers *= np.dtype(dtype).itemsize
     tmp = Path(f"{path}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(MAGIC)
-        f.write(struct.pack("<QBQQ", VERSION, CODES[np.dtype(dtype)], len(sizes), len(sizes) + 1))
-        f.write(sizes.astype("<i4", copy=False).tobytes())
-        f.write(pointers.astype("<i8", copy=False).tobytes())
-        f.write(np.arange(len(sizes) + 1, dtype="<i8").tobytes())
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(MAGIC)
+                f.write(struct.pack("<QBQQ", VERSION, CODES[np.dtype(dtype)], len(sizes), len(sizes) + 1))
+                f.write(sizes.astype("<i4", copy=False).tobytes())
+                f.write(pointers.astype("<i8", copy=False).tobytes())
+                f.write(np.arange(len(sizes) + 1, dtype="<i8").tobytes())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
@@ -68,6 +74,23 @@ def read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray
     pointers = np.memmap(path, "<i8", "r", offset + 4 * n, (n,)) if n else np.zeros(0, np.int64)
     doc_idx = np.memmap(path, "<i8", "r", offset + 12 * n, (m,))
     return np.dtype(DTYPES[code]), sizes, pointers, doc_idx
+
+
+def check_pair(prefix: Path) -> str | None:
+    """What is wrong with a `.bin`/`.idx` pair, from their sizes alone (milliseconds), or None."""
+    try:
+        dtype, sizes, pointers, _ = read_index(Path(f"{prefix}.idx"))
+        actual = os.path.getsize(f"{prefix}.bin")
+    except (OSError, ValueError) as e:
+        return str(e)
+    if dtype.kind not in "iu":
+        return f"{prefix}.idx: dtype {dtype.name} does not hold token ids"
+    expected = int(np.asarray(sizes, np.int64).sum()) * dtype.itemsize
+    if expected != actual:
+        return f"{prefix}.bin: {actual:,} bytes, but the .idx sizes sum to {expected:,} (truncated or not its pair)"
+    if len(sizes) and int(pointers[-1]) + int(sizes[-1]) * dtype.itemsize != actual:
+        return f"{prefix}.idx: the pointers do not end at the end of .bin"
+    return None
 
 
 class ShardWriter:

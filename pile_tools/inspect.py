@@ -1,12 +1,11 @@
 """inspect: counts per shard, a consistency check of each .bin/.idx pair, and documents decoded back."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from pile_tools.indexed import Shard
+from pile_tools.indexed import Shard, check_pair
 from pile_tools.reader import InputError
 
 
@@ -24,18 +23,8 @@ def find_shards(target: Path) -> tuple[list[Path], Path | None]:
     return prefixes, manifest if manifest.is_file() else None
 
 
-def check(shard: Shard) -> str:
-    """'ok', or what is wrong with the pair: the .bin size must match the sizes the .idx gives."""
-    expected = int(np.asarray(shard.sizes, np.int64).sum()) * shard.dtype.itemsize
-    actual = os.path.getsize(f"{shard.prefix}.bin")
-    if expected != actual:
-        return f"CORRUPT: .idx sizes sum to {expected} bytes, .bin has {actual}"
-    if len(shard) and (shard.pointers[-1] + shard.sizes[-1] * shard.dtype.itemsize != actual):
-        return "CORRUPT: pointers do not end at the end of .bin"
-    return "ok"
-
-
 def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -> None:
+    """Print the table; an InputError after it when any pair is corrupt (so the command exits non-zero)."""
     root = Path(target)
     prefixes, manifest_path = find_shards(root)
     manifest = json.loads(manifest_path.read_text()) if manifest_path else None
@@ -43,13 +32,23 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
     base = root if root.is_dir() else prefixes[0].parent
     echo(f"{'shard':<40} {'dtype':>6} {'documents':>10} {'tokens':>13} {'tok/doc':>8}  check")
     total_docs = total_tokens = 0
+    corrupt = []
     for prefix in prefixes:
-        shard = Shard(prefix)
+        name = str(prefix.relative_to(base)) if prefix.is_relative_to(base) else str(prefix)
+        problem = check_pair(prefix)
+        try:
+            shard = Shard(prefix)
+        except (OSError, ValueError):  # unreadable: no counts to show
+            corrupt.append(name)
+            echo(f"{name:<40} CORRUPT: {problem}")
+            continue
         tokens = int(np.asarray(shard.sizes, np.int64).sum())
         total_docs, total_tokens = total_docs + len(shard), total_tokens + tokens
-        name = str(prefix.relative_to(base)) if prefix.is_relative_to(base) else str(prefix)
         echo(f"{name:<40} {shard.dtype.name:>6} {len(shard):>10,} {tokens:>13,} "
-             f"{tokens / max(1, len(shard)):>8.0f}  {check(shard)}")  # fmt: skip
+             f"{tokens / max(1, len(shard)):>8.0f}  {'ok' if problem is None else 'CORRUPT: ' + problem}")  # fmt: skip
+        if problem is not None:
+            corrupt.append(name)
+            continue
         for i in range(min(decode, len(shard))):
             text = decoder(shard[i].tolist())
             echo(f"--- {name} document {i} ({len(shard[i])} tokens) ---")
@@ -59,6 +58,8 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
         skipped = manifest.get("skipped") or {}
         echo(f"tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}..., weights {manifest['options']['weights']}, "
              f"skipped lines: {sum(skipped.values())}")  # fmt: skip
+    if corrupt:
+        raise InputError(f"{len(corrupt)} corrupt shard(s): {', '.join(corrupt)}; the full audit: neox-data verify")
 
 
 def load_decoder(tokenizer: str | None, manifest: dict | None):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from pile_tools.atomic import writing
 from pile_tools.components import slugify
 from pile_tools.indexed import ShardWriter
 from pile_tools.reader import InputError, Part, PartReader, Skips
@@ -105,8 +106,10 @@ class PartWriter:
         token_codes = np.repeat(codes, sizes) if len(uniq) > 1 else None
         for code, key in enumerate(uniq):
             docs = codes == code
-            self._writer(key).add(tokens if token_codes is None else tokens[token_codes == code], sizes[docs])
+            mine = tokens if token_codes is None else tokens[token_codes == code]
+            self._writer(key).add(mine, sizes[docs])
             stat = self.stats[f"{key[0]}/{slugify(key[1])}"]
+            stat["max_id"] = max(stat["max_id"], int(mine.max()))  # train checks it against the model's vocabulary
             stat["documents"] += int(docs.sum())
             stat["tokens"] += int(sizes[docs].sum())
             stat["text_bytes"] += sum(b for b, d in zip(nbytes, docs) if d)
@@ -124,6 +127,7 @@ class PartWriter:
                 "documents": 0,
                 "tokens": 0,
                 "text_bytes": 0,
+                "max_id": 0,
             }
             self.writers[key] = ShardWriter(self.root / prefix, self.dtype)
         return self.writers[key]
@@ -166,22 +170,24 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
     reader = PartReader(part, config.component, skips, config.max_doc_bytes)
     writer, reported = PartWriter(tmp, config.dtype), 0
     docs = batches(reader, config.split_thresholds)
-    for batch, consumed in prefetch(docs) if config.parallel else docs:
-        ids, counts = encoder.encode([text for _, text, _ in batch])
-        tokens, sizes = append_eod(ids, counts, config.eod)
-        writer.write([key for key, _, _ in batch], tokens, sizes, [n for _, _, n in batch])
-        if report:
-            report(consumed - reported, len(batch), len(tokens), sum(n for _, _, n in batch))
-            reported = consumed
-    writer.close()
+    with writing(tmp):
+        for batch, consumed in prefetch(docs) if config.parallel else docs:
+            ids, counts = encoder.encode([text for _, text, _ in batch])
+            tokens, sizes = append_eod(ids, counts, config.eod)
+            writer.write([key for key, _, _ in batch], tokens, sizes, [n for _, _, n in batch])
+            if report:
+                report(consumed - reported, len(batch), len(tokens), sum(n for _, _, n in batch))
+                reported = consumed
+        writer.close()
     receipt = {
         "part": part.index, "source": part.source, "start": part.start, "end": part.end,
         "engine": config.engine, "shards": writer.stats, "skipped": skips.counts,
         "skip_examples": skips.examples, "components_seen": sorted(reader.components_seen),
         "seconds": round(time.time() - start, 3),
     }  # fmt: skip
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "receipt.json").write_text(json.dumps(receipt, indent=1))
+    with writing(tmp):
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "receipt.json").write_text(json.dumps(receipt, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
     return receipt

@@ -68,6 +68,14 @@ class Cli:
         return result
 
 
+def assert_clean_error(output: str, *phrases: str) -> None:
+    """A negative test's output: the phrases, an error line, and never a Python traceback."""
+    assert "Traceback" not in output and 'File "' not in output, output[-3000:]
+    assert "Error" in output or "error" in output, output[-3000:]
+    for phrase in phrases:
+        assert phrase in output, (phrase, output[-3000:])
+
+
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every shard file's bytes, by relative path: what must be identical between equivalent runs."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.suffix in (".bin", ".idx")}

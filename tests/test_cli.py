@@ -38,6 +38,11 @@ def test_inspect_counts_checks_and_decodes(corpus, tmp_path, run):
     assert "train/fortunes" in one.output or "fortunes" in one.output
     with open(out / "train" / "fortunes.bin", "ab") as f:
         f.write(b"\0\0")
-    assert "CORRUPT" in run.ok("inspect", out).output
+    corrupt = run("inspect", out)
+    assert (
+        corrupt.exit_code == 1
+        and "CORRUPT" in corrupt.output
+        and "1 corrupt shard(s): train/fortunes" in corrupt.output
+    )
     missing = run("inspect", tmp_path / "nothing")
     assert missing.exit_code == 1 and "no .bin/.idx shards" in missing.output

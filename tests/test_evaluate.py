@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import NEOX, SAMPLE, read_jsonl_zst
+from helpers import NEOX, SAMPLE, assert_clean_error, read_jsonl_zst
 from tokenizers import Tokenizer
 
 from trainer.checkpoint import save_checkpoint
@@ -59,4 +59,5 @@ def test_unknown_task_is_a_clear_error(tmp_path, run):
     config = load_config("configs/tiny.yml", ["num_layers=1", "hidden_size=64"])
     save_checkpoint(GPTNeoX(config.model), config, tmp_path / "m", tokenizer=NEOX)
     result = run("evaluate", tmp_path / "m", "--tasks", "no_such_task")
-    assert result.exit_code == 1 and "unknown task(s): no_such_task" in result.output
+    assert result.exit_code == 1
+    assert_clean_error(result.output, "unknown task(s): no_such_task")

@@ -42,8 +42,8 @@ def worker(rank, world, store, parallel, ids, out):
             pieces = [torch.empty_like(p.grad) for _ in range(world)]
             dist.all_gather(pieces, p.grad.contiguous())
             grads[name] = torch.cat(pieces, dim=dim)
-    if rank == 0:
-        out.put((loss.detach(), grads))
+    if rank == 0:  # plain data (numpy), not tensors: torch's queue would share them with a process about to exit
+        out.put((loss.item(), {name: g.numpy() for name, g in grads.items()}))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -58,6 +58,7 @@ def test_tp2_loss_and_gradients_equal_one_process(parallel, tmp_path):
     for p in procs:
         p.start()
     loss, grads = out.get(timeout=120)
+    loss, grads = torch.tensor(loss, dtype=torch.float64), {k: torch.from_numpy(v) for k, v in grads.items()}
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

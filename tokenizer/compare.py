@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pile_tools.atomic import write_text
+from pile_tools.atomic import check_writable, write_text, writing
 from pile_tools.build import guard_sample
 from pile_tools.parts import prefetch
 from pile_tools.reader import InputError, Skips, discover, plan_parts, read_documents, report_skips
@@ -183,20 +183,20 @@ def plot(report: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    with writing(path):
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        os.replace(tmp, path)
 
 
 def compare_tokenizers(inputs, specs, baseline, output, echo=print) -> dict:
     """Count, then write report.json, report.md, report.csv and compression.png into `output`."""
     tokenizers = name_tokenizers(specs, baseline)
+    out = check_writable(Path(output))  # before the counting, not after it
     counted = count(inputs, tokenizers, echo)
     report = {"baseline": next(iter(tokenizers)), "tokenizers": list(tokenizers),
               "files": {n: str(p) for n, p in tokenizers.items()}, **counted}  # fmt: skip
     report["total"] = with_total(report["components"])
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(next(rows(report))))
     writer.writeheader()

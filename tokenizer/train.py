@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pile_tools.atomic import write_json, write_text
+from pile_tools.atomic import check_writable, write_json, write_text
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.parts import prefetch
 from pile_tools.reader import InputError, Part, Skips, discover, plan_parts, read_documents, report_skips
@@ -210,9 +210,8 @@ def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, compone
     """Sample, train and save; returns the training report."""
     start = time.time()
     plan = plan_sample(inputs, max_bytes, component_weights, seed, strict, echo)
+    out = check_writable(Path(output))  # before the training, not after it
     tok = train(sample_texts(plan, strict), vocab_size, min_frequency, add_prefix_space)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "tokenizer.json", tok.to_str(pretty=True))
     for name, obj in transformers_files(add_prefix_space).items():
         write_json(out / name, obj)

@@ -14,13 +14,14 @@ memory over a run).
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pile_tools.indexed import read_index
+from pile_tools.indexed import check_pair, read_index
 from trainer.config import ConfigError, NeoXConfig
 from trainer.data import BlendedDataset, GPTDataset, blend_index
 
@@ -119,7 +120,54 @@ def resolve_sources(data_dir: str | Path | None, data: dict) -> dict[str, list[S
     return sources_from_keys(data)
 
 
-def split_dataset(sources: list[Source], num_samples: int, seq_length: int, seed: int) -> BlendedDataset | None:
+def find_manifest(prefix: Path) -> dict:
+    """The build-shards manifest.json of a shard (DIR/split/component), or {} for shards from other tools."""
+    path = prefix.parent.parent / "manifest.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def manifest_entry(manifest: dict, prefix: Path) -> dict:
+    """The manifest's record of one shard (documents, tokens, max_id, xxh3_128), or {}."""
+    name = f"{prefix.parent.name}/{prefix.name}"
+    for component in manifest.get("components", {}).values():
+        for entry in component.get("splits", {}).values():
+            if entry.get("prefix") == name:
+                return entry
+    return {}
+
+
+def check_shards(sources: dict[str, list[Source]], vocab_size: int) -> None:
+    """Before any work, in milliseconds: every .bin agrees with its .idx, and the largest id that build-shards
+    recorded fits the vocabulary. A ConfigError names the shard."""
+    for prefix in {s.prefix for split in sources.values() for s in split}:
+        if (problem := check_pair(prefix)) is not None:
+            raise ConfigError(problem)
+        manifest = find_manifest(prefix)
+        limit = min(vocab_size, manifest.get("tokenizer", {}).get("vocab_size", vocab_size))
+        max_id = manifest_entry(manifest, prefix).get("max_id")
+        if max_id is not None and max_id >= limit:
+            raise ConfigError(f"shard {prefix}: token id {max_id:,} is outside the vocabulary ({limit:,} ids)")
+
+
+def fallback_cache_dir(save: Path | None) -> Path:
+    """Where sample indices go when the shards' directory is read-only: under --save, else the user's cache."""
+    if save is not None:
+        return Path(save) / "index-cache"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "neox-data" / "index-cache"
+
+
+def cache_dir(prefix: Path, fallback: Path | None) -> Path:
+    """`index-cache/` beside the shard when that place is writable; nothing is ever written beside read-only data."""
+    beside = prefix.parent / "index-cache"
+    writable = os.access(beside if beside.is_dir() else prefix.parent, os.W_OK)
+    return beside if writable else fallback or fallback_cache_dir(None)
+
+
+def split_dataset(sources: list[Source], num_samples: int, seq_length: int, seed: int, vocab_size: int | None = None,
+                  fallback: Path | None = None) -> BlendedDataset | None:  # fmt: skip
     """The blend of `sources` holding exactly `num_samples` samples (None when the split has no data)."""
     sources = [s for s in sources if s.weight > 0 and (s.documents is None or len(s.documents))]
     if not sources or num_samples == 0:
@@ -127,21 +175,24 @@ def split_dataset(sources: list[Source], num_samples: int, seq_length: int, seed
     source, within = blend_index([s.weight for s in sources], num_samples)
     counts = np.bincount(source, minlength=len(sources))
     datasets = [
-        GPTDataset(s.prefix, int(n), seq_length, seed, documents=s.documents) if n else None
+        GPTDataset(s.prefix, int(n), seq_length, seed, cache_dir(s.prefix, fallback), s.documents, vocab_size)
+        if n else None
         for s, n in zip(sources, counts)
-    ]
+    ]  # fmt: skip
     return BlendedDataset(datasets, source, within, names=[s.prefix.name for s in sources])
 
 
-def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_batch: int) -> dict:
-    """train, valid and test datasets sized to what the run reads."""
+def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_batch: int, fallback: Path) -> dict:
+    """train, valid and test datasets sized to what the run reads; their indices cached beside the shards, or
+    under `fallback` where that is read-only."""
     t = config.training
     sizes = {"train": t.train_iters * global_batch, "valid": t.eval_iters * global_batch,
              "test": t.eval_iters * global_batch}  # fmt: skip
     out = {}
     for split in SPLITS:
         try:
-            out[split] = split_dataset(sources.get(split, []), sizes[split], t.seq_length, t.seed)
+            out[split] = split_dataset(sources.get(split, []), sizes[split], t.seq_length, t.seed,
+                                       config.model.vocab_size, fallback)  # fmt: skip
         except ValueError as e:  # a source with no tokens
             raise ConfigError(f"{split} data: {e}") from None
     if out["train"] is None:

@@ -19,8 +19,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from pile_tools.atomic import write_text
-from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
+from pile_tools.atomic import WriteError, check_writable, write_text, writing
+from pile_tools.checksums import (
+    check_files,
+    hash_files,
+    listed_files,
+    read_checksums,
+    verify_directory,
+    write_checksums,
+)
+from trainer.config import ConfigError, NeoXConfig, RunError, TrainingConfig, load_config, to_yaml_dict
 from trainer.model import GPTNeoX, ModelConfig
 
 HF_ACT = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
@@ -54,13 +62,19 @@ def save_checkpoint(model: GPTNeoX, config: NeoXConfig, path: str | Path, tokeni
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.yml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
-    save_weights(model, tmp / "model.safetensors")
-    if tokenizer is not None:
-        copy_tokenizer(Path(tokenizer), tmp / "tokenizer")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    with writing(path):
+        try:
+            tmp.mkdir(parents=True)
+            (tmp / "config.yml").write_text(yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
+            save_weights(model, tmp / "model.safetensors")
+            if tokenizer is not None:
+                copy_tokenizer(Path(tokenizer), tmp / "tokenizer")
+            write_checksums(tmp, hash_files(tmp, listed_files(tmp)))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
     return path
 
 
@@ -90,10 +104,23 @@ def load_state_dict(path: Path) -> dict:
     return {k: v.float() for k, v in module.items()}
 
 
+def verify_checkpoint(path: Path) -> None:
+    """A ConfigError naming the first file of the checkpoint that does not match its checksums.json; a note for a
+    checkpoint written before checksums."""
+    problems = verify_directory(path)
+    if problems is None:
+        warnings.warn(f"{path} was written before checkpoints carried checksums: not verified", stacklevel=2)
+    elif problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ConfigError(f"{path} does not verify: {problems[0]}{more}")
+
+
 def load_checkpoint(path: str | Path, device="cpu") -> tuple[GPTNeoX, NeoXConfig]:
+    """The model and config of a checkpoint (or a run's latest one), verified against its checksums first."""
     path = checkpoint_dir(path)
     if not (path / "config.yml").is_file():
         raise ConfigError(f"{path}: not a checkpoint (no config.yml)")
+    verify_checkpoint(path)
     config = load_config(path / "config.yml")
     model = GPTNeoX(config.model)
     model.load_state_dict(load_state_dict(path))
@@ -136,17 +163,30 @@ def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None 
     """Write config.json, model.safetensors and the tokenizer files that GPTNeoXForCausalLM/AutoTokenizer load."""
     from tokenizer.engine import resolve_tokenizer
 
+    out = check_writable(Path(output))
     model, config = load_checkpoint(checkpoint)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     source = resolve_tokenizer(tokenizer) if tokenizer else checkpoint_dir(checkpoint) / "tokenizer"
     if not (source.is_file() or (source / "tokenizer.json").is_file()):
         warnings.warn(f"{checkpoint} holds no tokenizer; shipping the released GPT-NeoX-20B one", stacklevel=2)
         source = resolve_tokenizer("gpt-neox-20b")
-    copy_tokenizer(source, out)
-    hf_config(config.model).save_pretrained(out)
-    save_weights(model, out / "model.safetensors")
+    with writing(out):
+        copy_tokenizer(source, out)
+        hf_config(config.model).save_pretrained(out)
+        save_weights(model, out / "model.safetensors")
     return out
+
+
+def check_model_type(hf_dir: Path) -> None:
+    """Refuse, before anything is built, a directory that does not hold a GPT-NeoX model."""
+    path = hf_dir / "config.json"
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing; not a Hugging Face model directory") from None
+    except (ValueError, AttributeError):
+        raise ConfigError(f"{path}: not a JSON object") from None
+    if model_type != "gpt_neox":
+        raise ConfigError(f"{path}: model_type {model_type!r}, not a GPT-NeoX model (gpt_neox)")
 
 
 def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
@@ -154,13 +194,15 @@ def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hf_dir = Path(hf_dir)
+    check_model_type(hf_dir)
+    check_writable(Path(output).absolute().parent)
     model_config = model_config_from_hf(GPTNeoXConfig.from_pretrained(hf_dir))
     hf_model = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     state = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf_model.state_dict().items()}
     model = GPTNeoX(model_config)
     expected = set(model.state_dict())
     model.load_state_dict({k: v for k, v in state.items() if k in expected})
-    config = NeoXConfig(model=model_config)
+    config = NeoXConfig(model=model_config, training=TrainingConfig(seq_length=model_config.max_position_embeddings))
     tokenizer = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
     return save_checkpoint(model, config, output, tokenizer)
 
@@ -188,59 +230,161 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state(states["cuda"])
 
 
-def prune_checkpoints(save: Path, keep: int) -> None:
-    """Delete all but the `keep` newest global_step<N> checkpoints (the latest is always among them)."""
-    tags = sorted((p for p in save.glob("global_step*") if p.name[11:].isdigit()), key=lambda p: int(p.name[11:]))
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def step_of(tag: str) -> int | None:
+    return int(tag[11:]) if tag.startswith("global_step") and tag[11:].isdigit() else None
 
 
-def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer) -> Path:
-    """A DeepSpeed checkpoint of step `step`, with the data position and RNG states, the parsed config and the
-    tokenizer; `latest` names it only once every rank has written every file, so a save cut short (even by
-    SIGKILL) never becomes the latest and the previous one stays loadable."""
+def tags_by_step(save: Path) -> list[str]:
+    """The global_step<N> directories of a run, newest first."""
+    tags = [p.name for p in save.glob("global_step*") if p.is_dir() and step_of(p.name) is not None]
+    return sorted(tags, key=step_of, reverse=True)
+
+
+def prune_checkpoints(save: Path, keep: int, run_id: str, protected: set[str]) -> None:
+    """Delete this run's checkpoints (the ones whose checksums.json carries its id) beyond the `keep` newest,
+    never one of `protected` (the latest, a checkpoint resumed from after a fallback), never another run's."""
+    ours = [t for t in tags_by_step(save) if (read_checksums(save / t) or {}).get("run_id") == run_id]
+    for tag in ours[keep:]:
+        if tag not in protected:
+            shutil.rmtree(save / tag, ignore_errors=True)
+
+
+def finite_states(engine) -> bool:
+    """Whether this rank's weights and optimizer states (fp32 masters and moments) are all finite."""
+    tensors = list(engine.module.parameters())
+    optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):  # DeepSpeed's fp16/bf16/ZeRO wrappers around the torch optimizer
+        optimizer = optimizer.optimizer
+    for group in optimizer.param_groups:
+        tensors += group["params"]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` holds on every rank."""
+    import torch.distributed as dist
+
+    t = torch.tensor([0 if flag else 1])
+    dist.all_reduce(t)
+    return t.item() == 0
+
+
+def hash_on_all_ranks(where: Path) -> dict:
+    """Checksums of every file of a checkpoint, each rank hashing its share of them."""
+    import torch.distributed as dist
+
+    names = [listed_files(where) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    mine = hash_files(where, names[0][dist.get_rank() :: dist.get_world_size()])
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return {k: v for part in gathered for k, v in part.items()}
+
+
+def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer,
+                             run_id: str, protected: set[str]) -> Path:  # fmt: skip
+    """A DeepSpeed checkpoint of step `step`, with the data position and RNG states, the parsed config, the
+    tokenizer and checksums.json; `latest` names it only once every rank has written and hashed every file, so a
+    save cut short (even by SIGKILL) never becomes the latest and the previous one stays loadable. Non-finite
+    weights or optimizer states are never saved."""
     import torch.distributed as dist
 
     tag = f"global_step{step}"
-    engine.save_checkpoint(str(save), tag=tag, client_state=state, save_latest=False)
-    where = save / tag
-    rank = dist.get_rank()
-    tmp = where / f"rng_state_{rank}.pt.tmp"
-    torch.save(rng_states(), tmp)
-    tmp.replace(where / f"rng_state_{rank}.pt")
-    if rank == 0:
-        write_text(where / "config.yml", yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
-        if tokenizer is not None:
-            copy_tokenizer(Path(tokenizer), where / "tokenizer")
+    where, rank = save / tag, dist.get_rank()
+    if not all_ranks(finite_states(engine)):
+        raise RunError(f"step {step}: the weights or optimizer states hold nan or inf; not saving {where} "
+                       f"(the latest checkpoint stays {read_latest(save) or 'none'})")  # fmt: skip
+    if rank == 0 and where.exists():  # a save cut short, or a checkpoint that did not verify: written anew
+        shutil.rmtree(where)
     dist.barrier()
+    try:
+        with writing(where):
+            engine.save_checkpoint(str(save), tag=tag, client_state=state, save_latest=False)
+            tmp = where / f"rng_state_{rank}.pt.tmp"
+            torch.save(rng_states(), tmp)
+            tmp.replace(where / f"rng_state_{rank}.pt")
+            if rank == 0:
+                write_text(where / "config.yml", yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
+                if tokenizer is not None:
+                    copy_tokenizer(Path(tokenizer), where / "tokenizer")
+    except WriteError:
+        if rank == 0:  # half a checkpoint is of no use, and on a full disk it holds the space others need
+            shutil.rmtree(where, ignore_errors=True)
+        raise
+    dist.barrier()
+    files = hash_on_all_ranks(where)
     if rank == 0:
+        write_checksums(where, files, run_id=run_id, step=step)
         write_text(save / "latest", tag)
         if config.training.keep_last_n_checkpoints:
-            prune_checkpoints(save, config.training.keep_last_n_checkpoints)
+            prune_checkpoints(save, config.training.keep_last_n_checkpoints, run_id, protected | {tag})
     dist.barrier()
     return where
 
 
+def read_latest(save: Path) -> str | None:
+    path = save / "latest"
+    return path.read_text().strip() if path.is_file() else None
+
+
+def verify_on_all_ranks(where: Path) -> list[str] | None:
+    """Problems of a checkpoint against its checksums.json, each rank checking its share; None without one."""
+    import torch.distributed as dist
+
+    recorded = read_checksums(where)
+    if recorded is None or recorded.get("unreadable"):
+        return None if recorded is None else [f"{where / 'checksums.json'}: unreadable"]
+    names = sorted(recorded["files"])[dist.get_rank() :: dist.get_world_size()]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, check_files(where, recorded, names))
+    return sorted(p for part in gathered for p in part)
+
+
+def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
+    """(tag, whether it is a fallback, its run id): `latest` if it verifies, else the newest older one that does.
+    A checkpoint written before checksums loads unverified, with a note."""
+    latest, tags = read_latest(load), tags_by_step(load)
+    newest = step_of(latest) if latest else float("inf")  # no `latest`: a kill between checksums and `latest`
+    candidates = ([latest] if latest else []) + [t for t in tags if step_of(t) < newest]
+    legacy = not any((load / t / "checksums.json").is_file() for t in tags)  # a run from before checksums
+    for tag in candidates:
+        problems = verify_on_all_ranks(load / tag) if (load / tag).is_dir() else [f"{load / tag}: missing"]
+        if problems is None and not legacy:
+            problems = [f"{load / tag}: no checksums.json (a save cut short?)"]
+        if problems is None:
+            warnings.warn(f"{load / tag} was written before checkpoints carried checksums: loaded unverified",
+                          stacklevel=2)  # fmt: skip
+            return tag, tag != latest, None
+        if not problems:
+            return tag, tag != latest, read_checksums(load / tag).get("run_id")
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        warnings.warn(f"{tag} does not verify: {problems[0]}{more}; trying the previous checkpoint", stacklevel=2)
+    raise ConfigError(f"--load: no checkpoint in {load} verifies (tried {', '.join(candidates) or 'none'})")
+
+
 def load_training_checkpoint(engine, load: Path, config: NeoXConfig, layout: tuple, tp_rank: int,
                              pipelined: bool) -> dict:  # fmt: skip
-    """Restore this run from `load`'s latest checkpoint: everything when it was saved in the same (TP, PP, DP)
-    layout, else weights, step, data position and schedule (trainer/reshard.py). Returns the step and position."""
+    """Restore this run from `load`'s newest checkpoint that verifies: everything when it was saved in the same
+    (TP, PP, DP) layout, else weights, step, data position and schedule (trainer/reshard.py). Returns the step,
+    the data position, the tag, whether it was a fallback and the run's id."""
     import torch.distributed as dist
 
     from trainer.reshard import checkpoint_layout, load_other_layout
 
-    if not (load / "latest").is_file():
-        raise ConfigError(f"--load: {load} holds no 'latest' checkpoint")
-    where = checkpoint_dir(load)
+    tag, fallback, run_id = choose_checkpoint(load)
+    where = load / tag
+    if fallback:
+        warnings.warn(f"--load: resuming from {where}, the newest checkpoint that verifies", stacklevel=2)
     if checkpoint_layout(where)[1] != tuple(layout):
         state = load_other_layout(engine, where, config, tp_rank, pipelined)
         path = where / "mp_rank_00_model_states.pt"
     else:
-        path, state = engine.load_checkpoint(str(load))
+        path, state = engine.load_checkpoint(str(load), tag=tag)
     if path is None:
-        raise ConfigError(f"--load: the checkpoint in {load} could not be read")
+        raise ConfigError(f"--load: the checkpoint in {where} could not be read")
     rng = Path(path).parent / f"rng_state_{dist.get_rank()}.pt"
     if not rng.is_file():  # a checkpoint with another layout: keep this run's seeds
         rng = Path(path).parent / "rng_state_0.pt"
     set_rng_states(torch.load(rng, weights_only=False))
-    return state
+    return {**state, "tag": tag, "fallback": fallback, "run_id": run_id}

@@ -10,7 +10,9 @@ from pile_tools.commands import run_reporting_errors
 
 @click.command("plan")
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config.")
-@click.option("--gpus", type=int, default=None, help="GPUs in all (default: one model replica, TP x PP).")
+@click.option(
+    "--gpus", type=click.IntRange(min=1), default=None, help="GPUs in all (default: one model replica, TP x PP)."
+)
 @click.option("--tflops", type=float, default=117.0, show_default=True, help="Sustained TFLOPS per GPU.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -49,7 +51,8 @@ def import_hf(hf_dir, output):
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", default=None, help="Text to continue.")
 @click.option("--prompt-ids", default=None, help="Token ids to continue, comma-separated.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Tokens to generate at most.")  # fmt: skip
 @click.option("--greedy", is_flag=True, help="Always the most likely token.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
 @click.option("--top-p", type=float, default=0.9, show_default=True)
@@ -76,7 +79,9 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
 @click.option("--dry-run", is_flag=True, help="Print the parallel layout (stages, ranks, memory) and stop.")
-@click.option("--world-size", type=int, default=None, help="With --dry-run: the number of GPUs to lay out.")
+@click.option(
+    "--world-size", type=click.IntRange(min=1), default=None, help="With --dry-run: the number of GPUs to lay out."
+)
 def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
     """Train a GPT-NeoX model with DeepSpeed; one process, or many under the `deepspeed` launcher.
 
@@ -117,7 +122,7 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 @click.option("--num-fewshot", type=int, default=None, help="Examples in each prompt (default: the task's own).")
 @click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write the harness's results JSON.")
 @click.option("--limit", type=float, default=None, help="At most this many documents per task (a test run).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 def evaluate(model, tasks, num_fewshot, output, limit, batch_size):
     """Run the LM Evaluation Harness on an HF directory or a checkpoint (a training run's directory too)."""
     from trainer.evaluate import evaluate as run

@@ -6,6 +6,7 @@ of the wrong type is an error naming its key. Precedence: --set KEY=VALUE > the 
 """
 
 import dataclasses
+import difflib
 import types
 import typing
 import warnings
@@ -15,11 +16,15 @@ from pathlib import Path
 import yaml
 
 from pile_tools.reader import InputError
-from trainer.model import ModelConfig
+from trainer.model import ModelConfig, check_at_least
 
 
 class ConfigError(InputError):
     """A config that cannot be used; the message names the key."""
+
+
+class RunError(InputError):
+    """A run that cannot go on (non-finite losses, a bad token id in a shard); the message says where."""
 
 
 @dataclass
@@ -41,6 +46,8 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.type: {self.type!r} is not supported; use Adam or AdamW")
         if self.lr_decay_style not in ("cosine", "linear", "constant"):
             raise ConfigError(f"lr_decay_style: {self.lr_decay_style!r}; choose cosine, linear or constant")
+        check_at_least(self, 0, "lr", "min_lr", "weight_decay", "warmup", "gradient_clipping", "eps")
+        check_at_least(self, 1, "lr_decay_iters")
 
 
 @dataclass
@@ -51,6 +58,10 @@ class ParallelConfig:
     pipe_partition_method: str = "type:transformer"  # gpt-neox's key: balance blocks; or parameters, uniform
 
     def __post_init__(self):
+        self.pipe_parallel_size = self.pipe_parallel_size or 1  # gpt-neox reads 0 as "no pipeline": one stage
+        check_at_least(self, 1, "pipe_parallel_size", "model_parallel_size")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_optimization.stage: {self.zero_stage}; choose 0, 1, 2 or 3")
         if not (
             self.pipe_partition_method.startswith("type:") or self.pipe_partition_method in ("parameters", "uniform")
         ):
@@ -88,6 +99,13 @@ class TrainingConfig:
     exit_interval: int | None = None  # save and stop once the step is a multiple of this (gpt-neox, Megatron)
     keep_last_n_checkpoints: int | None = None  # older complete checkpoints are deleted (None: keep all)
     compile: bool = False  # torch.compile each block (ours; fuses LayerNorm, GELU, rotary and the residual adds)
+    stop_after_nonfinite_steps: int = 3  # ours: this many optimizer steps in a row with a nan/inf loss end the run
+
+    def __post_init__(self):
+        check_at_least(self, 1, "seq_length", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                       "train_iters", "log_interval", "train_batch_size", "exit_interval", "keep_last_n_checkpoints",
+                       "stop_after_nonfinite_steps")  # fmt: skip
+        check_at_least(self, 0, "save_interval", "eval_interval", "eval_iters")
 
 
 @dataclass
@@ -180,12 +198,18 @@ def flatten(raw: dict) -> dict:
             for k, v in (value.get("params") or {}).items():
                 flat[k] = v
         elif key in ("fp16", "bf16") and isinstance(value, dict):
-            flat[key] = value.get("enabled", True)
+            # gpt-neox's Pythia configs spell bf16 as fp16: {enabled: true, type: bfloat16}
+            name = "bf16" if str(value.get("type", "")).lower() in ("bfloat16", "bf16") else key
+            flat[name] = value.get("enabled", True)
             for k, v in value.items():
-                if k != "enabled":
+                if k not in ("enabled", "type"):
                     flat[k] = v
         elif key == "zero_optimization" and isinstance(value, dict):
             flat["zero_stage"] = value.get("stage", 0)
+        elif key in ("optimizer", "zero_optimization"):
+            raise ConfigError(f"{key}: expected a mapping like {key}: {{...}}, got {value!r}")
+        elif key == "checkpoint_factor":  # gpt-neox's current name for save_interval
+            flat.setdefault("save_interval", value)
         else:
             flat[key] = value
     return flat
@@ -219,12 +243,34 @@ def build(raw: dict) -> NeoXConfig:
     return NeoXConfig(**parts, data=data)
 
 
+NESTED = {"optimizer", "fp16", "bf16", "zero_optimization"}  # gpt-neox's mappings, flattened by flatten()
+KNOWN = set(FLAT) | DATA_KEYS | NO_EFFECT | set(FIXED) | NESTED | {"bias_gelu_fusion", "checkpoint_factor"}
+
+
 def parse_override(item: str) -> tuple[str, object]:
     """KEY=VALUE from --set; the value is read as YAML, so numbers, booleans and lists keep their type."""
     key, sep, value = item.partition("=")
+    key = key.strip().replace("-", "_")
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-    return key.strip(), yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if key not in KNOWN:  # a typo on the command line is the user's: stop, unlike a gpt-neox file's extra keys
+        close = difflib.get_close_matches(key, sorted(KNOWN), n=1)
+        raise ConfigError(f"--set {key}: unknown key" + (f"; did you mean {close[0]}?" if close else ""))
+    return key, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """The file's keys with --set's on top; replacing one of gpt-neox's mappings needs a mapping."""
+    for key, value in map(parse_override, overrides):
+        if key in NESTED and not isinstance(value, dict) and not (key in ("fp16", "bf16") and isinstance(value, bool)):
+            raise ConfigError(f"--set {key}={value!r}: {key} is a mapping (like {key}: {{...}}); set one of its "
+                              f"keys instead, e.g. --set lr=... for the optimizer")  # fmt: skip
+        raw[key] = value
+    return raw
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> NeoXConfig:
@@ -238,8 +284,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> NeoXConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is a mapping of keys to values")
     raw = {k.replace("-", "_"): v for k, v in raw.items()}
-    raw.update(dict(parse_override(o) for o in overrides))
-    return build(raw)
+    return build(apply_overrides(raw, list(overrides)))
 
 
 def to_yaml_dict(config: NeoXConfig) -> dict:

@@ -17,7 +17,9 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from pile_tools.atomic import writing
 from pile_tools.indexed import Shard
+from trainer.config import RunError
 
 
 def epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) -> int:
@@ -44,8 +46,8 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
 
 def cache_key(shard: Shard, documents: range, num_samples: int, seq_length: int, seed: int) -> str:
     stat = os.stat(f"{shard.prefix}.idx")
-    what = (f"{shard.prefix.name}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|{documents.start}:{documents.stop}|"
-            f"{num_samples}|{seq_length}|{seed}")  # fmt: skip
+    what = (f"{shard.prefix.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|"
+            f"{documents.start}:{documents.stop}|{num_samples}|{seq_length}|{seed}")  # fmt: skip
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
@@ -60,17 +62,19 @@ class GPTDataset:
     Megatron-style `split` of one shard); indices cached under `cache_dir`."""
 
     def __init__(self, prefix: str | Path, num_samples: int, seq_length: int, seed: int,
-                 cache_dir: Path | None = None, documents: range | None = None):  # fmt: skip
-        self.shard = Shard(Path(prefix))
+                 cache_dir: Path | None = None, documents: range | None = None,
+                 vocab_size: int | None = None):  # fmt: skip
+        self.shard, self.vocab_size = Shard(Path(prefix)), vocab_size
         self.documents = documents if documents is not None else range(len(self.shard))
         self.num_samples, self.seq_length = num_samples, seq_length
         cache = Path(cache_dir) if cache_dir else self.shard.prefix.parent / "index-cache"
         stem = f"{self.shard.prefix.name}_{cache_key(self.shard, self.documents, num_samples, seq_length, seed)}"
         paths = {name: cache / f"{stem}_{name}.npy" for name in ("doc_idx", "sample_idx", "shuffle_idx")}
         if not all(p.is_file() for p in paths.values()):
-            cache.mkdir(parents=True, exist_ok=True)
-            for name, array in self.build(seed).items():
-                save_npy(paths[name], array)
+            with writing(cache):
+                cache.mkdir(parents=True, exist_ok=True)
+                for name, array in self.build(seed).items():
+                    save_npy(paths[name], array)
         self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[n], mmap_mode="r") for n in paths)
 
     def build(self, seed: int) -> dict[str, np.ndarray]:
@@ -93,11 +97,26 @@ class GPTDataset:
         j = int(self.shuffle_idx[i])
         (first, offset), (last, end) = self.sample_idx[j], self.sample_idx[j + 1]
         if first == last:
-            return self.shard[int(self.doc_idx[first])][offset : end + 1].astype(np.int64)
-        pieces = [self.shard[int(self.doc_idx[first])][offset:]]
-        pieces += [self.shard[int(self.doc_idx[k])] for k in range(first + 1, last)]
-        pieces.append(self.shard[int(self.doc_idx[last])][: end + 1])
-        return np.concatenate(pieces).astype(np.int64)
+            tokens = self.shard[int(self.doc_idx[first])][offset : end + 1].astype(np.int64)
+        else:
+            pieces = [self.shard[int(self.doc_idx[first])][offset:]]
+            pieces += [self.shard[int(self.doc_idx[k])] for k in range(first + 1, last)]
+            pieces.append(self.shard[int(self.doc_idx[last])][: end + 1])
+            tokens = np.concatenate(pieces).astype(np.int64)
+        if self.vocab_size is not None and len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            self.report_bad_id(first, last)
+        return tokens
+
+    def report_bad_id(self, first: int, last: int):
+        """The RunError naming the document (of the sample's documents first..last) that holds a bad id."""
+        for k in range(first, last + 1):
+            doc = int(self.doc_idx[k])
+            ids = self.shard[doc]
+            bad = ids[(ids >= self.vocab_size) | (ids < 0)] if ids.dtype.kind == "i" else ids[ids >= self.vocab_size]
+            if len(bad):
+                raise RunError(f"shard {self.shard.prefix}: document {doc} holds token id {int(bad[0]):,}, outside "
+                               f"the vocabulary ({self.vocab_size:,} ids); check it with: neox-data verify "
+                               f"{self.shard.prefix}")  # fmt: skip
 
 
 @numba.njit(cache=True)

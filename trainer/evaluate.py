@@ -14,7 +14,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from pile_tools.atomic import write_json
+from pile_tools.atomic import check_writable, write_json
 from pile_tools.reader import InputError
 
 TASKS = Path(__file__).parent / "eval_tasks"
@@ -82,6 +82,8 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
         raise InputError(f"unknown task(s): {', '.join(unknown)} (local ones: {', '.join(LOCAL_TASKS)})")
+    if output is not None:
+        check_writable(Path(output).absolute().parent)  # before the harness runs, not after
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     # per-request notices (e.g. each context cut to the model's length) drown the results on short-context models
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -99,9 +101,7 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None
     summary = {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
                for task, metrics in results["results"].items()}  # fmt: skip
     if output is not None:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(out, {"model": str(model), "num_fewshot": num_fewshot, "summary": summary,
+        write_json(Path(output), {"model": str(model), "num_fewshot": num_fewshot, "summary": summary,
                          "results": results["results"], "configs": results.get("configs", {}),
                          "versions": results.get("versions", {})})  # fmt: skip
     return summary

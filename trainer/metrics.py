@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pile_tools.atomic import write_text
+from pile_tools.atomic import write_text, writing
 
 # Dense bf16/fp16 tensor-core peak, FLOP/s, by device name (for MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "A10": 125e12,
@@ -23,11 +23,19 @@ def peak_flops(device_name: str) -> float | None:
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
+def step_of_line(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a crash or a full disk
+        return None
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Keep the lines of steps <= `step` (a resumed run rewrites what came after)."""
+    """Keep the lines of steps <= `step` (a resumed run rewrites what came after; a run from step 0, all)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    steps = [(line, step_of_line(line)) for line in path.read_text().splitlines()] if step > 0 else []
+    kept = [line for line, s in steps if s is not None and s <= step]
     write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -56,8 +64,9 @@ class Metrics:
         if self.rank != 0:
             return
         if self.file:
-            self.file.write(json.dumps(entry) + "\n")
-            self.file.flush()
+            with writing(Path(self.file.name)):
+                self.file.write(json.dumps(entry) + "\n")
+                self.file.flush()
         if self.writer:
             prefix = entry["kind"]
             for key, value in entry.items():
@@ -116,7 +125,8 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(png)
+    with writing(png):
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(png)
     return png

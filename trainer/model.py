@@ -14,6 +14,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def check_at_least(obj, minimum: int, *names: str) -> None:
+    """A ValueError naming the first field of `obj` below `minimum` (None means unset and passes)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name}: must be at least {minimum}, got {value}")
+
+
 @dataclass
 class ModelConfig:
     """The architecture. `padded_vocab_size` is derived; everything else is gpt-neox's meaning of the name."""
@@ -36,6 +44,9 @@ class ModelConfig:
     checkpoint_activations: bool = False
 
     def __post_init__(self):
+        check_at_least(self, 1, "num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                       "max_position_embeddings", "make_vocab_size_divisible_by", "model_parallel_size")  # fmt: skip
+        check_at_least(self, 0, "intermediate_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"

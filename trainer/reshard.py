@@ -56,6 +56,8 @@ def checkpoint_layout(path: Path) -> tuple[NeoXConfig, tuple[int, int, int]]:
     config = load_config(path / "config.yml")
     p = config.parallel
     ranks = len(list(path.glob("rng_state_*.pt")))
+    if ranks == 0:
+        raise ConfigError(f"{path}: no rng_state_<rank>.pt files; the checkpoint is incomplete")
     return config, (
         p.model_parallel_size,
         p.pipe_parallel_size,

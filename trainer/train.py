@@ -5,10 +5,12 @@ rank reads its own slice of every global batch). Every check of the config and t
 group, the model or any index is built, so a bad config costs nothing.
 """
 
+import contextlib
 import json
 import math
 import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -16,9 +18,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from trainer.batches import build_datasets, micro_batch, resolve_sources, sample_positions
-from trainer.checkpoint import load_training_checkpoint, save_training_checkpoint
-from trainer.config import ConfigError, NeoXConfig
+from pile_tools.atomic import check_writable
+from trainer.batches import (
+    build_datasets,
+    check_shards,
+    fallback_cache_dir,
+    micro_batch,
+    resolve_sources,
+    sample_positions,
+)
+from trainer.checkpoint import (
+    load_training_checkpoint,
+    read_latest,
+    save_training_checkpoint,
+    step_of,
+    tags_by_step,
+)
+from trainer.config import ConfigError, NeoXConfig, RunError
 from trainer.engine import (
     check_precision,
     deepspeed_config,
@@ -31,6 +47,7 @@ from trainer.metrics import Metrics, peak_flops, plot_losses
 from trainer.model import Block, GPTNeoX
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
+from trainer.runlock import RunLock
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -44,13 +61,33 @@ def shards_manifest(data_dir: Path | None) -> dict:
     return json.loads(path.read_text()) if path and path.is_file() else {}
 
 
+def has_run(save: Path) -> str | None:
+    """The newest checkpoint a directory holds (`latest`, or a complete one without it), or None."""
+    if not save.is_dir():
+        return None
+    tags = [t for t in tags_by_step(save) if (save / t / "checksums.json").is_file()]
+    return read_latest(save) or (tags[0] if tags else None)
+
+
+def check_save(save, load) -> None:
+    """Refuse a --save that holds a run unless this run continues it (--load of the same directory)."""
+    latest = has_run(Path(save)) if save is not None else None
+    if latest is not None and (load is None or Path(load).resolve() != Path(save).resolve()):
+        raise ConfigError(f"--save {save} holds a run at step {step_of(latest)}: add --load {save} to continue it, "
+                          "or choose another directory")  # fmt: skip
+
+
 def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | None]:
-    """Every check that needs no process group: sources, vocabulary, layout, batch, --load.
+    """Every check that needs no process group: sources, shards, vocabulary, layout, batch, --save, --load.
 
     Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
+    if config.training.seq_length > config.model.max_position_embeddings:  # rotary would run past its table
+        raise ConfigError(f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
+                          f"{config.model.max_position_embeddings}")  # fmt: skip
     world = int(os.environ.get("WORLD_SIZE", 1))
     config.global_batch(world)  # DP, and train_batch_size against micro x accumulation x DP
-    if load is not None and not (Path(load) / "latest").is_file():  # as Megatron and gpt-neox: start afresh
+    check_save(save, load)
+    if load is not None and not has_run(Path(load)):  # as Megatron and gpt-neox: start afresh
         warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
         load = None
     data_dir = Path(data_dir) if data_dir else None
@@ -62,6 +99,7 @@ def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | Non
     if shards.get("vocab_size", 0) > config.model.vocab_size:
         raise ConfigError(f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model "
                           f"{config.model.vocab_size:,}")  # fmt: skip
+    check_shards(sources, config.model.vocab_size)
     if tokenizer is None and shards.get("path") and Path(shards["path"]).is_file():
         tokenizer = shards["path"]
     if save is None:
@@ -97,11 +135,14 @@ class Trainer:
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
-        self.step = 0
+        self.step, self.run_id, self.protected = 0, uuid.uuid4().hex, set()
         if load is not None:
             layout = (p.model_parallel_size, p.pipe_parallel_size, self.dp)
             state = load_training_checkpoint(self.engine, Path(load), config, layout, self.tp_rank, self.pipelined)
-            self.step = state["iteration"]
+            self.step, self.run_id = state["iteration"], state["run_id"] or self.run_id
+            if state["fallback"]:  # the newest checkpoint that verifies is never pruned by this run
+                self.protected.add(state["tag"])
+        self.nonfinite = []  # the steps, in a row, whose loss or gradient norm was nan or inf
         where = config.data.get("log_dir") or save
         self.metrics_dir = Path(where) if where else None
         self.metrics = Metrics(self.metrics_dir, config.training.log_interval, config.training.train_iters, self.step,
@@ -113,7 +154,7 @@ class Trainer:
         """Rank 0 builds (and caches) the sample indices first; the others then read them."""
         if self.rank != 0:
             dist.barrier()
-        data = build_datasets(self.config, sources, self.global_batch)
+        data = build_datasets(self.config, sources, self.global_batch, fallback_cache_dir(self.save))
         if self.rank == 0:
             dist.barrier()
         return data
@@ -203,7 +244,24 @@ class Trainer:
     def checkpoint(self) -> None:
         if self.save is not None:
             state = {"iteration": self.step, "consumed_samples": self.step * self.global_batch}
-            save_training_checkpoint(self.engine, self.config, self.save, self.step, state, self.tokenizer)
+            save_training_checkpoint(self.engine, self.config, self.save, self.step, state, self.tokenizer,
+                                     self.run_id, self.protected)  # fmt: skip
+
+    def check_finite(self, loss: float, grad_norm: float | None, skipped: bool) -> None:
+        """Stop after stop_after_nonfinite_steps optimizer steps in a row with a nan/inf loss or gradient norm;
+        fp16 steps skipped while the loss scale backs off neither count nor break the row."""
+        if skipped:
+            return
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            self.nonfinite = []
+            return
+        self.nonfinite.append(self.step)
+        if len(self.nonfinite) >= self.config.training.stop_after_nonfinite_steps:
+            latest = read_latest(self.save) if self.save else None
+            raise RunError(f"steps {self.nonfinite[0]}-{self.step}: loss {loss}, gradient norm {grad_norm}: "
+                           f"{len(self.nonfinite)} optimizer steps in a row were not finite; stopping without a "
+                           f"checkpoint (the latest stays {latest or 'none'}); lower lr, check the data, or resume "
+                           "from an earlier checkpoint")  # fmt: skip
 
     def run(self) -> dict:
         t = self.config.training
@@ -211,10 +269,11 @@ class Trainer:
         if self.step == 0 and t.eval_interval:
             results["first_valid"] = self.record(self.evaluate("valid"))
         while self.step < t.train_iters:
-            start = time.perf_counter()
+            start, skipped = time.perf_counter(), getattr(self.engine, "skipped_steps", 0)
             loss, lr, grad_norm = self.train_step()
             self.step += 1
             self.metrics.record(self.train_entry(loss, lr, grad_norm, time.perf_counter() - start))
+            self.check_finite(loss, grad_norm, getattr(self.engine, "skipped_steps", 0) > skipped)
             results["train_loss"] = loss
             stop = bool(t.exit_interval) and self.step % t.exit_interval == 0
             if t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop:
@@ -238,13 +297,18 @@ class Trainer:
 
 
 def train(config: NeoXConfig, data_dir=None, save=None, load=None) -> dict:
-    """Check everything, then train from the loaded position (or step 0) to train_iters."""
+    """Check everything, then train from the loaded position (or step 0) to train_iters, holding --save's lock
+    (rank 0) for the whole run."""
     check_precision(config)
     sources, tokenizer, load = check_run(config, data_dir, save, load)
+    owner = save is not None and int(os.environ.get("RANK", 0)) == 0
+    if owner:
+        check_writable(Path(save))
     try:
-        results = Trainer(config, sources, save, load, tokenizer).run()
-        dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
-        return results
+        with RunLock(Path(save)) if owner else contextlib.nullcontext():
+            results = Trainer(config, sources, save, load, tokenizer).run()
+            dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
+            return results
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

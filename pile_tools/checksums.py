@@ -1,0 +1,84 @@
+"""Content checksums of files (xxh3-128, ~10 GB/s a core) and the `checksums.json` that vouches for a directory.
+
+`DIR/checksums.json`, written last and atomically once every other file of DIR is complete:
+    {"algorithm": "xxh3_128", "files": {"relative/path": {"size": bytes, "xxh3_128": "hex"}}, ...extra keys}
+A directory verifies when every file it lists exists with its size and hash. Files not listed (a later addition)
+are not judged; a missing checksums.json means the directory predates checksums and cannot be vouched for.
+"""
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import xxhash
+
+from pile_tools.atomic import write_json
+
+NAME = "checksums.json"
+ALGORITHM = "xxh3_128"
+CHUNK = 16 << 20
+
+
+def file_hash(path: Path) -> str:
+    """xxh3-128 of a file's bytes, read in 16 MB chunks into one reused buffer."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def listed_files(directory: Path) -> list[str]:
+    """Every file under `directory` but the checksums file itself and temp files, as sorted relative paths."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
+                  if p.is_file() and p.name != NAME and ".tmp" not in p.name)  # fmt: skip
+
+
+def hash_files(directory: Path, names: list[str], threads: int | None = None) -> dict[str, dict]:
+    """{name: {"size", "xxh3_128"}} of the named files, hashed on a few threads (reads release the GIL)."""
+    threads = threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads) as pool:
+        hashes = list(pool.map(lambda n: file_hash(directory / n), names))
+    return {n: {"size": (directory / n).stat().st_size, ALGORITHM: h} for n, h in zip(names, hashes)}
+
+
+def write_checksums(directory: Path, files: dict[str, dict], **extra) -> None:
+    write_json(directory / NAME, {"algorithm": ALGORITHM, "files": files, **extra})
+
+
+def read_checksums(directory: Path) -> dict | None:
+    """The directory's checksums.json, or None when it has none (written before checksums existed)."""
+    path = directory / NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError):
+        return {"algorithm": ALGORITHM, "files": {}, "unreadable": True}
+
+
+def check_files(directory: Path, recorded: dict, names: list[str] | None = None) -> list[str]:
+    """Problems (one line each, naming the file) of the recorded files `names` (default: all of them)."""
+    problems = []
+    for name in recorded["files"] if names is None else names:
+        want, path = recorded["files"][name], directory / name
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path}: {path.stat().st_size:,} bytes, {want['size']:,} recorded")
+        elif file_hash(path) != want[ALGORITHM]:
+            problems.append(f"{path}: content differs from its recorded checksum")
+    return problems
+
+
+def verify_directory(directory: Path) -> list[str] | None:
+    """Problems of a directory against its checksums.json; [] when it verifies, None when it has none."""
+    recorded = read_checksums(directory)
+    if recorded is None:
+        return None
+    if recorded.get("unreadable"):
+        return [f"{directory / NAME}: unreadable"]
+    return check_files(directory, recorded)

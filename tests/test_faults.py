@@ -1,0 +1,369 @@
+"""A long run loses nothing and lets no fault pass silently: one owner per run directory, checkpoints that verify
+(and a fallback when one does not), non-finite values that stop the run, shards checked before step 1, read-only
+and full disks, and arguments checked where they are parsed. Every negative case: one clear line, no traceback."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import SAMPLE, Cli, assert_clean_error
+
+from pile_tools.checksums import verify_directory
+
+ROOT = Path(__file__).parent.parent
+SMALL = ["--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4", "--set", "train_iters=6",
+         "--set", "eval_interval=3", "--set", "eval_iters=2", "--set", "save_interval=2", "--set", "log_interval=1",
+         "--set", "warmup=0.5"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    Cli().ok("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--split", "80,10,10",
+             "--workers", 1)  # fmt: skip
+    return out
+
+
+def command(*args) -> list[str]:
+    return [sys.executable, "-m", "cli", *map(str, args)]
+
+
+def neox(*args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True)
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def train(*args, check=True) -> subprocess.CompletedProcess:
+    return neox("train", "--config", ROOT / "configs" / "tiny.yml", *args, check=check)
+
+
+def fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert_clean_error(result.stdout + result.stderr, *phrases)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+def latest_verifies(run: Path) -> bool:
+    """`latest` is absent (no checkpoint yet) or names a checkpoint whose every file matches its checksums."""
+    if not (run / "latest").is_file():
+        return True
+    return verify_directory(run / (run / "latest").read_text().strip()) == []
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train("--data", shards, "--save", run, *SMALL)
+    return run
+
+
+# Finding 1: a --save holding a run, given without --load, is refused; the run still loads and exports.
+def test_reusing_a_save_without_load_is_refused_and_loses_nothing(shards, straight, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in straight.rglob("*")}
+    again = train("--data", shards, "--save", straight, *SMALL, "--set", "train_iters=4", check=False)
+    fails(again, f"--save {straight} holds a run at step 6: add --load {straight}")
+    assert {p.name: p.stat().st_mtime_ns for p in straight.rglob("*")} == before
+    assert latest_verifies(straight) and (straight / "latest").read_text() == "global_step6"
+    Cli().ok("export-hf", straight, "--output", tmp_path / "hf")
+
+
+# Finding 2: a second run on one --save is refused naming the holder; a dead holder's lock is taken over.
+def test_a_second_run_on_the_same_save_is_refused_and_a_dead_ones_lock_is_taken_over(shards, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
+            "--set", "train_iters=100000", "--set", "save_interval=0", "--set", "eval_interval=0"]  # fmt: skip
+    first = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / ".lock").is_file() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert (run / ".lock").is_file(), first.stderr.read() if first.poll() is not None else "no lock in 120 s"
+        second = train("--data", shards, "--save", run, "--load", run, *SMALL, check=False)
+        fails(second, f"{run} is in use by another run: pid {first.pid}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    third = train("--data", shards, "--save", run, "--load", run, *SMALL, "--set", "train_iters=1")
+    assert "taking over the lock of a run that ended without releasing it" in third.stderr
+    assert not (run / ".lock").exists()  # released at the end
+
+
+def corrupt_middle(path: Path, size: int = 1 << 20) -> None:
+    """Overwrite `size` bytes in the middle of a file with 0xFF, as a failing disk or a bad copy would."""
+    n = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(n // 2)
+        f.write(b"\xff" * min(size, n // 4))
+
+
+# Finding 3 and the acceptance's corrupted checkpoint: export fails naming the file; --load falls back.
+def test_a_corrupt_checkpoint_is_refused_and_train_falls_back_to_the_previous_one(shards, straight, tmp_path):
+    run = tmp_path / "run"
+    train("--data", shards, "--save", run, *SMALL)
+    largest = max((run / "global_step6").iterdir(), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    corrupt_middle(largest)
+    fails(neox("export-hf", run, "--output", tmp_path / "hf", check=False), f"{largest}: content differs")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    resumed = train("--data", shards, "--save", run, "--load", run, *SMALL)
+    assert "global_step6 does not verify" in resumed.stderr and "resuming from" in resumed.stderr
+    assert losses(run) == losses(straight)  # steps 5 and 6 again, from global_step4: bitwise the same losses
+    assert latest_verifies(run) and (run / "global_step4").is_dir()  # the checkpoint fallen back to is kept
+
+
+# Finding 3, the rest: non-finite values end the run, and never reach a checkpoint.
+def test_non_finite_losses_stop_the_run_without_a_checkpoint(shards, tmp_path):
+    hot = ["--set", "lr=1.0e+6", "--set", "gradient_clipping=0.0", "--set", "train_iters=40"]
+    stopped = train("--data", shards, "--save", tmp_path / "a", *SMALL, *hot, "--set", "save_interval=0",
+                    check=False)  # fmt: skip
+    fails(stopped, "3 optimizer steps in a row were not finite")
+    saving = train("--data", shards, "--save", tmp_path / "b", *SMALL, *hot, check=False)
+    fails(saving, "the weights or optimizer states hold nan or inf; not saving")
+    assert not list((tmp_path / "a").glob("global_step*")) and not (tmp_path / "b" / "latest").exists()
+
+
+def copy_shards(shards: Path, dest: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(shards, dest, ignore=shutil.ignore_patterns("index-cache")))
+
+
+# Finding 4: shards are checked before step 1; a bad id at run time names the shard and document.
+def test_a_truncated_shard_is_refused_before_any_work(shards, tmp_path):
+    bad = copy_shards(shards, tmp_path / "bad")
+    bin_path = bad / "train" / "github.bin"
+    os.truncate(bin_path, bin_path.stat().st_size - 1000)
+    fails(train("--data", bad, "--save", tmp_path / "run", *SMALL, check=False), f"{bin_path}: ", "truncated")
+    assert not (tmp_path / "run").exists()
+    fails(neox("inspect", bad, check=False), "CORRUPT", "train/github")
+    fails(neox("verify", bad, check=False), "train/github", "truncated")
+
+
+@pytest.mark.parametrize("token", [60000, 50290])
+def test_an_id_outside_the_vocabulary_is_an_error_naming_shard_and_document(shards, tmp_path, token):
+    bad = copy_shards(shards, tmp_path / "bad")
+    for path in bad.glob("train/*.bin"):
+        tokens = np.memmap(path, np.uint16, "r+")
+        tokens[:] = token
+        tokens.flush()
+    result = train("--data", bad, "--save", tmp_path / "run", *SMALL, check=False)
+    fails(result, f"holds token id {token:,}, outside the vocabulary (50,277 ids)", "document ")
+    assert "IndexError" not in result.stderr
+    fails(neox("verify", bad, check=False), f"token id {token:,} at position 0 is outside the vocabulary",
+          "content differs from the checksum in manifest.json")  # fmt: skip
+
+
+def test_verify_passes_good_shards_and_names_a_missing_eod(shards, tmp_path):
+    ok = neox("verify", shards)
+    assert ok.stdout.strip().endswith(": ok")
+    bad = copy_shards(shards, tmp_path / "bad")
+    from pile_tools.indexed import Shard
+
+    shard = Shard(bad / "valid" / "github")
+    end = (int(shard.pointers[1]) // 2) + int(shard.sizes[1]) - 1  # the last token of document 1
+    tokens = np.memmap(bad / "valid" / "github.bin", np.uint16, "r+")
+    tokens[end] = 1
+    tokens.flush()
+    fails(neox("verify", bad, check=False), "valid/github: document 1 does not end with the EOD id 0")
+
+
+# Finding 5: import-hf reads model_type first.
+@pytest.mark.parametrize("tied", [False, True])
+def test_import_hf_refuses_a_model_that_is_not_gpt_neox(tmp_path, tied):
+    hf = tmp_path / "gpt2"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768, "tie_word_embeddings": tied}))
+    result = Cli()("import-hf", hf, "--output", tmp_path / "out")
+    assert result.exit_code == 1
+    assert_clean_error(result.output, "model_type 'gpt2', not a GPT-NeoX model")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def mount(tmp_path):
+    """mount(options, path): a tmpfs or a bind mount there, unmounted afterwards; skipped where mounting is not
+    allowed (tests run as root here and in CI, where chmod alone does not stop a write)."""
+    mounted = []
+
+    def do(args: list[str], path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", *args, str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield do
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def read_only_copy(mount, source: Path, where: Path) -> Path:
+    mount(["--bind", str(source)], where)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(where)], check=True)
+    assert not os.access(where, os.W_OK)
+    return where
+
+
+# Finding 6: shards on a read-only filesystem train, with the index cache under --save.
+def test_shards_on_a_read_only_filesystem_train_with_the_cache_under_save(shards, tmp_path, mount):
+    data = copy_shards(shards, tmp_path / "data")
+    ro = read_only_copy(mount, data, tmp_path / "ro")
+    before = sorted(p.name for p in data.rglob("*"))
+    train("--data", ro, "--save", tmp_path / "run", *SMALL, "--set", "train_iters=2")
+    assert sorted(p.name for p in data.rglob("*")) == before  # nothing written beside the shards
+    assert list((tmp_path / "run" / "index-cache").glob("*_doc_idx.npy"))
+
+
+# Finding 7: a full disk and read-only outputs: one line, no traceback, nothing that looks complete.
+def test_a_full_disk_gives_one_line_and_nothing_that_looks_complete(shards, tmp_path, mount):
+    small = mount(["-t", "tmpfs", "-o", "size=1m", "tmpfs"], tmp_path / "small")
+    out = small / "shards"
+    built = neox("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--workers", 1, check=False)
+    fails(built, "no space left on device while writing", str(small))
+    assert not (out / "manifest.json").exists() and not (out / "blend.json").exists()
+    disk = mount(["-t", "tmpfs", "-o", "size=40m", "tmpfs"], tmp_path / "disk")
+    trained = train("--data", shards, "--save", disk / "run", *SMALL, check=False)
+    fails(trained, "no space left on device while writing", str(disk / "run" / "global_step2"))
+    assert not (disk / "run" / "latest").exists()
+
+
+def test_read_only_outputs_fail_before_the_work(shards, straight, tmp_path, mount):
+    (tmp_path / "empty").mkdir()
+    ro = read_only_copy(mount, tmp_path / "empty", tmp_path / "ro")
+    for args in (["compare-tokenizers", SAMPLE, "--tokenizer", "gpt2", "--output", ro / "cmp"],
+                 ["export-hf", straight, "--output", ro / "hf"],
+                 ["train-tokenizer", SAMPLE, "--output", ro / "tok", "--vocab-size", "1000"],
+                 ["build-shards", SAMPLE, "--tokenizer", "gpt2", "--output", ro / "shards"],
+                 ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", ro / "run",
+                  *SMALL]):  # fmt: skip
+        fails(neox(*args, check=False), "read-only file system while writing", str(ro))
+
+
+# Finding 8 and 10: arguments and config values are checked where they are parsed.
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--set", "optimizer=abc"], "--set optimizer='abc': optimizer is a mapping"),
+        (["--set", "zero_optimization=[1"], "--set 'zero_optimization=[1': the value is not valid YAML"),
+        (["--set", "seq_length=0"], "seq_length: must be at least 1, got 0"),
+        (["--set", "num_layers=0"], "num_layers: must be at least 1, got 0"),
+        (["--set", "train_iters=-5"], "train_iters: must be at least 1, got -5"),
+        (["--set", "train_micro_batch_size_per_gpu=0"], "train_micro_batch_size_per_gpu: must be at least 1, got 0"),
+        (["--set", "seq_length=256"], "seq_length 256 exceeds max_position_embeddings 128"),
+        (["--set", "train_iter=2"], "--set train_iter: unknown key; did you mean train_iters?"),
+    ],
+)
+def test_bad_arguments_fail_where_they_are_parsed(tmp_path, args, message):
+    result = Cli()("train", "--config", ROOT / "configs" / "tiny.yml", "--data", tmp_path, *args)
+    assert result.exit_code == 1
+    assert_clean_error(result.output, message)
+
+
+def test_out_of_range_options_are_refused(tmp_path, straight):
+    build = ["build-shards", SAMPLE, "--tokenizer", "gpt2", "--output", tmp_path / "o"]
+    for args in (["generate", straight, "--prompt-ids", "1", "--max-new-tokens", "-1"],
+                 [*build, "--workers", "0"], [*build, "--workers", "-1"]):  # fmt: skip
+        result = Cli()(*args)
+        assert result.exit_code == 2 and "is not in the range" in result.output, result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_keys_in_a_config_file_are_one_warning_line(tmp_path):
+    config = tmp_path / "c.yml"
+    config.write_text((ROOT / "configs" / "tiny.yml").read_text() + "wandb_team: x\nsome_new_key: 1\n")
+    result = Cli()("plan", "--config", config)
+    assert result.exit_code == 0
+    lines = [line for line in result.output.splitlines() if "unknown config keys" in line]
+    assert lines == ["warning: unknown config keys, ignored: some_new_key, wandb_team"]
+    assert "warnings.warn" not in result.output
+
+
+def test_a_deleted_rng_file_falls_back_to_the_previous_checkpoint(shards, straight, tmp_path):
+    import shutil
+
+    run = Path(shutil.copytree(straight, tmp_path / "run"))
+    (run / "global_step6" / "rng_state_0.pt").unlink()
+    resumed = train("--data", shards, "--save", run, "--load", run, *SMALL)
+    assert "rng_state_0.pt: missing" in resumed.stderr and "resuming from" in resumed.stderr
+    assert losses(run) == losses(straight)
+
+
+KILLER = """
+import os, signal, sys
+point, count = os.environ["KILL_AT"].split(":")
+calls = [0]
+def die_on(module, name):
+    real = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    setattr(module, name, wrapped)
+import torch, pile_tools.checksums, trainer.checkpoint
+target = {"torch.save": (torch, "save"), "hash": (pile_tools.checksums, "file_hash"),
+          "checksums": (trainer.checkpoint, "write_checksums"), "latest": (trainer.checkpoint, "write_text")}[point]
+die_on(*target)
+import cli
+cli.main(sys.argv[1:])
+"""
+
+LONG = [*SMALL, "--set", "train_iters=100", "--set", "save_interval=5", "--set", "eval_interval=25"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resumes_exactly(shards, tmp_path):
+    """10 SIGKILLs, at random times and inside saves (torch.save, hashing, checksums.json, `latest`), each resumed
+    with --load: `latest` always verifies, and the losses and weights equal an uninterrupted run's."""
+    reference = tmp_path / "reference"
+    train("--data", shards, "--save", reference, *LONG)
+    run, rng = tmp_path / "run", random.Random(11)
+    args = ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, "--load", run, *LONG]
+    kills = 0
+    for moment in range(10):
+        if moment % 2:  # inside a save
+            point = rng.choice(["torch.save", "hash", "checksums", "latest"])
+            env = {**os.environ, "KILL_AT": f"{point}:{rng.randint(1, 4)}"}
+            done = subprocess.run([sys.executable, "-c", KILLER, *map(str, args)], cwd=ROOT, env=env,
+                                  capture_output=True, text=True)  # fmt: skip
+        else:  # at a random time: start-up, training, evaluation or a save
+            proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(2, 9))
+            proc.send_signal(signal.SIGKILL)
+            done = proc
+            proc.wait()
+        kills += done.returncode == -signal.SIGKILL
+        assert latest_verifies(run), f"after kill {moment}, latest does not verify"
+    assert kills >= 5  # most moments hit a live process (a few runs may finish before their kill point)
+    train(*args[1:])
+    assert losses(run) == losses(reference)
+    assert (run / "latest").read_text() == "global_step100" and latest_verifies(run)
+    a = torch.load(run / "global_step100" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    b = torch.load(reference / "global_step100" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoints_written_before_checksums_still_load_with_a_note(shards, straight, tmp_path):
+    import shutil
+
+    run = Path(shutil.copytree(straight, tmp_path / "run"))
+    for path in run.glob("global_step*/checksums.json"):
+        path.unlink()
+    exported = neox("export-hf", run, "--output", tmp_path / "hf")
+    assert "written before checkpoints carried checksums: not verified" in exported.stderr
+    resumed = train("--data", shards, "--save", run, "--load", run, *SMALL, "--set", "train_iters=7")
+    assert "written before checkpoints carried checksums: loaded unverified" in resumed.stderr
+    assert losses(run)[-1][0] == 7 and latest_verifies(run)

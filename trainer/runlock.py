@@ -1,0 +1,78 @@
+"""One owner per run directory: `SAVE/.lock`, created exclusively by rank 0 for the run's whole life.
+
+The file holds {"host", "pid", "started", "create_time"} of its holder. A lock left by a dead process on this host
+(SIGKILL, a node reboot, a Slurm timeout) is taken over with a warning; the process's create time tells a reused
+pid from the holder. A lock held on another host cannot be checked from here: the message says how to remove it.
+"""
+
+import json
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+
+from trainer.config import ConfigError
+
+NAME = ".lock"
+
+
+def holder_alive(holder: dict) -> bool:
+    """Whether the lock's process still runs on this host (the same pid started at the same time)."""
+    try:
+        return abs(psutil.Process(int(holder["pid"])).create_time() - float(holder["create_time"])) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError, ValueError):
+        return False
+
+
+def describe(holder: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {started}"
+
+
+class RunLock:
+    """`with RunLock(save):` holds `save/.lock`; a second holder is refused with a ConfigError naming the first."""
+
+    def __init__(self, save: Path):
+        self.path = Path(save) / NAME
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                   "create_time": psutil.Process().create_time()}  # fmt: skip
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while not self.try_create():
+            holder = self.read()
+            if holder is None:
+                continue  # removed between our attempt and the read: try again
+            if holder.get("host") != self.me["host"]:
+                raise ConfigError(f"{self.path.parent} is in use by the run of {describe(holder)}; if that run is "
+                                  f"over (its node died), remove {self.path} and start again")  # fmt: skip
+            if holder_alive(holder):
+                raise ConfigError(f"{self.path.parent} is in use by another run: {describe(holder)}")
+            warnings.warn(f"{self.path}: taking over the lock of a run that ended without releasing it "
+                          f"({describe(holder)})", stacklevel=2)  # fmt: skip
+            self.path.unlink(missing_ok=True)
+        return self
+
+    def try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.me, f)
+        return True
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # empty or cut short by a crash between create and write: nobody holds it
+            return {"host": self.me["host"], "pid": -1}
+
+    def __exit__(self, *exc):
+        if (self.read() or {}).get("pid") == self.me["pid"]:
+            self.path.unlink(missing_ok=True)

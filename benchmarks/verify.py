@@ -74,7 +74,7 @@ def main():
             if name == "read":
                 inner = float(re.search(r"in ([\d.]+) s", out)[1])
             else:
-                inner = float(re.search(r"GB in ([\d.]+) s", out)[1])
+                inner = float(re.search(r"GB in ([\d.]+) s", out)[1])  # the scan, without Python's start-up
             workers = 1 if name != f"verify-{cores}" else cores
             rates[name].append(nbytes / 1e9 / inner / workers)
             print(f"round {r}  {name:<10} {inner:6.2f} s scanning ({wall:5.2f} s with start-up)  "

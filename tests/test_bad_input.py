@@ -57,8 +57,7 @@ def test_bad_line_number_in_a_byte_range_part(tmp_path, run):
     lines = [GOOD] * 3000 + [b"not json\n"] + [GOOD] * 10
     (tmp_path / "in.jsonl").write_bytes(b"".join(lines))
     result = build(run, tmp_path / "in.jsonl", out=tmp_path / "o", extra=["--part-size", "16K", "--workers", "2"])
-    assert result.exit_code == 0
-    assert_clean_error(result.output, "in.jsonl:3001: invalid json")
+    assert result.exit_code == 0 and "in.jsonl:3001: invalid json" in result.output
 
 
 def test_truncated_zst_fails_cleanly(tmp_path, run):

@@ -2,7 +2,7 @@
 
 import click
 
-from pile_tools.commands import build_shards, inspect_shards, merge_shards, verify_shards
+from pile_tools.commands import build_shards, inspect_shards, merge_shards, verify_shards, whole_summaries
 from tokenizer.commands import compare_tokenizers, train_tokenizer
 from trainer.commands import evaluate, export_hf, generate, import_hf, plan, train
 
@@ -26,6 +26,7 @@ main.add_command(import_hf)
 main.add_command(generate)
 main.add_command(train)
 main.add_command(evaluate)
+whole_summaries(main)
 
 if __name__ == "__main__":
     main()

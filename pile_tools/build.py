@@ -34,9 +34,10 @@ def parse_split(split: str) -> list[float]:
         weights = [float(x) for x in split.replace("/", ",").split(",")]
     except ValueError:
         weights = []
-    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise InputError(f"--split {split!r}: give 1 to 3 non-negative weights for train,valid,test, like 995,4,1")
-    return weights + [0.0] * (3 - len(weights))
+    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InputError(f"--split {split!r}: give 3 non-negative weights for train,valid,test, like 995,4,1 "
+                         "(0 leaves a split out: 1,0,0 is train only)")  # fmt: skip
+    return weights
 
 
 def describe_input(source: str) -> dict:
@@ -119,7 +120,7 @@ class Progress:
     """One tqdm bar over input bytes, with documents, text MB and tokens per second."""
 
     def __init__(self, total: int, done_parts: int, n_parts: int):
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="encoding", dynamic_ncols=True)
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="encoding", dynamic_ncols=True, disable=None)
         self.start, self.docs, self.tokens, self.text = time.time(), 0, 0, 0
         self.parts, self.n_parts = done_parts, n_parts
 

@@ -47,6 +47,12 @@ def run_reporting_errors(fn, *args, **kwargs):
         raise
 
 
+def whole_summaries(group: click.Group) -> None:
+    """List each command with its whole first docstring line (click cuts a summary at about 45 characters)."""
+    for command in group.commands.values():
+        command.short_help = command.short_help or (command.help or "").strip().split("\n")[0]
+
+
 def echo_err(message: str) -> None:
     click.echo(message, err=True)
 
@@ -61,7 +67,8 @@ def echo_err(message: str) -> None:
     show_default=True,
     help="Epochs per component: 'pile' (the Pile paper's Table 1), 'none' (1 each), or a JSON file.",
 )
-@click.option("--split", default="995,4,1", show_default=True, help="train,valid,test weights.")
+@click.option("--split", default="995,4,1", show_default=True,
+              help="train,valid,test weights, all three (0 leaves a split out).")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True,
               help="Encoding processes.")  # fmt: skip
 @click.option(
@@ -91,6 +98,10 @@ def echo_err(message: str) -> None:
 def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, **opts):
     """Tokenize Pile-format text into Megatron .bin/.idx shards, one per split and component.
 
+    \b
+    neox-data build-shards pile_tools/sample --tokenizer gpt-neox-20b --output shards --split 90,5,5
+    neox-data build-shards /data/pile/train --tokenizer gpt-neox-20b --weights none --output /data/shards
+
     INPUT: .jsonl.zst, .jsonl.gz, .jsonl or .txt files, directories of them, or a Hugging Face dataset
     (owner/name or hf:owner/name[:split], streamed). A document is the `text` field; its component is
     meta.pile_set_name, else --component, else the file's name. Each document ends with <|endoftext|>.
@@ -116,7 +127,12 @@ def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, *
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Output directory.")
 def merge_shards(dirs, output):
-    """Join the outputs of `build-shards --rank I --world-size N` runs into the shards one run would write."""
+    """Join the outputs of `build-shards --rank I --world-size N` runs into the shards one run would write.
+
+    \b
+    neox-data merge-shards /shared/shards --output /shared/shards
+    neox-data merge-shards out-rank0 out-rank1 --output shards
+    """
     from pile_tools.build import merge_shards as run
 
     out = run_reporting_errors(run, list(dirs), output, echo=echo_err)
@@ -132,7 +148,12 @@ def merge_shards(dirs, output):
 @click.option("--chars", type=click.IntRange(min=0), default=400, show_default=True,
               help="Characters shown per decoded document.")  # fmt: skip
 def inspect_shards(target, decode, tokenizer, chars):
-    """Print counts per shard of a build-shards directory or one .bin/.idx prefix, and decode documents."""
+    """Print counts per shard of a build-shards directory or one .bin/.idx prefix, and decode documents.
+
+    \b
+    neox-data inspect shards
+    neox-data inspect shards/train/github --decode 2 --chars 200
+    """
     from pile_tools.inspect import inspect
 
     run_reporting_errors(inspect, target, decode, tokenizer, chars, click.echo)
@@ -144,12 +165,14 @@ def inspect_shards(target, decode, tokenizer, chars):
 @click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True,
               help="Shards checked at once.")  # fmt: skip
 def verify_shards(targets, tokenizer, workers):
-    """Audit shards fully: .idx and .bin agree, every document ends with EOD, every id is in the vocabulary,
-    checksums and counts equal manifest.json's, blend.json's shards exist. One line per problem; exit 1 on any.
+    """Audit shards in full, at disk speed; one line per problem, exit status 1 on any.
 
     \b
     neox-data verify shards/
     neox-data verify /data/megatron/pile_text_document --tokenizer gpt-neox-20b
+
+    Checks that each .idx and .bin agree, every document ends with EOD, every id is in the vocabulary, the
+    checksums and counts equal manifest.json's, and blend.json's shards exist with their token counts.
     """
     from pile_tools.verify import verify_or_fail
 

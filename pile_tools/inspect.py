@@ -1,6 +1,7 @@
 """inspect: counts per shard, a consistency check of each .bin/.idx pair, and documents decoded back."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,12 +64,16 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
 
 
 def load_decoder(tokenizer: str | None, manifest: dict | None):
-    from tokenizer.engine import load_reference, resolve_tokenizer
+    from tokenizer.engine import file_sha256, load_reference, resolve_tokenizer
 
     if tokenizer is None and manifest is None:
         raise InputError("--decode needs --tokenizer: there is no manifest.json naming the one used")
     path = resolve_tokenizer(tokenizer) if tokenizer else Path(manifest["tokenizer"]["path"])
     if not path.is_file():
         raise InputError(f"the manifest's tokenizer {path} is gone; pass --tokenizer")
+    if tokenizer and manifest and file_sha256(path) != manifest["tokenizer"]["sha256"]:
+        built = manifest["tokenizer"]["sha256"][:12]
+        warnings.warn(f"--tokenizer {tokenizer} is not the tokenizer these shards were built with (sha256 {built}"
+                      "...): the decoded text will be wrong", stacklevel=2)  # fmt: skip
     reference = load_reference(path)
     return lambda ids: reference.decode(ids, skip_special_tokens=False)

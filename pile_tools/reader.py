@@ -46,15 +46,31 @@ def component_from_name(path: str) -> str:
     return Path(name).stem
 
 
+def looks_local(item: str) -> bool:
+    """Whether an input names a local path (so a missing one is a typo, never a Hugging Face dataset): it starts
+    with ./ ../ / or ~, has a known file suffix, or its parent directory exists here."""
+    if item.startswith(("./", "../", "/", "~")) or item.endswith(SUFFIXES) or Path(item).suffix:
+        return True
+    parent = Path(item).parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
 def discover(inputs: list[str]) -> list[str]:
-    """Expand inputs into sources: files in the order given, directories' files sorted, HF dataset names."""
+    """Expand inputs into sources: files in the order given, directories' files sorted, HF dataset names
+    (`hf:owner/name[:split]`, or an `owner/name` that cannot be a local path)."""
     sources = []
     for item in inputs:
-        path = Path(item)
+        path = Path(item).expanduser()
         if item.startswith(HF_PREFIX) or (
-            not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", item) and not item.endswith(SUFFIXES)
+            not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+(:\w+)?", item) and not looks_local(item)
         ):
-            sources.append(item if item.startswith(HF_PREFIX) else HF_PREFIX + item)
+            name = item.removeprefix(HF_PREFIX)
+            dataset = name.partition(":")[0]
+            if not Path(dataset).exists():  # a local dataset directory streams without the network
+                if looks_local(dataset):
+                    raise InputError(f"{item}: not a local file or directory")
+                check_hub_reachable(name)  # at once, before any work, not after the libraries' retries
+            sources.append(HF_PREFIX + name)
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
             if not found:
@@ -296,12 +312,40 @@ class PartReader:
                 yield doc[0], doc[1], number
 
 
+def hub_offline() -> bool:
+    return any(
+        os.environ.get(k, "0").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (offline mode, no network), or None: one connection attempt,
+    instead of the libraries' rounds of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if hub_offline():
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+    except OSError as e:
+        return f"{endpoint.hostname} cannot be reached ({e})"
+    return None
+
+
+def check_hub_reachable(what: str) -> None:
+    """Fail at once, naming `what`, when the Hub cannot be reached."""
+    if reason := hub_unreachable():
+        raise InputError(f"{what}: a Hugging Face dataset, but {reason}; give a local path, or check the network")
+
+
 def read_documents(parts: list[Part], desc: str, skips: Skips):
     """(component, text) of every document, with a progress bar over input bytes; skips are counted."""
     from tqdm import tqdm
 
     total = sum(map(part_bytes, parts))
-    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, leave=False) as bar:
+    with tqdm(total=total, unit="B", unit_scale=True, desc=desc, dynamic_ncols=True, leave=False, disable=None) as bar:
         for part in parts:
             reader, seen = PartReader(part, None, skips), 0
             for component, text, _ in reader.documents():

@@ -4,7 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import SAMPLE, Cli, read_jsonl_zst, write_jsonl
+from helpers import SAMPLE, SMALL, Cli, read_jsonl_zst, train, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,30 @@ def corpus(tmp_path, sample_docs) -> Path:
 @pytest.fixture
 def run():
     return Cli()
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """The README's demo, run once: (its work directory, holding demo-output/, and each command's output).
+    The notebooks read it as `make demo`'s output, so the suite trains the demo's model once."""
+    from demo import run_demo
+
+    work = tmp_path_factory.mktemp("demo")
+    return work, run_demo(work)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """The bundled sample as shards (80/10/10), for the trainer's tests."""
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    Cli().ok("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--split", "80,10,10",
+             "--workers", 1)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="session")
+def straight(shards, tmp_path_factory) -> Path:
+    """6 steps in one go, saved every 2: the reference run (read-only: copy it to change it)."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    train("--data", shards, "--save", run, *SMALL)
+    return run

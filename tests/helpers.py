@@ -1,8 +1,12 @@
-"""Helpers shared by the tests: corpus files in every input format, an independent reader, a CLI runner."""
+"""Helpers shared by the tests: corpus files in every input format, an independent reader, a CLI runner, and
+`neox-data train` in a process of its own on a tiny, fast setting."""
 
 import gzip
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -11,7 +15,12 @@ from click.testing import CliRunner
 
 import cli
 
-SAMPLE = Path(__file__).parent.parent / "pile_tools" / "sample"
+ROOT = Path(__file__).parent.parent
+SAMPLE = ROOT / "pile_tools" / "sample"
+# A tiny model on short sequences: seconds per run, still every code path of the trainer.
+SMALL = ["--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4", "--set", "train_iters=6",
+         "--set", "eval_interval=3", "--set", "eval_iters=2", "--set", "save_interval=2", "--set", "log_interval=1",
+         "--set", "warmup=0.5"]  # fmt: skip
 NEOX = Path(__file__).parent.parent / "tokenizer" / "assets" / "gpt-neox-20b" / "tokenizer.json"
 
 
@@ -79,3 +88,22 @@ def assert_clean_error(output: str, *phrases: str) -> None:
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every shard file's bytes, by relative path: what must be identical between equivalent runs."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.suffix in (".bin", ".idx")}
+
+
+def neox(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """`neox-data ARGS` in a process of its own, from the repository root; asserts success unless check=False."""
+    cmd = [sys.executable, "-m", "cli", *map(str, args)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert not check or result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def train(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    """`neox-data train --config configs/tiny.yml ARGS` in a process of its own."""
+    return neox("train", "--config", ROOT / "configs" / "tiny.yml", *args, env=env, check=check)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every training step in a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]

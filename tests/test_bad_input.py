@@ -10,7 +10,7 @@ GOOD = b'{"text": "a good document", "meta": {"pile_set_name": "Github"}}\n'
 
 
 def build(run, *inputs, out, extra=()):
-    return run("build-shards", *inputs, "--tokenizer", NEOX, "--output", out, "--split", "1", *extra)
+    return run("build-shards", *inputs, "--tokenizer", NEOX, "--output", out, "--split", "1,0,0", *extra)
 
 
 def assert_clean_failure(result, out, *phrases):
@@ -144,3 +144,37 @@ def test_output_that_is_a_file_and_a_missing_dataset(tmp_path, run):
     assert build(run, tmp_path / "a.jsonl", out=tmp_path / "o").exit_code == 0, (
         "a failed start does not block the directory"
     )
+
+
+@pytest.mark.parametrize("item", ["pile_tools/nosuch", "./nosuch", "nosuch.jsonl.zst", "/data/pile/nosuch"])
+def test_a_missing_local_path_fails_at_once_without_the_hub(run, tmp_path, monkeypatch, item):
+    import socket
+    import time
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a local path went to the network")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    start = time.perf_counter()
+    result = run("build-shards", item, "--tokenizer", NEOX, "--output", tmp_path / "o")
+    assert time.perf_counter() - start < 2
+    assert result.exit_code == 1
+    assert_clean_error(result.output, f"{item}: no such file or directory")
+
+
+def test_an_unreachable_hub_dataset_fails_at_the_first_try_naming_it(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = run("build-shards", "EleutherAI/no-such-pile", "--tokenizer", NEOX, "--output", tmp_path / "o")
+    assert result.exit_code == 1
+    assert_clean_error(result.output, "EleutherAI/no-such-pile: a Hugging Face dataset, but HF_HUB_OFFLINE is set")
+    assert "encoding" not in result.output  # refused before any work
+
+
+def test_split_needs_three_weights(run, tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(GOOD)
+    result = run(
+        "build-shards", tmp_path / "a.jsonl", "--tokenizer", NEOX, "--output", tmp_path / "o", "--split", "90,5"
+    )
+    assert result.exit_code == 1
+    assert_clean_error(result.output, "--split '90,5': give 3 non-negative weights")

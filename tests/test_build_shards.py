@@ -94,7 +94,7 @@ def test_weights_file_none_and_materialize(corpus, tmp_path, run):
     weights.write_text(json.dumps({"DM Mathematics": 2.5, "Enron Emails": 0, "Fortunes": 1}))
     out = tmp_path / "out"
     run.ok("build-shards", corpus, "--tokenizer", NEOX, "--output", out, "--weights", weights, "--materialize",
-           "--split", "1")  # fmt: skip
+           "--split", "1,0,0")  # fmt: skip
     blend = json.loads((out / "blend.json").read_text())
     rows = {r["component"]: r for r in blend["splits"]["train"]["shards"]}
     assert rows["Enron Emails"]["weight"] == 0 and rows["DM Mathematics"]["epochs"] == 2.5
@@ -105,7 +105,9 @@ def test_weights_file_none_and_materialize(corpus, tmp_path, run):
     assert sum(1 for d in mat if d in fortunes) == len(fortunes)
     assert not any(d in docs["train/enron-emails"] for d in mat)
     assert blend["materialized"]["documents"] == len(mat)
-    run.ok("build-shards", corpus, "--tokenizer", NEOX, "--output", tmp_path / "n", "--weights", "none", "--split", "1")
+    run.ok(
+        "build-shards", corpus, "--tokenizer", NEOX, "--output", tmp_path / "n", "--weights", "none", "--split", "1,0,0"
+    )
     assert {
         r["epochs"] for r in json.loads((tmp_path / "n" / "blend.json").read_text())["splits"]["train"]["shards"]
     } == {1.0}
@@ -139,7 +141,7 @@ def test_hf_dataset_input_streams(tmp_path, run):
     ds = tmp_path / "ds"
     ds.mkdir()
     write_jsonl(ds / "train.jsonl", [{"text": f"hello {i}", "meta": {"pile_set_name": "Pile-CC"}} for i in range(20)])
-    run.ok("build-shards", f"hf:{ds}", "--tokenizer", NEOX, "--output", tmp_path / "o", "--split", "1")
+    run.ok("build-shards", f"hf:{ds}", "--tokenizer", NEOX, "--output", tmp_path / "o", "--split", "1,0,0")
     docs = shard_docs(tmp_path / "o")["train/pile-cc"]
     tok = Tokenizer.from_file(str(NEOX))
     assert docs == [tok.encode(f"hello {i}").ids + [0] for i in range(20)]
@@ -195,13 +197,13 @@ def test_large_document_is_encoded_whole(tmp_path, run):
     block = "hello world\n"  # its pre-tokens do not merge across repeats, so the ids tile
     big = block * (50_000_000 // len(block))
     write_jsonl(tmp_path / "big.jsonl", [{"text": "small one"}, {"text": big}])
-    run.ok("build-shards", tmp_path / "big.jsonl", "--tokenizer", NEOX, "--output", tmp_path / "o", "--split", "1")
+    run.ok("build-shards", tmp_path / "big.jsonl", "--tokenizer", NEOX, "--output", tmp_path / "o", "--split", "1,0,0")
     tok = Tokenizer.from_file(str(NEOX))
     docs = shard_docs(tmp_path / "o")["train/big"]
     unit = tok.encode(block).ids
     assert docs[1] == unit * (len(big) // len(block)) + [0]
     result = run.ok("build-shards", tmp_path / "big.jsonl", "--tokenizer", NEOX, "--output", tmp_path / "s",
-                    "--split", "1", "--max-doc-bytes", "10M")  # fmt: skip
+                    "--split", "1,0,0", "--max-doc-bytes", "10M")  # fmt: skip
     assert "big.jsonl:2: too long" in result.output
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["skipped"] == {"too_long": 1}

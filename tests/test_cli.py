@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import click
 import pytest
 from helpers import NEOX
 
@@ -13,6 +14,22 @@ import cli
 def test_help(run, command):
     result = run.ok(*command, "--help")
     assert "Usage:" in result.output
+
+
+@pytest.mark.parametrize("name", sorted(cli.main.commands))
+def test_help_starts_with_examples_and_explains_every_option(run, name):
+    text = run.ok(name, "--help").output
+    description = text.split("Options:")[0]
+    assert f"neox-data {name} " in description, text  # a real example, before the options
+    command = cli.main.commands[name]
+    bare = [p.name for p in command.params if isinstance(p, click.Option) and not p.hidden and not p.help]
+    assert not bare, f"options without help: {bare}"
+
+
+def test_top_level_list_shows_whole_summaries(run):
+    text = " ".join(run.ok("--help").output.split())
+    for name, command in cli.main.commands.items():
+        assert " ".join(command.help.strip().split("\n")[0].split()) in text, name
 
 
 def test_build_help_warns_that_released_pile_is_upsampled(run):
@@ -30,9 +47,10 @@ def test_help_is_instant_without_heavy_imports():
 
 def test_inspect_counts_checks_and_decodes(corpus, tmp_path, run):
     out = tmp_path / "out"
-    run.ok("build-shards", corpus, "--tokenizer", NEOX, "--output", out, "--split", "1")
+    run.ok("build-shards", corpus, "--tokenizer", NEOX, "--output", out, "--split", "1,0,0")
     result = run.ok("inspect", out, "--decode", 1, "--chars", 60)
-    assert "train/dm-mathematics" in result.output and "ok" in result.output
+    rows = [line.split() for line in result.output.splitlines() if line.startswith("train/")]
+    assert ["train/dm-mathematics", "uint16"] in [row[:2] for row in rows] and all(row[-1] == "ok" for row in rows)
     assert "document 0" in result.output and "Solve" in result.output
     one = run.ok("inspect", out / "train" / "fortunes.idx")
     assert "train/fortunes" in one.output or "fortunes" in one.output

@@ -14,36 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SAMPLE, Cli, assert_clean_error
+from helpers import ROOT, SAMPLE, SMALL, Cli, assert_clean_error, losses, neox, train
 
 from pile_tools.checksums import verify_directory
-
-ROOT = Path(__file__).parent.parent
-SMALL = ["--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4", "--set", "train_iters=6",
-         "--set", "eval_interval=3", "--set", "eval_iters=2", "--set", "save_interval=2", "--set", "log_interval=1",
-         "--set", "warmup=0.5"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    Cli().ok("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--split", "80,10,10",
-             "--workers", 1)  # fmt: skip
-    return out
 
 
 def command(*args) -> list[str]:
     return [sys.executable, "-m", "cli", *map(str, args)]
-
-
-def neox(*args, check=True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(*args), cwd=ROOT, capture_output=True, text=True)
-    assert not check or result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def train(*args, check=True) -> subprocess.CompletedProcess:
-    return neox("train", "--config", ROOT / "configs" / "tiny.yml", *args, check=check)
 
 
 def fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
@@ -51,23 +28,11 @@ def fails(result: subprocess.CompletedProcess, *phrases: str) -> None:
     assert_clean_error(result.stdout + result.stderr, *phrases)
 
 
-def losses(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
-
-
 def latest_verifies(run: Path) -> bool:
     """`latest` is absent (no checkpoint yet) or names a checkpoint whose every file matches its checksums."""
     if not (run / "latest").is_file():
         return True
     return verify_directory(run / (run / "latest").read_text().strip()) == []
-
-
-@pytest.fixture(scope="module")
-def straight(shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("straight") / "run"
-    train("--data", shards, "--save", run, *SMALL)
-    return run
 
 
 # Finding 1: a --save holding a run, given without --load, is refused; the run still loads and exports.

@@ -19,8 +19,8 @@ def test_there_are_four_notebooks_stored_without_outputs():
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("NEOX_DATA_WORK", str(tmp_path))
+def test_notebook_runs(path, demo, monkeypatch):
+    monkeypatch.setenv("NEOX_DATA_WORK", str(demo[0] / "demo-output"))  # what `make demo` wrote
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()

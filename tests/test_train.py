@@ -9,47 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SAMPLE, Cli, assert_clean_error
-
-ROOT = Path(__file__).parent.parent
-# A tiny model on short sequences: seconds per run, still every code path of the trainer.
-SMALL = ["--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4", "--set", "train_iters=6",
-         "--set", "eval_interval=3", "--set", "eval_iters=2", "--set", "save_interval=2", "--set", "log_interval=1",
-         "--set", "warmup=0.5"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from helpers import Cli
-
-    out = tmp_path_factory.mktemp("shards") / "shards"
-    Cli().ok("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--split", "80,10,10",
-             "--workers", 1)  # fmt: skip
-    return out
-
-
-def train(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "cli", "train", "--config", str(ROOT / "configs" / "tiny.yml"), *map(str, args)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **(env or {})})
-    assert not check or result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-def losses(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+from helpers import ROOT, SMALL, Cli, assert_clean_error, losses, train
 
 
 def weights(run: Path, tag: str) -> dict:
     return torch.load(run / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-
-
-@pytest.fixture(scope="module")
-def straight(shards, tmp_path_factory) -> Path:
-    """6 steps in one go: the reference run."""
-    run = tmp_path_factory.mktemp("straight") / "run"
-    train("--data", shards, "--save", run, *SMALL)
-    return run
 
 
 def test_resume_gives_the_same_losses_and_weights(shards, straight, tmp_path):

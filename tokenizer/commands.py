@@ -29,6 +29,10 @@ from pile_tools.commands import Size, echo_err, run_reporting_errors
 def train_tokenizer(inputs, output, **opts):
     """Train GPT-NeoX-20B's byte-level BPE on Pile-format text (same inputs as build-shards).
 
+    \b
+    neox-data train-tokenizer pile_tools/sample --output tokenizer --vocab-size 16384
+    neox-data train-tokenizer /data/pile/train --output tokenizer --max-bytes 10G
+
     Writes DIR/tokenizer.json laid out like the released GPT-NeoX-20B tokenizer (ids 0 and 1 special, the 256
     bytes, the merges, then the space-run tokens for 24 down to 2 spaces), the files transformers'
     AutoTokenizer reads, and train_report.json.
@@ -55,6 +59,10 @@ def train_tokenizer(inputs, output, **opts):
 def compare_tokenizers(inputs, tokenizers, baseline, output):
     """Count tokens per component against a baseline, as the paper's Appendix E (Tables 14-16).
 
+    \b
+    neox-data compare-tokenizers pile_tools/sample --tokenizer gpt-neox-20b --output compare
+    neox-data compare-tokenizers val.jsonl.zst --tokenizer my-tokenizer --tokenizer gpt-neox-20b --output compare
+
     Each document is encoded on its own, without special tokens or EOD. Writes report.json, report.md,
     report.csv and compression.png into DIR.
     """
@@ -62,7 +70,8 @@ def compare_tokenizers(inputs, tokenizers, baseline, output):
 
     report = run_reporting_errors(run, list(inputs), list(tokenizers), baseline, output, echo=echo_err)
     total, base = report["total"], report["baseline"]
+    width = max(20, *map(len, report["tokenizers"]))
     for name in report["tokenizers"]:
         tokens = total["tokens"][name]
-        click.echo(f"{name:<20} {tokens:>14,} tokens  {tokens / total['tokens'][base]:.3f} x {base}")
+        click.echo(f"{name:<{width}} {tokens:>14,} tokens  {tokens / total['tokens'][base]:.3f} x {base}")
     click.echo(f"report in {output}/report.md")

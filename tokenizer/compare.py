@@ -51,13 +51,13 @@ def whitespace_mask(path: Path) -> np.ndarray:
 
 
 def name_tokenizers(specs: list[str], baseline: str) -> dict[str, Path]:
-    """Report name -> tokenizer.json, baseline first; paths are named after their directory."""
+    """Report name -> tokenizer.json, baseline first; a path is named as it was given (what the legend shows)."""
     named: dict[str, Path] = {}
     for spec in [baseline, *specs]:
         path = resolve_tokenizer(spec)
         if path in named.values():
             continue
-        name = spec if spec in BUILTIN else path.parent.name or path.stem
+        name = spec if spec in BUILTIN else spec.rstrip("/").removesuffix("/tokenizer.json") or path.stem
         while name in named:
             name += "'"
         named[name] = path

@@ -7,31 +7,47 @@ import click
 
 from pile_tools.commands import run_reporting_errors
 
+CONFIG_HELP = ("YAML config (gpt-neox's work as they are). Repeat it to merge several left to right, as gpt-neox's "
+               "deepy.py does: --config configs/20B.yml --config local_setup.yml.")  # fmt: skip
+SET_HELP = ("Override a config key, in gpt-neox's names (those of configs/*.yml): --set train_iters=100. "
+            "Repeat it for several keys; the value is read as YAML.")  # fmt: skip
+
 
 @click.command("plan")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)  # fmt: skip
 @click.option(
     "--gpus", type=click.IntRange(min=1), default=None, help="GPUs in all (default: one model replica, TP x PP)."
 )
 @click.option("--tflops", type=float, default=117.0, show_default=True, help="Sustained TFLOPS per GPU.")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(config_path, gpus, tflops, overrides, as_json):
-    """Parameters, memory per GPU, FLOPs, time and GPU-hours of a config's run, without building the model."""
+    """Parameters, memory per GPU, FLOPs, time and GPU-hours of a config's run, without building the model.
+
+    \b
+    neox-data plan --config configs/20B.yml --gpus 96
+    neox-data plan --config configs/pythia-1B.yml --gpus 8 --set train_micro_batch_size_per_gpu=8 --json
+    """
     from trainer.config import load_config
     from trainer.plan import as_dict, describe, make_plan
 
-    config = run_reporting_errors(load_config, config_path, overrides)
+    config = run_reporting_errors(load_config, list(config_path), overrides)
     result = run_reporting_errors(make_plan, config, gpus, tflops)
     click.echo(json.dumps(as_dict(result), indent=1) if as_json else describe(result))
 
 
 @click.command("export-hf")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", required=True, type=click.Path(file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory for the HF model.")
 @click.option("--tokenizer", default=None, help="Tokenizer to ship (default: the checkpoint's own).")
 def export_hf(checkpoint, output, tokenizer):
-    """Write a checkpoint as a Hugging Face GPTNeoXForCausalLM directory (config, safetensors, tokenizer)."""
+    """Write a checkpoint as a Hugging Face GPTNeoXForCausalLM directory (config, safetensors, tokenizer).
+
+    \b
+    neox-data export-hf run --output hf          (a run's latest checkpoint)
+    neox-data export-hf run/global_step1000 --output hf-1000
+    """
     from trainer.checkpoint import export_hf as run
 
     click.echo(f"Hugging Face model in {run_reporting_errors(run, checkpoint, output, tokenizer)}")
@@ -39,9 +55,13 @@ def export_hf(checkpoint, output, tokenizer):
 
 @click.command("import-hf")
 @click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--output", required=True, type=click.Path(file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory for the checkpoint.")
 def import_hf(hf_dir, output):
-    """Make a checkpoint from a Hugging Face GPT-NeoX directory (Pythia, GPT-NeoX-20B, an export)."""
+    """Make a checkpoint from a Hugging Face GPT-NeoX directory (Pythia, GPT-NeoX-20B, an export).
+
+    \b
+    neox-data import-hf pythia-70m --output pythia-70m-ckpt
+    """
     from trainer.checkpoint import import_hf as run
 
     click.echo(f"checkpoint in {run_reporting_errors(run, hf_dir, output)}")
@@ -54,12 +74,19 @@ def import_hf(hf_dir, output):
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True,
               help="Tokens to generate at most.")  # fmt: skip
 @click.option("--greedy", is_flag=True, help="Always the most likely token.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-p", type=float, default=0.9, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
+              help="Divides the logits before sampling: below 1 sharper, above 1 flatter.")  # fmt: skip
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9, show_default=True,
+              help="Sample from the fewest tokens whose probability reaches this (nucleus sampling).")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the prompt and generated ids and text as JSON.")
 def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, as_json):
-    """Sample from a checkpoint with the KV cache, on the GPU if there is one."""
+    """Sample from a checkpoint with the KV cache, on the GPU if there is one.
+
+    \b
+    neox-data generate run --prompt "The" --greedy
+    neox-data generate run --prompt-ids 510,1032 --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --json
+    """
     from trainer.sample import sample
 
     if (prompt is None) == (prompt_ids is None):
@@ -70,14 +97,15 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
 
 
 @click.command("train")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="YAML config.")
+@click.option("--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)  # fmt: skip
 @click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
               help="A build-shards output directory (default: the config's data keys).")  # fmt: skip
 @click.option("--save", default=None, type=click.Path(file_okay=False), help="Checkpoints and metrics go here.")
 @click.option(
     "--load", default=None, type=click.Path(file_okay=False), help="Resume from this run's latest checkpoint."
 )
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--dry-run", is_flag=True, help="Print the parallel layout (stages, ranks, memory) and stop.")
 @click.option(
     "--world-size", type=click.IntRange(min=1), default=None, help="With --dry-run: the number of GPUs to lay out."
@@ -92,7 +120,7 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
     from trainer.config import load_config
     from trainer.train import train as run
 
-    config = run_reporting_errors(load_config, config_path, overrides)
+    config = run_reporting_errors(load_config, list(config_path), overrides)
     if dry_run:  # no process group, no model: the 20B layout on 96 GPUs can be checked on a laptop
         from trainer.layout import describe_layout
 
@@ -122,9 +150,15 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 @click.option("--num-fewshot", type=int, default=None, help="Examples in each prompt (default: the task's own).")
 @click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write the harness's results JSON.")
 @click.option("--limit", type=float, default=None, help="At most this many documents per task (a test run).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests the model scores at once.")  # fmt: skip
 def evaluate(model, tasks, num_fewshot, output, limit, batch_size):
-    """Run the LM Evaluation Harness on an HF directory or a checkpoint (a training run's directory too)."""
+    """Run the LM Evaluation Harness on an HF directory or a checkpoint (a training run's directory too).
+
+    \b
+    neox-data evaluate run --output eval.json
+    neox-data evaluate hf --tasks lambada_openai,piqa --num-fewshot 5 --output five-shot.json
+    """
     from trainer.evaluate import evaluate as run
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]

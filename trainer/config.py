@@ -154,7 +154,8 @@ DATA_KEYS = {"data_path", "train_data_paths", "train_data_weights", "valid_data_
              "test_data_paths", "test_data_weights", "vocab_file", "tokenizer_type", "data_impl", "split",
              "save", "load", "tensorboard_dir", "log_dir", "tokenizer"}  # fmt: skip
 # Accepted with no effect: kernel choices and switches whose math this implementation always does.
-NO_EFFECT = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations",
+NO_EFFECT = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations", "layernorm_fusion",
+             "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp", "moe_num_experts", "num_kv_heads",
              "synchronize_each_layer", "output_layer_parallelism", "attention_config", "sparsity_config",
              "hidden_dropout", "attention_dropout", "gradient_predivide_factor", "steps_per_print",
              "wall_clock_breakdown", "wandb_group", "wandb_project", "use_wandb", "distributed_backend",
@@ -210,9 +211,46 @@ def flatten(raw: dict) -> dict:
             raise ConfigError(f"{key}: expected a mapping like {key}: {{...}}, got {value!r}")
         elif key == "checkpoint_factor":  # gpt-neox's current name for save_interval
             flat.setdefault("save_interval", value)
+        elif key == "precision":  # gpt-neox's other spelling of fp16/bf16
+            if value not in ("fp16", "bfloat16", "fp32", None):
+                raise ConfigError(f"precision: {value!r}; choose fp16, bfloat16 or fp32")
+            flat.setdefault("fp16", value == "fp16")
+            flat.setdefault("bf16", value == "bfloat16")
         else:
             flat[key] = value
     return flat
+
+
+DENSE = {"global", "flash"}  # gpt-neox's attention types that compute dense causal attention (flash: its kernel)
+
+
+def attention_types(value) -> set[str]:
+    """The layer types of gpt-neox's attention_config: [[["global"], 24]], [[["local", "global"], 12]], ..."""
+    try:
+        return {t for types, _ in value for t in ([types] if isinstance(types, str) else types)}
+    except (TypeError, ValueError):
+        raise ConfigError(f"attention_config: expected [[[types...], layers], ...], got {value!r}") from None
+
+
+def refuse_other_architectures(flat: dict) -> None:
+    """A config of a model this GPT-NeoX is not (MoE, sparse or state-space layers, no biases, transformer-engine,
+    grouped-query attention) is an error naming the feature, never trained as a dense GPT-NeoX."""
+    refusals = {
+        "moe_num_experts": lambda v: (v or 1) > 1 and f"Mixture of Experts ({v} experts)",
+        "attention_config": lambda v: (
+            (other := sorted(attention_types(v) - DENSE)) and f"{', '.join(other)} layers (only dense attention here)"
+        ),
+        "num_kv_heads": lambda v: v and v != flat.get("num_attention_heads") and "grouped-query attention",
+        "use_bias_in_norms": lambda v: v is False and "norms without biases",
+        "use_bias_in_attn_linear": lambda v: v is False and "attention without biases",
+        "use_bias_in_mlp": lambda v: v is False and "an MLP without biases",
+    }
+    for key, rule in refusals.items():
+        if key in flat and (feature := rule(flat[key])):
+            raise ConfigError(f"{key}: {feature} is not GPT-NeoX; this toolkit trains the GPT-NeoX architecture only")
+    engine = sorted(k for k, v in flat.items() if k.startswith("te_") and v)
+    if engine:
+        raise ConfigError(f"{engine[0]}: transformer-engine layers are not supported (GPT-NeoX's own layers only)")
 
 
 def build(raw: dict) -> NeoXConfig:
@@ -220,6 +258,7 @@ def build(raw: dict) -> NeoXConfig:
     sections = {name: {} for name in SECTIONS}
     data, unknown = {}, []
     flat = flatten(raw)
+    refuse_other_architectures(flat)
     for key, value in flat.items():
         if key in FIXED:
             if value != FIXED[key]:
@@ -244,7 +283,8 @@ def build(raw: dict) -> NeoXConfig:
 
 
 NESTED = {"optimizer", "fp16", "bf16", "zero_optimization"}  # gpt-neox's mappings, flattened by flatten()
-KNOWN = set(FLAT) | DATA_KEYS | NO_EFFECT | set(FIXED) | NESTED | {"bias_gelu_fusion", "checkpoint_factor"}
+KNOWN = set(FLAT) | DATA_KEYS | NO_EFFECT | set(FIXED) | NESTED | {"bias_gelu_fusion", "checkpoint_factor",
+                                                                    "precision"}  # fmt: skip
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -273,8 +313,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> NeoXConfig:
-    """Read a YAML config (a gpt-neox one works), apply --set overrides, and parse it once."""
+def read_config_file(path: str | Path) -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
@@ -283,7 +322,18 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> NeoXConfig:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config is a mapping of keys to values")
-    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    return {k.replace("-", "_"): v for k, v in raw.items()}
+
+
+def load_config(paths: str | Path | list, overrides: list[str] = ()) -> NeoXConfig:
+    """Read YAML configs (gpt-neox's work; several merge left to right, a key given twice is an error, as
+    gpt-neox's), apply --set overrides, and parse it once."""
+    raw: dict = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        conf = read_config_file(path)
+        if twice := sorted(set(conf) & set(raw)):
+            raise ConfigError(f"{path}: {', '.join(twice)} already set by an earlier --config file")
+        raw.update(conf)
     return build(apply_overrides(raw, list(overrides)))
 
 

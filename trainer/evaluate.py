@@ -10,12 +10,14 @@ bundled training sample (Jane Austen's Persuasion, public domain; trainer/eval_t
 
 import json
 import logging
+import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 from pile_tools.atomic import check_writable, write_json
-from pile_tools.reader import InputError
+from pile_tools.reader import InputError, hub_offline, hub_unreachable
 
 TASKS = Path(__file__).parent / "eval_tasks"
 LOCAL_TASKS = ("neox_books_wordperplexity", "neox_books_lastword")
@@ -71,13 +73,19 @@ def hf_directory(model: Path, scratch: Path) -> Path:
 def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None, output: str | Path | None = None,
              limit: float | None = None, batch_size: int = 8, device: str | None = None) -> dict:  # fmt: skip
     """Run the harness; returns {task: {metric: value}} and writes the harness's results JSON to `output`."""
+    model = Path(model)
+    if not model.exists():
+        raise InputError(f"{model}: no such model directory")
+    remote = [t for t in tasks if t not in LOCAL_TASKS]
+    if remote and not hub_offline() and (reason := hub_unreachable()):
+        # before datasets is imported (it reads these once): cached data still works, a miss fails at once
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+        warnings.warn(f"the Hugging Face Hub cannot be reached ({reason}): {', '.join(remote)} can run only "
+                      "from data already cached", stacklevel=2)  # fmt: skip
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
 
-    model = Path(model)
-    if not model.exists():
-        raise InputError(f"{model}: no such model directory")
     manager = TaskManager(include_path=str(TASKS))
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:

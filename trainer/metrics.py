@@ -106,8 +106,8 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 
-def plot_losses(metrics_path: Path, png: Path) -> Path:
-    """Training loss (and validation loss, if any) against step, from metrics.jsonl."""
+def plot_losses(metrics_path: Path, png: Path, title: str = "") -> Path:
+    """Training loss (and validation loss, if any) against step, from metrics.jsonl, titled with the run."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,6 +119,7 @@ def plot_losses(metrics_path: Path, png: Path) -> Path:
         points = [(r["step"], r["loss"]) for r in rows if r["kind"] == kind]
         if points:
             ax.plot(*zip(*points), style, label=kind, markersize=4)
+    ax.set_title(title or str(metrics_path.parent), fontsize=10)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.legend()

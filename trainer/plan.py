@@ -120,21 +120,38 @@ def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0
     )  # fmt: skip
 
 
+def tokens(n: float) -> str:
+    """A token count as people say it: 471.9B, 1.2M, 4,096."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:,.1f}{suffix}"
+    return f"{n:,.0f}"
+
+
+def duration(days: float) -> str:
+    """A wall time in the unit that reads best: days, hours, minutes or seconds."""
+    seconds = days * 86400
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:,.1f} {unit}"
+    return f"{seconds:,.1f} seconds"
+
+
 def describe(plan: Plan) -> str:
     lay, mem = plan.layout, plan.memory_gib
     lines = [
         f"parameters          {plan.parameters:,} ({plan.non_embedding_parameters:,} without embeddings)",
         f"padded vocabulary   {plan.padded_vocab_size:,}",
-        f"layout              {lay['gpus']} GPUs = TP {lay['tensor_parallel']} x PP {lay['pipeline_parallel']} x "
-        f"DP {lay['data_parallel']}, ZeRO stage {lay['zero_stage']}",
+        f"layout              {lay['gpus']} GPU{'s' * (lay['gpus'] > 1)} = TP {lay['tensor_parallel']} x "
+        f"PP {lay['pipeline_parallel']} x DP {lay['data_parallel']}, ZeRO stage {lay['zero_stage']}",
         f"blocks per stage    {', '.join(map(str, plan.blocks_per_stage))}",
         f"global batch        {lay['global_batch']:,} sequences, {plan.tokens_per_step:,} tokens a step",
         f"parameters per GPU  {plan.parameters_per_gpu:,} (the most loaded stage)",
         "memory per GPU, GiB " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in mem.items()),
         f"FLOPs per step      {plan.model_flops_per_step:.3e} model, "
         f"{plan.hardware_flops_per_step:.3e} with recomputation",
-        f"run                 {plan.total_tokens / 1e9:,.1f}B tokens: {plan.days:,.1f} days, "
-        f"{plan.gpu_hours:,.0f} GPU-hours at {plan.tflops_per_gpu:g} TFLOPS per GPU",
+        f"run                 {tokens(plan.total_tokens)} tokens: {duration(plan.days)}, "
+        f"{plan.gpu_hours:,.{0 if plan.gpu_hours >= 10 else 2}f} GPU-hours at {plan.tflops_per_gpu:g} TFLOPS per GPU",
     ]  # fmt: skip
     return "\n".join(lines)
 

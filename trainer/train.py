@@ -287,7 +287,10 @@ class Trainer:
         results["step"] = self.step
         self.metrics.close()
         if self.rank == 0 and self.metrics_dir is not None and (self.metrics_dir / "metrics.jsonl").is_file():
-            results["plot"] = str(plot_losses(self.metrics_dir / "metrics.jsonl", self.metrics_dir / "loss.png"))
+            m, t = self.config.model, self.config.training
+            title = (f"{self.metrics_dir}: {m.num_layers} layers x {m.hidden_size}, {self.global_batch} x "
+                     f"{t.seq_length} tokens a step, {t.train_iters} steps")  # fmt: skip
+            results["plot"] = str(plot_losses(self.metrics_dir / "metrics.jsonl", self.metrics_dir / "loss.png", title))
         return results
 
     def record(self, entry: dict | None) -> dict | None:

@@ -313,7 +313,7 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resumes_exactly(
         kills += done.returncode == -signal.SIGKILL
         assert latest_verifies(run), f"after kill {moment}, latest does not verify"
     assert kills >= 5  # most moments hit a live process (a few runs may finish before their kill point)
-    train(*args[1:])
+    neox(*args)
     assert losses(run) == losses(reference)
     assert (run / "latest").read_text() == "global_step100" and latest_verifies(run)
     a = torch.load(run / "global_step100" / "mp_rank_00_model_states.pt", weights_only=False)["module"]

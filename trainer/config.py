@@ -332,7 +332,8 @@ def load_config(paths: str | Path | list, overrides: list[str] = ()) -> NeoXConf
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         conf = read_config_file(path)
         if twice := sorted(set(conf) & set(raw)):
-            raise ConfigError(f"{path}: {', '.join(twice)} already set by an earlier --config file")
+            listed = ", ".join(twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
+            raise ConfigError(f"{path}: {listed} already set by an earlier --config file")
         raw.update(conf)
     return build(apply_overrides(raw, list(overrides)))
 

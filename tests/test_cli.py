@@ -64,3 +64,18 @@ def test_inspect_counts_checks_and_decodes(corpus, tmp_path, run):
     )
     missing = run("inspect", tmp_path / "nothing")
     assert missing.exit_code == 1 and "no .bin/.idx shards" in missing.output
+
+
+def test_inspect_warns_when_decoding_with_another_tokenizer(corpus, tmp_path, run):
+    out = tmp_path / "out"
+    run.ok("build-shards", corpus, "--tokenizer", NEOX, "--output", out, "--split", "1,0,0")
+    other = run.ok("inspect", out, "--decode", 1, "--tokenizer", "gpt2").output
+    assert "warning: --tokenizer gpt2 is not the tokenizer these shards were built with" in other
+    assert "not the tokenizer" not in run.ok("inspect", out, "--decode", 1).output
+
+
+def test_plan_reads_a_small_run_in_small_units(run):
+    out = run.ok("plan", "--config", "configs/tiny.yml").output
+    assert "layout              1 GPU = TP 1" in out
+    run_line = next(line for line in out.splitlines() if line.startswith("run"))
+    assert "204.8K tokens" in run_line and "seconds" in run_line and "0.00 GPU-hours" in run_line

@@ -341,6 +341,14 @@ def verify_on_all_ranks(where: Path) -> list[str] | None:
     return sorted(p for part in gathered for p in part)
 
 
+def warn_once(message: str) -> None:
+    """A warning from rank 0 only: every rank reaches the same verdict."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        warnings.warn(message, stacklevel=3)
+
+
 def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
     """(tag, whether it is a fallback, its run id): `latest` if it verifies, else the newest older one that does.
     A checkpoint written before checksums loads unverified, with a note."""
@@ -353,13 +361,12 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
         if problems is None and not legacy:
             problems = [f"{load / tag}: no checksums.json (a save cut short?)"]
         if problems is None:
-            warnings.warn(f"{load / tag} was written before checkpoints carried checksums: loaded unverified",
-                          stacklevel=2)  # fmt: skip
+            warn_once(f"{load / tag} was written before checkpoints carried checksums: loaded unverified")
             return tag, tag != latest, None
         if not problems:
             return tag, tag != latest, read_checksums(load / tag).get("run_id")
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        warnings.warn(f"{tag} does not verify: {problems[0]}{more}; trying the previous checkpoint", stacklevel=2)
+        warn_once(f"{tag} does not verify: {problems[0]}{more}; trying the previous checkpoint")
     raise ConfigError(f"--load: no checkpoint in {load} verifies (tried {', '.join(candidates) or 'none'})")
 
 
@@ -375,7 +382,7 @@ def load_training_checkpoint(engine, load: Path, config: NeoXConfig, layout: tup
     tag, fallback, run_id = choose_checkpoint(load)
     where = load / tag
     if fallback:
-        warnings.warn(f"--load: resuming from {where}, the newest checkpoint that verifies", stacklevel=2)
+        warn_once(f"--load: resuming from {where}, the newest checkpoint that verifies")
     if checkpoint_layout(where)[1] != tuple(layout):
         state = load_other_layout(engine, where, config, tp_rank, pipelined)
         path = where / "mp_rank_00_model_states.pt"

@@ -4,7 +4,7 @@ import click
 
 from pile_tools.commands import build_shards, inspect_shards, merge_shards, verify_shards, whole_summaries
 from tokenizer.commands import compare_tokenizers, train_tokenizer
-from trainer.commands import evaluate, export_hf, generate, import_hf, plan, train
+from trainer.commands import batch, evaluate, export_hf, generate, import_hf, plan, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,6 +25,7 @@ main.add_command(export_hf)
 main.add_command(import_hf)
 main.add_command(generate)
 main.add_command(train)
+main.add_command(batch)
 main.add_command(evaluate)
 whole_summaries(main)
 

@@ -182,3 +182,47 @@ def test_other_layouts_match_one_process(shards, straight, tmp_path, tp, pp, dp)
     launch(tp * pp * dp, "--data", shards, "--save", tmp_path / "run", *SMALL, *layout(tp, pp, dp),
            "--set", "save_interval=0")  # fmt: skip
     assert_same_losses(straight, tmp_path / "run", 1e-4)
+
+
+RECORD_BATCHES = """
+import json, os, sys
+import trainer.train
+real = trainer.train.Trainer.batch
+seen = {}
+def batch(self, split, step, micro_step):
+    ids = real(self, split, step, micro_step)
+    if split == "train":
+        seen.setdefault(step + 1, []).extend(ids.tolist())  # logged as step + 1
+        with open(os.environ["BATCHES"], "w") as f:
+            json.dump(seen, f)
+    return ids
+trainer.train.Trainer.batch = batch
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_batch_shows_what_train_read_at_a_step(shards, tmp_path):
+    """neox-data batch --step N equals the global batch train fed at step N (2 micro-batches a step here)."""
+    accumulate = [*SMALL, "--set", "train_micro_batch_size_per_gpu=2", "--set", "gradient_accumulation_steps=2"]
+    args = [
+        "train",
+        "--config",
+        ROOT / "configs" / "tiny.yml",
+        "--data",
+        shards,
+        "--save",
+        tmp_path / "run",
+        *accumulate,
+    ]
+    env = {**os.environ, "BATCHES": str(tmp_path / "seen.json")}
+    done = subprocess.run([sys.executable, "-c", RECORD_BATCHES, *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads((tmp_path / "seen.json").read_text())
+    for step in (1, 3, 6):
+        shown = Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", step,
+                         "--json", *accumulate)  # fmt: skip
+        assert json.loads(shown.output) == {"step": step, "tokens": seen[str(step)]}
+    text = Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", 2, *accumulate)
+    assert text.output.count("--- step 2 sample") == 4

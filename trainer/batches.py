@@ -210,3 +210,40 @@ def micro_batch(dataset, step: int, micro_step: int, micro: int, dp: int, rank: 
     """Those samples' tokens, as int64 (micro, seq + 1)."""
     where = sample_positions(step, micro_step, micro, dp, rank, global_batch, len(dataset))
     return torch.from_numpy(np.stack([dataset[int(i)] for i in where]))
+
+
+def data_directory(data_dir, data: dict) -> Path | None:
+    """--data, else the config's `data_path` when it names a build-shards directory, else None."""
+    if data_dir:
+        return Path(data_dir)
+    value = data.get("data_path")
+    return Path(value) if isinstance(value, str) and Path(value).is_dir() else None
+
+
+def global_batch_at(config: NeoXConfig, data_dir, step: int, world_size: int) -> np.ndarray:
+    """The token ids (global batch, seq_length + 1) that `train` reads at step `step`, numbered from 1 as its log
+    and metrics.jsonl number steps: every rank's micro-batches, in sample order (Pythia's "batch viewer")."""
+    t = config.training
+    if not 1 <= step <= t.train_iters:
+        raise ConfigError(f"--step {step}: the run has steps 1 to {t.train_iters}")
+    global_batch = config.global_batch(world_size)
+    sources = resolve_sources(data_directory(data_dir, config.data), config.data)
+    check_shards(sources, config.model.vocab_size)
+    dataset = build_datasets(config, sources, global_batch, fallback_cache_dir(None))["train"]
+    first = (step - 1) * global_batch  # micro_batch's positions for this step, ranks and micro-batches in order
+    return np.stack([dataset[i] for i in range(first, first + global_batch)])
+
+
+def shards_tokenizer(data_dir: Path | None, data: dict):
+    """A decoder (ids -> text) for the run's tokenizer: the config's, else the one the shards' manifest names;
+    None when neither is there."""
+    path = data.get("tokenizer") or data.get("vocab_file")
+    manifest = data_dir / "manifest.json" if data_dir else None
+    if path is None and manifest is not None and manifest.is_file():
+        path = json.loads(manifest.read_text()).get("tokenizer", {}).get("path")
+    if not path or not Path(path).exists():
+        return None
+    from tokenizer.engine import load_reference, resolve_tokenizer
+
+    reference = load_reference(resolve_tokenizer(str(path)))
+    return lambda ids: reference.decode(ids, skip_special_tokens=False)

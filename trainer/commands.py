@@ -139,6 +139,46 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
         click.echo(line + (f"; checkpoints in {save}" if save else ""))
 
 
+@click.command("batch")
+@click.option("--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)  # fmt: skip
+@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
+              help="A build-shards output directory (default: the config's data keys).")  # fmt: skip
+@click.option("--step", type=click.IntRange(min=1), required=True, help="The step, numbered as train logs it (from 1).")
+@click.option(
+    "--world-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes of the run (default: WORLD_SIZE, else TP x PP): with the batch sizes, the global batch.",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--json", "as_json", is_flag=True, help='Print {"step": N, "tokens": [[id, ...], ...]} instead of text.')
+@click.option("--chars", type=click.IntRange(min=0), default=300, show_default=True,
+              help="Characters of each decoded sample shown.")  # fmt: skip
+def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
+    """The global batch `train` reads at a step: what did the model see? Every rank's samples, in order.
+
+    \b
+    neox-data batch --config configs/tiny.yml --data demo-output/shards --step 100
+    neox-data batch --config configs/20B.yml --data /data/shards --step 1000 --world-size 96 --json > step1000.json
+    """
+    from trainer.batches import data_directory, global_batch_at, shards_tokenizer
+    from trainer.config import load_config
+
+    config = run_reporting_errors(load_config, list(config_path), overrides)
+    p = config.parallel
+    world = world_size or int(os.environ.get("WORLD_SIZE", p.model_parallel_size * p.pipe_parallel_size))
+    tokens = run_reporting_errors(global_batch_at, config, data_dir, step, world)
+    if as_json:
+        click.echo(json.dumps({"step": step, "tokens": tokens.tolist()}))
+        return
+    decode = shards_tokenizer(data_directory(data_dir, config.data), config.data)
+    for i, sample in enumerate(tokens):
+        text = decode(sample.tolist()) if decode else " ".join(map(str, sample.tolist()))
+        click.echo(f"--- step {step} sample {i} ({len(sample)} tokens) ---")
+        click.echo(text[:chars] + (" [...]" if len(text) > chars else ""))
+
+
 @click.command("evaluate")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option(

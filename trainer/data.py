@@ -1,4 +1,7 @@
-"""GPT training samples over a Megatron shard, indexed the way Megatron and gpt-neox index them, built in numpy.
+"""GPT training samples over a Megatron shard, indexed by Megatron's and gpt-neox's algorithm, built in numpy.
+
+The arrays follow their algorithm (and sample_idx equals their C++ helper's), but the shuffles draw from
+numpy's PCG64, not their RandomState, and shuffle exactly the samples needed: the order is not theirs yet.
 
 Three arrays, cached next to the shard (keyed by a hash of everything that determines them):
     doc_idx      the shard's documents tiled for as many epochs as the samples need, shuffled   int32 (epochs * N)

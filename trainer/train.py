@@ -22,6 +22,7 @@ from pile_tools.atomic import check_writable
 from trainer.batches import (
     build_datasets,
     check_shards,
+    data_directory,
     fallback_cache_dir,
     micro_batch,
     resolve_sources,
@@ -90,9 +91,7 @@ def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | Non
     if load is not None and not has_run(Path(load)):  # as Megatron and gpt-neox: start afresh
         warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
         load = None
-    data_dir = Path(data_dir) if data_dir else None
-    if data_dir is None and isinstance(config.data.get("data_path"), str) and Path(config.data["data_path"]).is_dir():
-        data_dir = Path(config.data["data_path"])
+    data_dir = data_directory(data_dir, config.data)
     sources = resolve_sources(data_dir, config.data)
     tokenizer = config.data.get("tokenizer") or config.data.get("vocab_file")
     shards = shards_manifest(data_dir).get("tokenizer", {})

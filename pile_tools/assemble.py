@@ -155,6 +155,19 @@ def warn_premixed(receipts, weights: str, echo) -> None:
                  f"Use --weights none unless this input is known not to be upsampled")  # fmt: skip
 
 
+def read_manifest(path: Path) -> dict:
+    """A build-shards manifest.json; {} where there is none (shards of Megatron, gpt-neox) or it is unreadable."""
+    try:
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def manifest_entries(manifest: dict) -> dict[str, dict]:
+    """Each shard's record in a manifest (documents, tokens, max_id, xxh3_128, ...), by prefix ('train/github')."""
+    return {e["prefix"]: e for c in manifest.get("components", {}).values() for e in c.get("splits", {}).values()}
+
+
 def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start) -> dict:
     skipped, examples = defaultdict(int), []
     for _, r in receipts:

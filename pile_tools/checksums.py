@@ -60,10 +60,10 @@ def read_checksums(directory: Path) -> dict | None:
         return {"algorithm": ALGORITHM, "files": {}, "unreadable": True}
 
 
-def check_files(directory: Path, recorded: dict, names: list[str] | None = None) -> list[str]:
-    """Problems (one line each, naming the file) of the recorded files `names` (default: all of them)."""
+def check_files(directory: Path, recorded: dict, names: list[str]) -> list[str]:
+    """Problems (one line each, naming the file) of the recorded files `names`."""
     problems = []
-    for name in recorded["files"] if names is None else names:
+    for name in names:
         want, path = recorded["files"][name], directory / name
         if not path.is_file():
             problems.append(f"{path}: missing")
@@ -74,11 +74,17 @@ def check_files(directory: Path, recorded: dict, names: list[str] | None = None)
     return problems
 
 
-def verify_directory(directory: Path) -> list[str] | None:
-    """Problems of a directory against its checksums.json; [] when it verifies, None when it has none."""
+def verify_directory(directory: Path, part: tuple[int, int] = (0, 1)) -> list[str] | None:
+    """Problems of a directory against its checksums.json; [] when it verifies, None when it has none.
+    part=(i, n) checks only every n-th recorded file from the i-th, for n processes sharing the work."""
     recorded = read_checksums(directory)
     if recorded is None:
         return None
     if recorded.get("unreadable"):
-        return [f"{directory / NAME}: unreadable"]
-    return check_files(directory, recorded)
+        return [f"{directory / NAME}: unreadable"] if part[0] == 0 else []
+    return check_files(directory, recorded, sorted(recorded["files"])[part[0] :: part[1]])
+
+
+def first_problem(problems: list[str]) -> str:
+    """The first problem, and how many more there are."""
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")

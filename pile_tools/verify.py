@@ -17,6 +17,7 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
+from pile_tools.assemble import manifest_entries, read_manifest
 from pile_tools.indexed import check_pair, read_index
 from pile_tools.inspect import find_shards
 from pile_tools.reader import InputError
@@ -146,17 +147,13 @@ def vocabulary(tokenizer: str | None, manifest: dict) -> tuple[int | None, int |
     return None, None, ""
 
 
-def manifest_entries(manifest: dict) -> dict[str, dict]:
-    return {e["prefix"]: e for c in manifest.get("components", {}).values() for e in c.get("splits", {}).values()}
-
-
 def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int:
     """Audit every shard under `targets`; prints each problem and a summary; returns the number of problems."""
     jobs, problems = [], []
     for target in targets:
         root = Path(target)
         prefixes, manifest_path = find_shards(root)
-        manifest = json.loads(manifest_path.read_text()) if manifest_path else {}
+        manifest = read_manifest(manifest_path) if manifest_path else {}
         vocab, eod, source = vocabulary(tokenizer, manifest)
         if vocab is None:
             echo(f"note: {target}: no manifest.json and no --tokenizer, so ids and EOD are not checked")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pile_tools.assemble import manifest_entries, read_manifest
 from pile_tools.indexed import check_pair, read_index
 from trainer.config import ConfigError, NeoXConfig
 from trainer.data import BlendedDataset, GPTDataset, blend_index
@@ -120,34 +121,24 @@ def resolve_sources(data_dir: str | Path | None, data: dict) -> dict[str, list[S
     return sources_from_keys(data)
 
 
-def find_manifest(prefix: Path) -> dict:
-    """The build-shards manifest.json of a shard (DIR/split/component), or {} for shards from other tools."""
-    path = prefix.parent.parent / "manifest.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def manifest_entry(manifest: dict, prefix: Path) -> dict:
-    """The manifest's record of one shard (documents, tokens, max_id, xxh3_128), or {}."""
-    name = f"{prefix.parent.name}/{prefix.name}"
-    for component in manifest.get("components", {}).values():
-        for entry in component.get("splits", {}).values():
-            if entry.get("prefix") == name:
-                return entry
-    return {}
+def shards_manifest(data_dir: Path | None) -> dict:
+    """The manifest.json of a build-shards directory, or {}."""
+    return read_manifest(data_dir / "manifest.json") if data_dir else {}
 
 
 def check_shards(sources: dict[str, list[Source]], vocab_size: int) -> None:
     """Before any work, in milliseconds: every .bin agrees with its .idx, and the largest id that build-shards
-    recorded fits the vocabulary. A ConfigError names the shard."""
+    recorded (in the manifest of DIR/split/component) fits the vocabulary. A ConfigError names the shard."""
+    manifests: dict[Path, dict] = {}  # one read per build-shards directory, not per shard
     for prefix in {s.prefix for split in sources.values() for s in split}:
         if (problem := check_pair(prefix)) is not None:
             raise ConfigError(problem)
-        manifest = find_manifest(prefix)
+        root = prefix.parent.parent
+        if root not in manifests:
+            manifests[root] = read_manifest(root / "manifest.json")
+        manifest = manifests[root]
         limit = min(vocab_size, manifest.get("tokenizer", {}).get("vocab_size", vocab_size))
-        max_id = manifest_entry(manifest, prefix).get("max_id")
+        max_id = manifest_entries(manifest).get(f"{prefix.parent.name}/{prefix.name}", {}).get("max_id")
         if max_id is not None and max_id >= limit:
             raise ConfigError(f"shard {prefix}: token id {max_id:,} is outside the vocabulary ({limit:,} ids)")
 
@@ -237,10 +228,7 @@ def global_batch_at(config: NeoXConfig, data_dir, step: int, world_size: int) ->
 def shards_tokenizer(data_dir: Path | None, data: dict):
     """A decoder (ids -> text) for the run's tokenizer: the config's, else the one the shards' manifest names;
     None when neither is there."""
-    path = data.get("tokenizer") or data.get("vocab_file")
-    manifest = data_dir / "manifest.json" if data_dir else None
-    if path is None and manifest is not None and manifest.is_file():
-        path = json.loads(manifest.read_text()).get("tokenizer", {}).get("path")
+    path = data.get("tokenizer") or data.get("vocab_file") or shards_manifest(data_dir).get("tokenizer", {}).get("path")
     if not path or not Path(path).exists():
         return None
     from tokenizer.engine import load_reference, resolve_tokenizer

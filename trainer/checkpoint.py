@@ -21,7 +21,7 @@ import yaml
 
 from pile_tools.atomic import WriteError, check_writable, write_text, writing
 from pile_tools.checksums import (
-    check_files,
+    first_problem,
     hash_files,
     listed_files,
     read_checksums,
@@ -111,8 +111,7 @@ def verify_checkpoint(path: Path) -> None:
     if problems is None:
         warnings.warn(f"{path} was written before checkpoints carried checksums: not verified", stacklevel=2)
     elif problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ConfigError(f"{path} does not verify: {problems[0]}{more}")
+        raise ConfigError(f"{path} does not verify: {first_problem(problems)}")
 
 
 def load_checkpoint(path: str | Path, device="cpu") -> tuple[GPTNeoX, NeoXConfig]:
@@ -328,17 +327,22 @@ def read_latest(save: Path) -> str | None:
     return path.read_text().strip() if path.is_file() else None
 
 
+def has_run(save: Path) -> str | None:
+    """The newest checkpoint a directory holds (`latest`, or a complete one without it), or None."""
+    if not save.is_dir():
+        return None
+    tags = [t for t in tags_by_step(save) if (save / t / "checksums.json").is_file()]
+    return read_latest(save) or (tags[0] if tags else None)
+
+
 def verify_on_all_ranks(where: Path) -> list[str] | None:
     """Problems of a checkpoint against its checksums.json, each rank checking its share; None without one."""
     import torch.distributed as dist
 
-    recorded = read_checksums(where)
-    if recorded is None or recorded.get("unreadable"):
-        return None if recorded is None else [f"{where / 'checksums.json'}: unreadable"]
-    names = sorted(recorded["files"])[dist.get_rank() :: dist.get_world_size()]
+    mine = verify_directory(where, part=(dist.get_rank(), dist.get_world_size()))
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, check_files(where, recorded, names))
-    return sorted(p for part in gathered for p in part)
+    dist.all_gather_object(gathered, mine)
+    return None if mine is None else sorted(p for part in gathered for p in part)
 
 
 def warn_once(message: str) -> None:
@@ -365,8 +369,7 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
             return tag, tag != latest, None
         if not problems:
             return tag, tag != latest, read_checksums(load / tag).get("run_id")
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        warn_once(f"{tag} does not verify: {problems[0]}{more}; trying the previous checkpoint")
+        warn_once(f"{tag} does not verify: {first_problem(problems)}; trying the previous checkpoint")
     raise ConfigError(f"--load: no checkpoint in {load} verifies (tried {', '.join(candidates) or 'none'})")
 
 

@@ -6,7 +6,6 @@ group, the model or any index is built, so a bad config costs nothing.
 """
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -27,14 +26,9 @@ from trainer.batches import (
     micro_batch,
     resolve_sources,
     sample_positions,
+    shards_manifest,
 )
-from trainer.checkpoint import (
-    load_training_checkpoint,
-    read_latest,
-    save_training_checkpoint,
-    step_of,
-    tags_by_step,
-)
+from trainer.checkpoint import has_run, load_training_checkpoint, read_latest, save_training_checkpoint, step_of
 from trainer.config import ConfigError, NeoXConfig, RunError
 from trainer.engine import (
     check_precision,
@@ -55,19 +49,6 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     """Next-token cross-entropy in fp32; (batch, seq) per token when reduction is 'none'."""
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
     return loss if reduction == "mean" else loss.view(targets.shape)
-
-
-def shards_manifest(data_dir: Path | None) -> dict:
-    path = data_dir / "manifest.json" if data_dir else None
-    return json.loads(path.read_text()) if path and path.is_file() else {}
-
-
-def has_run(save: Path) -> str | None:
-    """The newest checkpoint a directory holds (`latest`, or a complete one without it), or None."""
-    if not save.is_dir():
-        return None
-    tags = [t for t in tags_by_step(save) if (save / t / "checksums.json").is_file()]
-    return read_latest(save) or (tags[0] if tags else None)
 
 
 def check_save(save, load) -> None:

@@ -1,5 +1,7 @@
 """Tensor parallelism on CPU with gloo: a TP2 model's loss and gradients equal the single-process model's."""
 
+import json
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -79,3 +81,18 @@ def test_dry_run_lays_out_the_20b_run_without_building_the_model(run, monkeypatc
     assert "1=(0, 0, 1), 2=(0, 1, 0)" in out  # TP peers are neighbours, then data, then pipe
     bad = run("train", "--dry-run", "--config", "configs/20B.yml", "--world-size", 100)
     assert bad.exit_code == 1 and "not a multiple of model_parallel_size x pipe_parallel_size" in bad.output
+
+
+@pytest.mark.parametrize("sets,world", [([], 96), (["--set", "pipe_partition_method=uniform"], 16),
+                                        (["--set", "num_layers=7", "--set", "pipe_parallel_size=3"], 6)])  # fmt: skip
+def test_plan_and_dry_run_agree_on_every_per_gpu_figure(run, sets, world):
+    """The same stages, the same parameters on the most loaded GPU, the same memory: one partition, DeepSpeed's."""
+    plan = json.loads(run.ok("plan", "--config", "configs/20B.yml", "--gpus", world, "--json", *sets).output)
+    dry = run.ok("train", "--dry-run", "--config", "configs/20B.yml", "--world-size", world, *sets).output
+    stages = [line for line in dry.splitlines() if line.startswith("stage")]
+    per_rank = [int(s.split("; ")[1].split()[0].replace(",", "")) for s in stages]
+    blocks = [int(s.split(" blocks)")[0].split("(")[-1]) if "blocks)" in s else 0 for s in stages]
+    assert plan["parameters_per_gpu"] == max(per_rank) and plan["blocks_per_stage"] == blocks
+    memory = dry.split("GiB: ")[1]
+    for kind, gib in plan["memory_gib"].items():
+        assert f"{kind.replace('_', ' ')} {gib:.1f}" in memory

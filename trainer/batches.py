@@ -1,19 +1,23 @@
-"""Where the trainer's samples come from, and which of them each rank reads at each step.
+"""Where the trainer's samples come from, and which of them each rank reads at each step: gpt-neox's order.
 
-Sources, per split, are either a build-shards output directory (its blend.json: shards and weights) or
-gpt-neox's data keys: `train_data_paths` / `train_data_weights` (and valid/test), or one `data_path` (a prefix,
-Megatron's "w1 p1 w2 p2 ..." blend, or a build-shards directory) cut into train/valid/test document ranges by
-`split` as Megatron cuts it. Each split is a BlendedDataset of GPTDatasets sized to exactly what the run reads:
-train_iters x global batch for train, eval_iters x global batch for valid (the same set at every evaluation, so
-the curve is not noise) and test.
+Sources, per split, are either a build-shards output directory (its blend.json: shards and weights, read as
+gpt-neox reads `train_data_paths` and `train_data_weights`) or gpt-neox's data keys: `train_data_paths` /
+`train_data_weights` (and valid/test; no weights means equal weights, as in gpt-neox), or one `data_path` (a
+prefix, a build-shards directory, or Megatron's "w1 p1 w2 p2 ..." blend) cut into train/valid/test document ranges
+by `split` as Megatron cuts it.
 
-Which samples a step reads is a function of the position alone: step s reads global samples
-[s x G, (s + 1) x G); micro-batch m of rank r reads the `micro` samples from s x G + (m x dp + r) x micro.
-Resuming is restoring the position, and nothing is cached between steps (gpt-neox's itertools.cycle grows host
-memory over a run).
+As gpt-neox builds them: a split of N samples (train: train_iters x global batch; valid: (train_iters //
+eval_interval + 1) x eval_iters x global batch, a fresh part at each evaluation; test: eval_iters x global batch)
+is a GPTDataset of ceil(N x weight x 1.005) samples per source, blended by BlendableDataset's rule; one `data_path`
+prefix is a single GPTDataset of N samples. Step s reads global samples [s x G, (s + 1) x G); micro-batch m of
+data-parallel rank r reads the `micro` samples from s x G + (m x dp + r) x micro (DistributedBatchSampler's
+split); a read past the data wraps as gpt-neox's loader cycles (modulo its whole batches). Which samples a step
+reads is a function of the position alone: resuming restores the position exactly, and nothing is cached between
+steps (gpt-neox's itertools.cycle grows host memory over a run).
 """
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +28,7 @@ import torch
 from pile_tools.assemble import manifest_entries, read_manifest
 from pile_tools.indexed import check_pair, read_index
 from trainer.config import ConfigError, NeoXConfig
-from trainer.data import BlendedDataset, GPTDataset, blend_index
+from trainer.data import BlendedDataset, GPTDataset, blend_index, neox_weights
 
 SPLITS = ("train", "valid", "test")
 
@@ -88,13 +92,11 @@ def sources_from_keys(data: dict) -> dict[str, list[Source]]:
         out = {}
         for split in SPLITS:
             paths = data.get(f"{split}_data_paths") or []
-            weights = data.get(f"{split}_data_weights") or [None] * len(paths)
+            weights = data.get(f"{split}_data_weights") or [1.0] * len(paths)  # gpt-neox's default
             if len(weights) != len(paths):
                 raise ConfigError(f"{split}_data_weights: {len(weights)} weights for {len(paths)} paths")
             prefixes = [check_prefix(Path(p), f"{split}_data_paths") for p in paths]
-            # no weights: each shard in proportion to its tokens, as if concatenated
-            out[split] = [Source(p, w if w is not None else float(np.sum(shard_sizes(p)))) for p, w in
-                          zip(prefixes, weights)]  # fmt: skip
+            out[split] = [Source(p, w) for p, w in zip(prefixes, weights)]
         return out
     value = data["data_path"]
     if isinstance(value, str) and Path(value).is_dir():
@@ -157,32 +159,47 @@ def cache_dir(prefix: Path, fallback: Path | None) -> Path:
     return beside if writable else fallback or fallback_cache_dir(None)
 
 
+def source_samples(sources: list[Source], num_samples: int) -> list[int]:
+    """Samples each source's GPTDataset indexes: ceil(N x weight x 1.005) (gpt-neox's 0.5% margin, so a blend that
+    strays from its weights still has samples), or exactly N for a single `data_path` prefix, which gpt-neox does
+    not blend."""
+    if len(sources) == 1 and sources[0].documents is not None:
+        return [num_samples]
+    return [int(math.ceil(num_samples * w * 1.005)) for w in neox_weights([s.weight for s in sources])]
+
+
 def split_dataset(sources: list[Source], num_samples: int, seq_length: int, seed: int, vocab_size: int | None = None,
                   fallback: Path | None = None) -> BlendedDataset | None:  # fmt: skip
-    """The blend of `sources` holding exactly `num_samples` samples (None when the split has no data)."""
-    sources = [s for s in sources if s.weight > 0 and (s.documents is None or len(s.documents))]
+    """The blend of `sources` as gpt-neox builds it for a split of `num_samples` samples (None when the split has
+    no data); its blend index holds the samples a run of that size reads."""
+    sources = [s for s in sources if s.documents is None or len(s.documents)]
     if not sources or num_samples == 0:
         return None
-    source, within = blend_index([s.weight for s in sources], num_samples)
-    counts = np.bincount(source, minlength=len(sources))
     datasets = [
-        GPTDataset(s.prefix, int(n), seq_length, seed, cache_dir(s.prefix, fallback), s.documents, vocab_size)
-        if n else None
-        for s, n in zip(sources, counts)
+        GPTDataset(s.prefix, n, seq_length, seed, cache_dir(s.prefix, fallback), s.documents, vocab_size)
+        for s, n in zip(sources, source_samples(sources, num_samples))
     ]  # fmt: skip
+    size = min(num_samples, sum(len(d) for d in datasets))
+    source, within = blend_index([s.weight for s in sources], size)
     return BlendedDataset(datasets, source, within, names=[s.prefix.name for s in sources])
+
+
+def split_samples(config: NeoXConfig, global_batch: int) -> dict[str, int]:
+    """Samples each split holds, as gpt-neox sizes them: every evaluation reads a fresh eval_iters x G."""
+    t = config.training
+    evaluations = t.train_iters // t.eval_interval + 1 if t.eval_interval else 1
+    return {"train": t.train_iters * global_batch, "valid": evaluations * t.eval_iters * global_batch,
+            "test": t.eval_iters * global_batch}  # fmt: skip
 
 
 def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_batch: int, fallback: Path) -> dict:
     """train, valid and test datasets sized to what the run reads; their indices cached beside the shards, or
     under `fallback` where that is read-only."""
     t = config.training
-    sizes = {"train": t.train_iters * global_batch, "valid": t.eval_iters * global_batch,
-             "test": t.eval_iters * global_batch}  # fmt: skip
     out = {}
-    for split in SPLITS:
+    for split, samples in split_samples(config, global_batch).items():
         try:
-            out[split] = split_dataset(sources.get(split, []), sizes[split], t.seq_length, t.seed,
+            out[split] = split_dataset(sources.get(split, []), samples, t.seq_length, t.seed,
                                        config.model.vocab_size, fallback)  # fmt: skip
         except ValueError as e:  # a source with no tokens
             raise ConfigError(f"{split} data: {e}") from None
@@ -191,10 +208,15 @@ def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_
     return out
 
 
+def readable(size: int, loader_batch: int) -> int:
+    """gpt-neox's loader yields whole batches of micro x dp samples and then cycles: the samples it ever reads."""
+    return max(loader_batch, size - size % loader_batch)
+
+
 def sample_positions(step: int, micro_step: int, micro: int, dp: int, rank: int, global_batch: int, size: int):
     """Positions in the dataset of the `micro` samples that data-parallel rank `rank` reads at (step, micro_step)."""
     start = step * global_batch + (micro_step * dp + rank) * micro
-    return np.arange(start, start + micro) % size
+    return np.arange(start, start + micro) % readable(size, micro * dp)
 
 
 def micro_batch(dataset, step: int, micro_step: int, micro: int, dp: int, rank: int, global_batch: int):
@@ -221,8 +243,13 @@ def global_batch_at(config: NeoXConfig, data_dir, step: int, world_size: int) ->
     sources = resolve_sources(data_directory(data_dir, config.data), config.data)
     check_shards(sources, config.model.vocab_size)
     dataset = build_datasets(config, sources, global_batch, fallback_cache_dir(None))["train"]
-    first = (step - 1) * global_batch  # micro_batch's positions for this step, ranks and micro-batches in order
-    return np.stack([dataset[i] for i in range(first, first + global_batch)])
+    micro, dp = t.train_micro_batch_size_per_gpu, config.data_parallel_size(world_size)
+    where = [
+        sample_positions(step - 1, m, micro, dp, r, global_batch, len(dataset))
+        for m in range(t.gradient_accumulation_steps)
+        for r in range(dp)
+    ]  # ranks and micro-batches in order
+    return np.stack([dataset[int(i)] for i in np.concatenate(where)])
 
 
 def shards_tokenizer(data_dir: Path | None, data: dict):

@@ -122,7 +122,7 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 
     config = run_reporting_errors(load_config, list(config_path), overrides)
     if dry_run:  # no process group, no model: the 20B layout on 96 GPUs can be checked on a laptop
-        from trainer.layout import describe_layout
+        from trainer.plan import describe_layout
 
         p = config.parallel
         world = world_size or int(os.environ.get("WORLD_SIZE", p.model_parallel_size * p.pipe_parallel_size))

@@ -1,16 +1,16 @@
-"""GPT training samples over a Megatron shard, indexed by Megatron's and gpt-neox's algorithm, built in numpy.
-
-The arrays follow their algorithm (and sample_idx equals their C++ helper's), but the shuffles draw from
-numpy's PCG64, not their RandomState, and shuffle exactly the samples needed: the order is not theirs yet.
+"""GPT training samples over a Megatron shard, indexed exactly as gpt-neox indexes them (megatron/data/gpt2_dataset.py
+and blendable_dataset.py), built in numpy: the same arrays, so the same samples in the same order.
 
 Three arrays, cached next to the shard (keyed by a hash of everything that determines them):
     doc_idx      the shard's documents tiled for as many epochs as the samples need, shuffled   int32 (epochs * N)
-    sample_idx   for sample j, (position in doc_idx, token offset) of its first token           int64 (samples + 1, 2)
-    shuffle_idx  a seeded permutation of the samples                                           int64 (samples)
+    sample_idx   for sample j, (position in doc_idx, token offset) of its first token           int64 (S + 1, 2)
+    shuffle_idx  a seeded permutation of all S samples of those epochs                          int64 (S)
 Sample j is the `seq_length + 1` tokens from global position j * seq_length of the document stream in doc_idx
 order: samples cross document boundaries, and consecutive samples share one token (input and shifted target).
-Megatron builds sample_idx with a C++ loop (its issue #795: 270 s for a large run on rank 0); here it is a
-cumulative sum and a binary search.
+As in gpt-neox, one `np.random.RandomState(seed)` shuffles doc_idx and then the S = (epochs x tokens - 1) //
+seq_length samples of all those epochs, not only the ones a run reads. gpt-neox builds sample_idx with a C++ loop
+(Megatron's issue #795: 270 s for a large run on rank 0); here it is a cumulative sum and a binary search, equal to
+it (tests/test_neox_order.py compares whole batches with gpt-neox's own code).
 """
 
 import hashlib
@@ -32,7 +32,13 @@ def epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) -> i
     return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
 
 
-def build_doc_idx(documents: np.ndarray, epochs: int, rng: np.random.Generator) -> np.ndarray:
+def samples_in(tokens_per_epoch: int, epochs: int, seq_length: int) -> int:
+    """S: the samples that `epochs` epochs hold (gpt-neox indexes and shuffles all of them)."""
+    return (epochs * tokens_per_epoch - 1) // seq_length
+
+
+def build_doc_idx(documents: np.ndarray, epochs: int, rng: np.random.RandomState) -> np.ndarray:
+    """The documents, once per epoch, shuffled as one array (gpt-neox's _build_doc_idx)."""
     doc_idx = np.tile(np.asarray(documents, dtype=np.int32), epochs)
     rng.shuffle(doc_idx)
     return doc_idx
@@ -49,7 +55,7 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
 
 def cache_key(shard: Shard, documents: range, num_samples: int, seq_length: int, seed: int) -> str:
     stat = os.stat(f"{shard.prefix}.idx")
-    what = (f"{shard.prefix.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|"
+    what = (f"neox-order|{shard.prefix.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|"
             f"{documents.start}:{documents.stop}|{num_samples}|{seq_length}|{seed}")  # fmt: skip
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
@@ -61,8 +67,9 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 class GPTDataset:
-    """`num_samples` samples of `seq_length + 1` tokens from one shard (or a range of its documents, for a
-    Megatron-style `split` of one shard); indices cached under `cache_dir`."""
+    """Samples of `seq_length + 1` tokens from one shard (or a range of its documents, for a Megatron-style
+    `split` of one shard): the whole epochs that hold `num_samples`, as gpt-neox's GPT2Dataset; indices cached
+    under `cache_dir`."""
 
     def __init__(self, prefix: str | Path, num_samples: int, seq_length: int, seed: int,
                  cache_dir: Path | None = None, documents: range | None = None,
@@ -81,23 +88,29 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[n], mmap_mode="r") for n in paths)
 
     def build(self, seed: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng(seed)
+        rng = np.random.RandomState(seed)  # gpt-neox's generator (MT19937), drawn in its order
         sizes = np.asarray(self.shard.sizes)
         documents = np.arange(self.documents.start, self.documents.stop)
-        epochs = epochs_needed(int(sizes[documents].sum(dtype=np.int64)), self.num_samples, self.seq_length)
+        tokens = int(sizes[documents].sum(dtype=np.int64))
+        epochs = epochs_needed(tokens, self.num_samples, self.seq_length)
         doc_idx = build_doc_idx(documents, epochs, rng)
+        total = samples_in(tokens, epochs, self.seq_length)
+        shuffle_idx = np.arange(total, dtype=np.int64)
+        rng.shuffle(shuffle_idx)
         return {
             "doc_idx": doc_idx,
-            "sample_idx": build_sample_idx(sizes, doc_idx, self.seq_length, self.num_samples),
-            "shuffle_idx": rng.permutation(self.num_samples).astype(np.int64),
+            "sample_idx": build_sample_idx(sizes, doc_idx, self.seq_length, total),
+            "shuffle_idx": shuffle_idx,
         }
 
     def __len__(self) -> int:
-        return self.num_samples
+        """gpt-neox's length: one less than the samples indexed (min of its two index lengths, minus one)."""
+        return len(self.shuffle_idx) - 1
 
     def __getitem__(self, i: int) -> np.ndarray:
-        """The `seq_length + 1` tokens of the i-th sample (after shuffling), as int64."""
-        j = int(self.shuffle_idx[i])
+        """The `seq_length + 1` tokens of the i-th sample (after shuffling), as int64. Past the index, i wraps
+        modulo the length, as gpt-neox's IndexError fallback does."""
+        j = int(self.shuffle_idx[i if i < len(self.shuffle_idx) else i % max(1, len(self))])
         (first, offset), (last, end) = self.sample_idx[j], self.sample_idx[j + 1]
         if first == last:
             tokens = self.shard[int(self.doc_idx[first])][offset : end + 1].astype(np.int64)
@@ -123,43 +136,52 @@ class GPTDataset:
 
 
 @numba.njit(cache=True)
-def _earliest_due_first(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    # Sample i goes to the source whose next sample is due soonest ((count + 1) / weight), among the sources
-    # whose share so far lags their weight. Megatron's largest-deficit-first rule can stray 1.6 samples from a
-    # weight; this rule stays within one sample of every source's weight at every prefix (tests/test_data.py).
+def _largest_error_first(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    # gpt-neox's build_blending_indices (helpers.cpp), operation for operation: sample i goes to the first source
+    # with the largest weight x max(i, 1) - samples so far.
     counts = np.zeros(len(weights), dtype=np.int64)
     source, within = np.empty(size, dtype=np.int16), np.empty(size, dtype=np.int64)
     for i in range(size):
-        best, best_due = -1, np.inf
-        for d in range(len(weights)):
-            if weights[d] * (i + 1) > counts[d] and (counts[d] + 1) / weights[d] < best_due:
-                best, best_due = d, (counts[d] + 1) / weights[d]
+        scale = max(float(i), 1.0)
+        best, best_error = 0, weights[0] * scale - float(counts[0])
+        for d in range(1, len(weights)):
+            error = weights[d] * scale - float(counts[d])
+            if error > best_error:
+                best, best_error = d, error
         source[i], within[i] = best, counts[best]
         counts[best] += 1
     return source, within
 
 
-def blend_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(source, sample within the source) of each of `size` blended samples, each source's share its weight.
+def neox_weights(weights) -> list[float]:
+    """Weights normalised as gpt-neox normalises them (in Python floats), the blend's input."""
+    weights = [float(w) for w in weights]
+    if not weights or min(weights) < 0 or sum(weights) <= 0:
+        raise ValueError(f"blend weights must be >= 0 with a positive sum, got {weights}")
+    return [w / sum(weights) for w in weights]
 
-    A sequential greedy, compiled with numba (Megatron compiles its own in C++): 10M samples in ~0.4 s.
+
+def blend_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, sample within the source) of the first `size` blended samples: gpt-neox's BlendableDataset order
+    (its index is sequential, so a prefix is the same whatever its full length).
+
+    Compiled with numba, as gpt-neox compiles its loop in C++: 10M samples over 22 sources in ~0.5 s.
     int16 sources: a blend has at most a few hundred shards.
     """
-    weights = np.asarray(weights, dtype=np.float64)
-    if len(weights) == 0 or (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"blend weights must be >= 0 with a positive sum, got {weights.tolist()}")
-    return _earliest_due_first(weights / weights.sum(), size)
+    weights = np.array(neox_weights(weights), dtype=np.float64)
+    return _largest_error_first(weights / np.sum(weights), size)
 
 
 class BlendedDataset:
-    """Samples of several sources, each source's share equal to its weight, in a deterministic order."""
+    """Samples of several sources in gpt-neox's blended order. Its length is gpt-neox's (the sum of the sources'
+    lengths), which decides where a read wraps; the index is built only as far as the run reads."""
 
     def __init__(self, sources: list, source: np.ndarray, within: np.ndarray, names: list[str] | None = None):
         self.sources, self.source, self.within = sources, source, within
         self.names = names or [str(i) for i in range(len(sources))]
 
     def __len__(self) -> int:
-        return len(self.source)
+        return sum(len(s) for s in self.sources)
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.sources[self.source[i]][int(self.within[i])]

@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass
 
 from trainer.config import NeoXConfig
-from trainer.plan import block_parameters, make_plan
 
 
 @dataclass
@@ -21,6 +20,11 @@ class Stage:
     last_layer: int  # inclusive
     blocks: list[int]
     parameters_per_rank: int  # on each TP rank of the stage
+
+
+def block_parameters(h: int, ffn: int) -> int:
+    """Two LayerNorms, QKV, attention output, and the MLP's two projections, with biases."""
+    return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h)
 
 
 def layer_names(num_layers: int) -> list[str]:
@@ -35,10 +39,12 @@ def deepspeed_method(config: NeoXConfig) -> str:
 
 def stage_bounds(config: NeoXConfig) -> list[int]:
     """Layer index where each stage starts (and the end), computed as PipelineModule computes it."""
+    names, stages = layer_names(config.model.num_layers), config.parallel.pipe_parallel_size
+    if stages == 1:
+        return [0, len(names)]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a dry run needs no accelerator: skip DeepSpeed's probe
     from deepspeed.runtime.utils import partition_balanced, partition_uniform
 
-    names, stages = layer_names(config.model.num_layers), config.parallel.pipe_parallel_size
     method = deepspeed_method(config)
     if method == "uniform":
         return [int(b) for b in partition_uniform(num_items=len(names), num_parts=stages)]
@@ -62,6 +68,7 @@ def layer_parameters(config: NeoXConfig, name: str) -> int:
 
 
 def stages(config: NeoXConfig) -> list[Stage]:
+    """The pipeline's stages: their layers, blocks and parameters on each TP rank (what plan and the dry run print)."""
     names = layer_names(config.model.num_layers)
     bounds = stage_bounds(config)
     out = []
@@ -69,30 +76,3 @@ def stages(config: NeoXConfig) -> list[Stage]:
         blocks = [int(n.split()[1]) for n in names[start:end] if n.startswith("block")]
         out.append(Stage(start, end - 1, blocks, sum(layer_parameters(config, n) for n in names[start:end])))
     return out
-
-
-def describe_layout(config: NeoXConfig, world_size: int) -> str:
-    """What --dry-run prints: the topology, the stages and the parameters per rank."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-
-    p = config.parallel
-    dp = config.data_parallel_size(world_size)
-    topology = PipeModelDataParallelTopology(num_pp=p.pipe_parallel_size, num_mp=p.model_parallel_size, num_dp=dp)
-    names = layer_names(config.model.num_layers)
-    lines = [f"layout      {world_size} ranks = PP {p.pipe_parallel_size} x DP {dp} x TP {p.model_parallel_size} "
-             f"(rank order pipe, data, model), ZeRO stage {p.zero_stage}, global batch "
-             f"{config.global_batch(world_size):,}"]  # fmt: skip
-    for i, s in enumerate(stages(config)):
-        blocks = f"blocks {s.blocks[0]}-{s.blocks[-1]} ({len(s.blocks)} blocks)" if s.blocks else "no blocks"
-        extras = [n for n in names[s.first_layer : s.last_layer + 1] if not n.startswith("block")]
-        extras = f" + {', '.join(extras)}" if extras else ""
-        lines.append(f"stage {i:<4}  layers {s.first_layer}-{s.last_layer}: {blocks}{extras}; "
-                     f"{s.parameters_per_rank:,} parameters per rank")  # fmt: skip
-    shown = min(world_size, 2 * p.model_parallel_size + 1)
-    ranks = ", ".join(f"{r}={tuple(topology.get_coord(r))}" for r in range(shown))
-    lines.append(f"ranks       (pipe, data, model): {ranks}, ...")
-    mem = make_plan(config, world_size).memory_gib
-    lines.append("memory      per GPU of the most loaded stage, GiB: " + ", ".join(
-        f"{k.replace('_', ' ')} {v:.1f}" for k, v in mem.items()))  # fmt: skip
-    return "\n".join(lines)

@@ -2,8 +2,11 @@
 line per log_interval, and the loss-curve PNG drawn from metrics.jsonl. Rank 0 writes; the others stay quiet.
 
 metrics.jsonl lines: {"kind": "train", "step", "loss", "lr", "loss_scale", "grad_norm", "tokens_per_s",
-"tflops_per_gpu", "mfu", "consumed_samples", "elapsed_s"} and {"kind": "valid" | "test", "step", "loss", "ppl",
-"components": {shard: loss}}. On resume the lines past the checkpoint's step are dropped (atomically).
+"tflops_per_gpu", "mfu", "consumed_samples", "elapsed_s"} and {"kind": "valid" | "test", "step", "part", "loss",
+"ppl", "components": {shard: loss}}: as in gpt-neox, each evaluation reads the next `part` of valid (eval_iters
+global batches), and valid is evaluated once more after the last step ("final": true; so twice at the last step
+when it is a multiple of eval_interval), then test. On resume the lines past the checkpoint's step are dropped
+(atomically).
 """
 
 import json
@@ -79,7 +82,10 @@ class Metrics:
             if entry["step"] % self.log_interval == 0:
                 self.echo(describe(entry))
         else:
-            self.echo(f"{entry['kind']:5} step {entry['step']:>7}  loss {entry['loss']:.4f}  ppl {entry['ppl']:.2f}")
+            final = "  (final: the next valid part, as gpt-neox)" if entry.get("final") else ""
+            self.echo(
+                f"{entry['kind']:5} step {entry['step']:>7}  loss {entry['loss']:.4f}  ppl {entry['ppl']:.2f}{final}"
+            )
 
     def echo(self, line: str) -> None:
         if self.rank == 0:

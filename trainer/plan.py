@@ -10,10 +10,11 @@ Formulas (bytes per parameter, FLOPs per step, activations per layer) are the st
   (the block's input) plus one block recomputed at a time. 1F1B keeps up to PP micro-batches in flight.
 """
 
-import math
+import os
 from dataclasses import asdict, dataclass
 
 from trainer.config import NeoXConfig
+from trainer.layout import block_parameters, layer_names, stages
 
 
 @dataclass
@@ -34,31 +35,11 @@ class Plan:
     total_tokens: float
 
 
-def block_parameters(h: int, ffn: int) -> int:
-    """Two LayerNorms, QKV, attention output, and the MLP's two projections, with biases."""
-    return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h)
-
-
 def count_parameters(config: NeoXConfig) -> tuple[int, int]:
     """(total, without the input and output embeddings)."""
     m = config.model
     blocks = m.num_layers * block_parameters(m.hidden_size, m.intermediate_size)
     return blocks + 2 * m.padded_vocab_size * m.hidden_size + 2 * m.hidden_size, blocks + 2 * m.hidden_size
-
-
-def split_blocks(layers: int, stages: int) -> list[int]:
-    """Blocks per pipeline stage, uniformly (earlier stages take the remainder)."""
-    return [layers // stages + (1 if i < layers % stages else 0) for i in range(stages)]
-
-
-def stage_parameters(config: NeoXConfig, blocks: list[int]) -> list[int]:
-    """Parameters of each stage: its blocks; the embedding on the first, final LayerNorm and head on the last."""
-    m = config.model
-    per_block, embedding = block_parameters(m.hidden_size, m.intermediate_size), m.padded_vocab_size * m.hidden_size
-    out = [n * per_block for n in blocks]
-    out[0] += embedding
-    out[-1] += embedding + 2 * m.hidden_size
-    return out
 
 
 def memory(config: NeoXConfig, params_per_gpu: int, blocks: int, dp: int) -> dict:
@@ -100,10 +81,9 @@ def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0
     gpus = gpus or p.model_parallel_size * p.pipe_parallel_size
     dp = config.data_parallel_size(gpus)
     total, non_embedding = count_parameters(config)
-    blocks = split_blocks(config.model.num_layers, p.pipe_parallel_size)
-    stages = stage_parameters(config, blocks)
-    heaviest = max(range(len(stages)), key=stages.__getitem__)
-    per_gpu = math.ceil(stages[heaviest] / p.model_parallel_size)
+    cut = stages(config)  # DeepSpeed's partition, as the pipeline and the dry run cut it
+    heaviest = max(cut, key=lambda s: s.parameters_per_rank)
+    per_gpu = heaviest.parameters_per_rank
     batch = config.global_batch(gpus)
     model_flops, hardware_flops = step_flops(config, batch)
     seconds = hardware_flops * config.training.train_iters / (gpus * tflops * 1e12)
@@ -111,8 +91,8 @@ def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0
         parameters=total, non_embedding_parameters=non_embedding, padded_vocab_size=config.model.padded_vocab_size,
         layout={"gpus": gpus, "tensor_parallel": p.model_parallel_size, "pipeline_parallel": p.pipe_parallel_size,
                 "data_parallel": dp, "zero_stage": p.zero_stage, "global_batch": batch},
-        blocks_per_stage=blocks, parameters_per_gpu=per_gpu,
-        memory_gib=memory(config, per_gpu, blocks[heaviest], dp),
+        blocks_per_stage=[len(s.blocks) for s in cut], parameters_per_gpu=per_gpu,
+        memory_gib=memory(config, per_gpu, len(heaviest.blocks), dp),
         tokens_per_step=batch * config.training.seq_length, model_flops_per_step=model_flops,
         hardware_flops_per_step=hardware_flops, tflops_per_gpu=tflops, days=seconds / 86400,
         gpu_hours=seconds * gpus / 3600,
@@ -158,3 +138,30 @@ def describe(plan: Plan) -> str:
 
 def as_dict(plan: Plan) -> dict:
     return asdict(plan)
+
+
+def describe_layout(config: NeoXConfig, world_size: int) -> str:
+    """What --dry-run prints: the topology, the stages and the parameters per rank."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    p = config.parallel
+    dp = config.data_parallel_size(world_size)
+    topology = PipeModelDataParallelTopology(num_pp=p.pipe_parallel_size, num_mp=p.model_parallel_size, num_dp=dp)
+    names = layer_names(config.model.num_layers)
+    lines = [f"layout      {world_size} ranks = PP {p.pipe_parallel_size} x DP {dp} x TP {p.model_parallel_size} "
+             f"(rank order pipe, data, model), ZeRO stage {p.zero_stage}, global batch "
+             f"{config.global_batch(world_size):,}"]  # fmt: skip
+    for i, s in enumerate(stages(config)):
+        blocks = f"blocks {s.blocks[0]}-{s.blocks[-1]} ({len(s.blocks)} blocks)" if s.blocks else "no blocks"
+        extras = [n for n in names[s.first_layer : s.last_layer + 1] if not n.startswith("block")]
+        extras = f" + {', '.join(extras)}" if extras else ""
+        lines.append(f"stage {i:<4}  layers {s.first_layer}-{s.last_layer}: {blocks}{extras}; "
+                     f"{s.parameters_per_rank:,} parameters per rank")  # fmt: skip
+    shown = min(world_size, 2 * p.model_parallel_size + 1)
+    ranks = ", ".join(f"{r}={tuple(topology.get_coord(r))}" for r in range(shown))
+    lines.append(f"ranks       (pipe, data, model): {ranks}, ...")
+    mem = make_plan(config, world_size).memory_gib  # the same figures as plan's
+    lines.append("memory      per GPU of the most loaded stage, GiB: " + ", ".join(
+        f"{k.replace('_', ' ')} {v:.1f}" for k, v in mem.items()))  # fmt: skip
+    return "\n".join(lines)

@@ -177,24 +177,27 @@ class Trainer:
         return loss.item(), lr, float(norm) if norm is not None else None
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict | None:
-        """Loss and perplexity over the split's fixed eval_iters global batches, and the loss per component."""
+    def evaluate(self, split: str, part: int = 0) -> dict | None:
+        """Loss and perplexity over part `part` of the split (eval_iters global batches; gpt-neox reads a fresh part
+        at each evaluation), and the loss per component."""
         dataset = self.data[split]
         if dataset is None:
             return None
         t = self.config.training
+        steps = range(part * t.eval_iters, (part + 1) * t.eval_iters)
         if self.pipelined:  # the pipeline engine gives the mean loss only: no per-component split
-            losses = [self.engine.eval_batch(self.pairs(split, it)).item() for it in range(t.eval_iters)]
+            losses = [self.engine.eval_batch(self.pairs(split, it)).item() for it in steps]
             loss = sum(losses) / len(losses)
-            return {"kind": split, "step": self.step, "loss": loss, "ppl": math.exp(loss), "components": {}}
+            return {"kind": split, "step": self.step, "part": part, "loss": loss, "ppl": math.exp(loss),
+                    "components": {}}  # fmt: skip
         self.engine.eval()
         sums = torch.zeros(len(dataset.sources), dtype=torch.float64)
         counts = torch.zeros_like(sums)
-        for it in range(t.eval_iters):
+        for it in steps:
             for m in range(t.gradient_accumulation_steps):
                 ids = self.batch(split, it, m)
                 per_sample = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:], reduction="none").mean(1).double().cpu()
-                where = sample_positions(it, m, t.train_micro_batch_size_per_gpu, self.dp, self.rank,
+                where = sample_positions(it, m, t.train_micro_batch_size_per_gpu, self.dp, self.dp_rank,
                                          self.global_batch, len(dataset))  # fmt: skip
                 source = torch.from_numpy(dataset.source[where].astype("int64"))
                 sums.index_add_(0, source, per_sample)
@@ -205,7 +208,7 @@ class Trainer:
                 dist.all_reduce(x)
         loss = (sums.sum() / counts.sum()).item()
         components = {n: (s / c).item() for n, s, c in zip(dataset.names, sums, counts) if c > 0}
-        return {"kind": split, "step": self.step, "loss": loss, "ppl": math.exp(loss),
+        return {"kind": split, "step": self.step, "part": part, "loss": loss, "ppl": math.exp(loss),
                 "components": components}  # fmt: skip
 
     def train_entry(self, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict:
@@ -258,11 +261,14 @@ class Trainer:
             stop = bool(t.exit_interval) and self.step % t.exit_interval == 0
             if t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop:
                 self.checkpoint()
-            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.train_iters):
-                results["valid"] = self.record(self.evaluate("valid"))
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                results["valid"] = self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
             if stop:
                 break
-        if self.step == t.train_iters:
+        if self.step == t.train_iters:  # as gpt-neox: valid once more at the end (its last part), then test
+            if t.eval_interval:
+                final = self.evaluate("valid", t.train_iters // t.eval_interval)
+                results["valid"] = self.record(final and {**final, "final": True})
             results["test"] = self.record(self.evaluate("test"))
         results["step"] = self.step
         self.metrics.close()

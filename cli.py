@@ -2,7 +2,8 @@
 
 import click
 
-from pile_tools.commands import build_shards, inspect_shards, merge_shards, verify_shards, whole_summaries
+from pile_tools.commands import build_shards, inspect_shards, merge_shards, verify_shards
+from pile_tools.ground import whole_summaries
 from tokenizer.commands import compare_tokenizers, train_tokenizer
 from trainer.commands import batch, evaluate, export_hf, generate, import_hf, plan, train
 

@@ -44,8 +44,7 @@ def main():
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = load_config(args.config).model
-    config.checkpoint_activations = False
+    config = load_config(args.config).model  # our model checkpoints activations only when the trainer asks
     torch.manual_seed(0)
     ours = GPTNeoX(config).to(device, dtype)
     theirs = GPTNeoXForCausalLM(hf_config(config))

@@ -61,7 +61,7 @@ def plain(args) -> list[dict]:
 
     from trainer.batches import micro_batch, resolve_sources, split_dataset
     from trainer.checkpoint import hf_config
-    from trainer.config import load_config
+    from trainer.config import DataConfig, load_config
 
     config = load_config(args.config, overrides(args))
     t = config.training
@@ -70,7 +70,7 @@ def plain(args) -> list[dict]:
     model = GPTNeoXForCausalLM(hf_config(config.model)).to(device)
     if config.model.checkpoint_activations:
         model.gradient_checkpointing_enable()
-    data = split_dataset(resolve_sources(args.data, {})["train"], t.train_iters * t.train_micro_batch_size_per_gpu
+    data = split_dataset(resolve_sources(DataConfig(data_dir=args.data))["train"], t.train_iters * t.train_micro_batch_size_per_gpu
                          * t.gradient_accumulation_steps, t.seq_length, t.seed)  # fmt: skip
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr, betas=config.optimizer.betas,
                                   fused=device == "cuda")  # fmt: skip

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 import pile_tools
-from pile_tools.atomic import write_json, writing
 from pile_tools.checksums import file_hash
 from pile_tools.components import epochs_for, load_epochs
+from pile_tools.ground import InputError, write_json, writing
 from pile_tools.indexed import Shard, read_index, write_index
-from pile_tools.reader import InputError, report_skips
+from pile_tools.reader import report_skips
 
 
 def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:

@@ -18,23 +18,17 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pile_tools.assemble import assemble
-from pile_tools.atomic import write_json
-from pile_tools.components import load_epochs
+from pile_tools.components import load_epochs, split_weights
+from pile_tools.ground import InputError, write_json
 from pile_tools.indexed import token_dtype
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
-from pile_tools.reader import HF_PREFIX, InputError, Part, PartReader, Skips, discover, part_bytes, plan_parts
+from pile_tools.reader import HF_PREFIX, Part, discover, guard_sample, part_bytes, plan_parts
 from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
-
-GUARD_BYTES = 1 << 19  # text encoded by both the fast engine and `tokenizers` before the run
-GUARD_DOC_CHARS = 64 << 10
 
 
 def parse_split(split: str) -> list[float]:
-    try:
-        weights = [float(x) for x in split.replace("/", ",").split(",")]
-    except ValueError:
-        weights = []
-    if len(weights) != 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+    weights = split_weights(split, exactly_three=True)
+    if weights is None:
         raise InputError(f"--split {split!r}: give 3 non-negative weights for train,valid,test, like 995,4,1 "
                          "(0 leaves a split out: 1,0,0 is train only)")  # fmt: skip
     return weights
@@ -96,24 +90,6 @@ def claim_output(out: Path, plan: dict) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", plan)
     return False
-
-
-def guard_sample(parts: list[Part], component: str | None) -> list[str]:
-    """Documents from across the run's inputs for the exactness check, GUARD_BYTES in all."""
-    picked = parts[:: max(1, len(parts) // 16)][:16]
-    sample, budget = [], GUARD_BYTES
-    for part in picked:
-        share = budget // max(1, len(picked) - picked.index(part))
-        try:
-            for _, text, _ in PartReader(part, component, Skips()).documents():
-                sample.append(text[:GUARD_DOC_CHARS])
-                share -= len(sample[-1])
-                budget -= len(sample[-1])
-                if share <= 0:
-                    break
-        except InputError:
-            continue  # the run itself reports bad files, with their names
-    return sample
 
 
 class Progress:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import xxhash
 
-from pile_tools.atomic import write_json
+from pile_tools.ground import write_json
 
 NAME = "checksums.json"
 ALGORITHM = "xxh3_128"

@@ -1,60 +1,10 @@
 """Click commands of the data path: build-shards, merge-shards, inspect. Thin: parse, call one function, print."""
 
 import os
-import re
-from pathlib import Path
 
 import click
 
-
-class Size(click.ParamType):
-    """A byte count with an optional K/M/G suffix (powers of 1024): 256M, 1G, 4096."""
-
-    name = "size"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int):
-            return value
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value), re.IGNORECASE)
-        if not m:
-            self.fail(f"{value!r} is not a size like 256M or 1G", param, ctx)
-        return int(float(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " "))
-
-
-def one_line_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings as `warning: MESSAGE`, without Python's file name and source line."""
-    click.echo(f"warning: {message}", err=True)
-
-
-def run_reporting_errors(fn, *args, **kwargs):
-    """Call fn; input, tokenizer and write errors become one clear line and exit status 1, not a traceback.
-    Warnings print as one line each."""
-    import errno
-    import warnings
-
-    from pile_tools.atomic import DISK_FULL, write_failure
-    from pile_tools.reader import InputError
-    from tokenizer.engine import TokenizerError
-
-    warnings.showwarning = one_line_warning
-    try:
-        return fn(*args, **kwargs)
-    except (InputError, TokenizerError) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:  # a write no caller wrapped: still one line, naming what the error names
-        if e.errno in (*DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM):
-            raise click.ClickException(str(write_failure(Path(e.filename or "the output"), e))) from None
-        raise
-
-
-def whole_summaries(group: click.Group) -> None:
-    """List each command with its whole first docstring line (click cuts a summary at about 45 characters)."""
-    for command in group.commands.values():
-        command.short_help = command.short_help or (command.help or "").strip().split("\n")[0]
-
-
-def echo_err(message: str) -> None:
-    click.echo(message, err=True)
+from pile_tools.ground import Size, echo_err, run_reporting_errors
 
 
 @click.command("build-shards")

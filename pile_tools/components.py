@@ -4,7 +4,7 @@ import json
 import re
 from pathlib import Path
 
-from pile_tools.reader import InputError
+from pile_tools.ground import InputError
 
 # Epochs per component: the Pile paper (Gao et al., 2020), Table 1. A component's share of the training mix is
 # proportional to epochs x size, which is how the paper's "effective size" is computed.
@@ -32,6 +32,22 @@ PILE_EPOCHS = {
     "Gutenberg (PG-19)": 2.5,
     "Wikipedia (en)": 3.0,
 }
+
+
+SPLITS = ("train", "valid", "test")
+
+
+def split_weights(text, exactly_three: bool) -> list[float] | None:
+    """train, valid and test weights from "995,4,1" (or gpt-neox's "995/4/1"); fewer than three are padded with 0
+    as Megatron pads them unless `exactly_three`. None unless they are numbers >= 0 with a positive sum."""
+    try:
+        weights = [float(x) for x in str(text).replace("/", ",").split(",")]
+    except ValueError:
+        return None
+    if exactly_three and len(weights) != 3:
+        return None
+    weights = (weights + [0.0, 0.0])[:3]
+    return weights if min(weights) >= 0 and sum(weights) > 0 else None
 
 
 def slugify(component: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pile_tools.atomic import writing
+from pile_tools.ground import writing
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pile_tools.ground import InputError
 from pile_tools.indexed import Shard, check_pair
-from pile_tools.reader import InputError
 
 
 def find_shards(target: Path) -> tuple[list[Path], Path | None]:

@@ -6,9 +6,7 @@ written, so a part is either absent or complete: a crash redoes only unfinished 
 
 import json
 import os
-import queue
 import shutil
-import threading
 import time
 from bisect import bisect_right
 from dataclasses import dataclass
@@ -18,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from pile_tools.atomic import writing
-from pile_tools.components import slugify
+from pile_tools.components import SPLITS, slugify
+from pile_tools.ground import InputError, prefetch, writing
 from pile_tools.indexed import ShardWriter
-from pile_tools.reader import InputError, Part, PartReader, Skips
+from pile_tools.reader import Part, PartReader, Skips, batched_by_chars
 from tokenizer.engine import Encoder
 
-SPLITS = ("train", "valid", "test")
 BATCH_CHARS = 4 << 20  # text per encode call: large enough to amortise the call, small enough to stream
 
 
@@ -70,26 +67,6 @@ def append_eod(ids: np.ndarray, counts: np.ndarray, eod: int) -> tuple[np.ndarra
     out[is_eod] = eod
     out[~is_eod] = ids
     return out, sizes
-
-
-def prefetch(iterable, depth: int = 2):
-    """Run `iterable` in a thread, `depth` items ahead: reading and parsing overlap the encoding."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-
-    def fill():
-        try:
-            for item in iterable:
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # re-raised in the consumer, with the input's own message
-            q.put(e)
-
-    threading.Thread(target=fill, daemon=True).start()
-    while (item := q.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 class PartWriter:
@@ -142,16 +119,14 @@ def batches(reader: PartReader, thresholds: tuple[int, ...]):
 
     Runs in the prefetch thread, so the read position is taken here, beside the reads, not from another thread.
     """
-    batch, chars = [], 0
-    for component, text, _ in reader.documents():
-        data = text.encode("utf-8")
-        batch.append(((SPLITS[split_of(data, thresholds)], component), text, len(data)))
-        chars += len(text)
-        if chars >= BATCH_CHARS:
-            yield batch, reader.consumed
-            batch, chars = [], 0
-    if batch:
-        yield batch, reader.consumed
+
+    def keyed():
+        for component, text, _ in reader.documents():
+            data = text.encode("utf-8")
+            yield (SPLITS[split_of(data, thresholds)], component), text, len(data)
+
+    for batch in batched_by_chars(keyed(), BATCH_CHARS, lambda item: len(item[1])):
+        yield batch, reader.consumed  # read up to the batch's last document: the generators read lazily
 
 
 @lru_cache(maxsize=2)

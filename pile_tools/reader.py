@@ -15,13 +15,13 @@ from pathlib import Path
 import orjson
 import zstandard
 
+from pile_tools.ground import InputError
+
 SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".txt")
 HF_PREFIX = "hf:"
+GUARD_BYTES = 1 << 19  # text encoded by both the fast engine and `tokenizers` before the run
+GUARD_DOC_CHARS = 64 << 10
 MAX_EXAMPLES = 3  # messages kept per skip reason and part; the counts are always complete
-
-
-class InputError(Exception):
-    """Input that cannot be read; the message names the file (and line) for the user."""
 
 
 @dataclass(frozen=True)
@@ -354,3 +354,34 @@ def read_documents(parts: list[Part], desc: str, skips: Skips):
                     bar.update(reader.consumed - seen)
                     seen = reader.consumed
             bar.update(reader.consumed - seen)
+
+
+def guard_sample(parts: list[Part], component: str | None) -> list[str]:
+    """Documents from across the run's inputs for the exactness check, GUARD_BYTES in all."""
+    picked = parts[:: max(1, len(parts) // 16)][:16]
+    sample, budget = [], GUARD_BYTES
+    for part in picked:
+        share = budget // max(1, len(picked) - picked.index(part))
+        try:
+            for _, text, _ in PartReader(part, component, Skips()).documents():
+                sample.append(text[:GUARD_DOC_CHARS])
+                share -= len(sample[-1])
+                budget -= len(sample[-1])
+                if share <= 0:
+                    break
+        except InputError:
+            continue  # the run itself reports bad files, with their names
+    return sample
+
+
+def batched_by_chars(items, limit: int, chars=len):
+    """Lists of consecutive items holding about `limit` characters each (`chars(item)`); the last may hold fewer."""
+    batch, size = [], 0
+    for item in items:
+        batch.append(item)
+        size += chars(item)
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch

@@ -18,9 +18,9 @@ import xxhash
 from tqdm import tqdm
 
 from pile_tools.assemble import manifest_entries, read_manifest
+from pile_tools.ground import InputError
 from pile_tools.indexed import check_pair, read_index
 from pile_tools.inspect import find_shards
-from pile_tools.reader import InputError
 
 CHUNK = 32 << 20  # bytes of .bin per read: large enough for numpy and xxhash to run at memory speed
 MAX_LINES = 20  # problems of one kind listed per shard; the count is always complete

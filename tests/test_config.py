@@ -1,10 +1,13 @@
 """gpt-neox's configs as its users write them: dashes, nested fp16 with type bfloat16, pipe-parallel-size 0,
 checkpoint-factor, precision, several files merged left to right, and other architectures refused in one line."""
 
-import pytest
-from helpers import assert_clean_error
+import dataclasses
+import re
 
-from trainer.config import ConfigError, load_config
+import pytest
+from helpers import ROOT, assert_clean_error
+
+from trainer.config import FIXED, FLAT, SWITCHES, ConfigError, build, load_config
 
 NEOX_STYLE = """
 {
@@ -75,3 +78,58 @@ def test_another_architecture_is_refused_naming_the_feature(tmp_path, run, extra
     result = run("plan", "--config", write(tmp_path, "other.yml", text))
     assert result.exit_code == 1
     assert_clean_error(result.output, feature)
+
+
+CODE = "\n".join(p.read_text() for p in (ROOT / "trainer").rglob("*.py"))  # field definitions have no dot
+READ_BY_NAME = {f"{split}_data_{kind}" for split in ("train", "valid", "test") for kind in ("paths", "weights")}
+
+
+@pytest.mark.parametrize("key", sorted(FLAT))
+def test_every_key_taken_into_the_config_is_read_by_the_trainer(key):
+    """A key that lands in a field acts: the field is read outside the config (none is accepted and dropped)."""
+    if key in READ_BY_NAME:  # batches.sources_from_keys reads them as f"{split}_data_paths" / "_weights"
+        assert 'f"{split}_data_paths"' in CODE and 'f"{split}_data_weights"' in CODE
+        return
+    assert re.search(rf"\.{key}\b", CODE), f"{key} ({FLAT[key]}) is parsed but never read"
+
+
+@pytest.mark.parametrize("key", sorted(FIXED))
+def test_a_key_this_model_cannot_honour_is_refused_unless_it_has_gpt_neox_value(key):
+    """Accepted with GPT-NeoX's value (gpt-neox's configs load); any other value is an error naming the key."""
+    want = FIXED[key]
+    if want is None or isinstance(want, bool):
+        other = ["x"] if want is None else not want
+    else:
+        other = want + 0.5 if isinstance(want, (int, float)) else "other"
+    build({"num_layers": 2, key: want})
+    with pytest.raises(ConfigError, match=f"^{key}: only"):
+        build({"num_layers": 2, key: other})
+
+
+def test_switches_are_only_kernel_memory_and_logging_choices():
+    """The keys accepted with no effect are exactly these (adding one is a decision: README's list, here)."""
+    assert SWITCHES == {
+        "scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations", "layernorm_fusion",
+        "synchronize_each_layer", "sparsity_config", "gradient_predivide_factor", "steps_per_print",
+        "wall_clock_breakdown", "distributed_backend", "contiguous_checkpointing", "zero_allow_untested_optimizer",
+        "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "moe_num_experts", "num_kv_heads",
+        "attention_config", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp",
+    }  # the last six are refused by refuse_other_architectures unless they describe a dense GPT-NeoX
+
+
+def test_the_config_is_built_once_and_never_changed(tmp_path):
+    config = load_config(write(tmp_path, "neox.yml", NEOX_STYLE), flags={"save": tmp_path / "run"}, device="cpu")
+    assert config.paths.save == str(tmp_path / "run") and config.precision.bf16
+    for section, field in (("training", "train_iters"), ("model", "num_layers"), ("paths", "save")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(config, section), field, 1)
+    fp16 = load_config(write(tmp_path, "fp16.yml", "fp16: {enabled: true}\n"), device="cpu")
+    assert not fp16.precision.fp16  # CPU: fp32, with a warning, decided where the config is built
+    assert load_config(write(tmp_path, "gpu.yml", "fp16: {enabled: true}\n")).precision.fp16  # plan, dry run
+
+
+def test_save_load_and_log_dirs_in_the_config_act(tmp_path):
+    text = f"save: {tmp_path / 'a'}\nload: {tmp_path / 'a'}\nlog_dir: {tmp_path / 'logs'}\n"
+    config = load_config(write(tmp_path, "paths.yml", text), flags={"save": str(tmp_path / "b"), "load": None})
+    assert (config.paths.save, config.paths.load) == (str(tmp_path / "b"), str(tmp_path / "a"))  # flags win
+    assert config.paths.log_dir == str(tmp_path / "logs")

@@ -12,7 +12,7 @@ from transformers import GPTNeoXForCausalLM
 from trainer.checkpoint import export_hf, hf_config, import_hf, load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, NeoXConfig, build, load_config
 from trainer.generate import generate
-from trainer.model import GPTNeoX, ModelConfig
+from trainer.model import GPTNeoX, ModelConfig, checkpoint_blocks
 from trainer.plan import count_parameters
 
 VARIANTS = [(parallel, pct) for parallel in (True, False) for pct in (0.25, 1.0)]
@@ -141,7 +141,7 @@ def test_generate_cli_and_bad_input(tmp_path, run):
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.manual_seed(0)
     plain = GPTNeoX(tiny())
-    checkpointed = GPTNeoX(tiny(checkpoint_activations=True))
+    checkpointed = checkpoint_blocks(GPTNeoX(tiny()))
     checkpointed.load_state_dict(plain.state_dict())
     ids = random_ids(300)
     for model in (plain, checkpointed):

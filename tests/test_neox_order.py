@@ -56,7 +56,7 @@ def test_batches_equal_gpt_neox(shards, name, data, seed, seq_length, dp):
             **with_paths(data, shards),
         }
     )
-    sources = resolve_sources(None, config.data)
+    sources = resolve_sources(config.data)
     datasets = build_datasets(config, sources, global_batch(dp), shards / "cache")
     expected = FIXTURES[name]
     for split, asked in expected["asked"].items():  # ceil(N x w x 1.005) per source; N for one data_path

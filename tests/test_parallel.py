@@ -14,7 +14,7 @@ from trainer.parallel import apply_tensor_parallel, partition_dim, vocab_paralle
 
 def config(parallel: bool, tp: int) -> ModelConfig:
     return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500, gpt_j_residual=parallel,
-                       model_parallel_size=tp, make_vocab_size_divisible_by=8)  # fmt: skip
+                       make_vocab_size_divisible_by=8 * tp)  # fmt: skip
 
 
 def reference(parallel: bool, tp: int, ids):

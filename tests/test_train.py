@@ -98,8 +98,12 @@ def test_export_of_a_training_run_loads_in_transformers(straight, tmp_path, run)
     ids = torch.randint(0, 50000, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.eval()(ids), rtol=1e-5, atol=1e-5)
-    generated = json.loads(run.ok("generate", straight, "--prompt", "The", "--greedy", "--json").output)
-    assert len(generated["generated_ids"]) > 0
+    args = ("--prompt", "The", "--greedy", "--max-new-tokens", 12, "--json")
+    generated = json.loads(run.ok("generate", straight, *args).output)
+    prompt, ours_ids = generated["prompt_ids"], generated["generated_ids"]
+    with torch.no_grad():  # our KV-cached greedy decoding is transformers' greedy decoding of the exported model
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=len(ours_ids), do_sample=False, pad_token_id=0)
+    assert len(ours_ids) >= 1 and ours_ids == theirs[0, len(prompt) :].tolist()
 
 
 def test_validation_loss_falls_and_is_reported_per_component(straight):

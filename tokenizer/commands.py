@@ -2,7 +2,7 @@
 
 import click
 
-from pile_tools.commands import Size, echo_err, run_reporting_errors
+from pile_tools.ground import Size, echo_err, run_reporting_errors
 
 
 @click.command("train-tokenizer")

@@ -7,15 +7,12 @@ decoded bytes are all space, \\t, \\n, \\r, \\v or \\f; Tables 14-16 of the pape
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from pile_tools.atomic import check_writable, write_text, writing
-from pile_tools.build import guard_sample
-from pile_tools.parts import prefetch
-from pile_tools.reader import InputError, Skips, discover, plan_parts, read_documents, report_skips
+from pile_tools.ground import InputError, check_writable, prefetch, save_figure, write_text
+from pile_tools.reader import Skips, batched_by_chars, discover, guard_sample, plan_parts, read_documents, report_skips
 from tokenizer.engine import BUILTIN, Encoder, choose_engine, load_reference, resolve_tokenizer
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
@@ -85,15 +82,7 @@ def count(inputs: list[str], tokenizers: dict[str, Path], echo=print) -> dict:
 
 def read_batches(parts, skips):
     """Lists of (component, text) of about BATCH_CHARS characters."""
-    batch, chars = [], 0
-    for component, text in read_documents(parts, "counting", skips):
-        batch.append((component, text))
-        chars += len(text)
-        if chars >= BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+    yield from batched_by_chars(read_documents(parts, "counting", skips), BATCH_CHARS, lambda item: len(item[1]))
 
 
 def tally(batch, encoders, components) -> None:
@@ -182,11 +171,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("Tokens per component, relative to the baseline (lower is better)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-    with writing(path):
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def compare_tokenizers(inputs, specs, baseline, output, echo=print) -> dict:

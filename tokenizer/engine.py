@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pile_tools.ground import InputError
+
 ASSETS = Path(__file__).parent / "assets"
 BUILTIN = ("gpt2", "gpt-neox-20b")
 ENGINES = ("gigatoken", "fastokens", "tokenizers")
@@ -28,7 +30,21 @@ HARD_STRINGS = [
 ]
 
 
-class TokenizerError(Exception):
+SPECIALS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, as in GPT-NeoX-20B's tokenizer
+
+
+def transformers_files(add_prefix_space: bool) -> dict[str, dict]:
+    """What `AutoTokenizer.from_pretrained(DIR)` reads beside tokenizer.json (transformers 4 and 5)."""
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIALS[0], "eos_token": SPECIALS[0],
+        "unk_token": SPECIALS[0], "pad_token": SPECIALS[1], "add_prefix_space": add_prefix_space,
+        "clean_up_tokenization_spaces": False, "model_max_length": 2048,
+    }  # fmt: skip
+    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
+
+
+class TokenizerError(InputError):
     """A tokenizer that cannot be found or used; the message is for the user."""
 
 

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 
 from pile_tools.assemble import manifest_entries, read_manifest
+from pile_tools.components import SPLITS, split_weights
 from pile_tools.indexed import check_pair, read_index
-from trainer.config import ConfigError, NeoXConfig
+from trainer.config import ConfigError, DataConfig, NeoXConfig
 from trainer.data import BlendedDataset, GPTDataset, blend_index, neox_weights
-
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -61,11 +60,9 @@ def sources_from_blend(data_dir: Path, key: str) -> dict[str, list[Source]]:
 
 def megatron_split(split: str, documents: int) -> list[range]:
     """Megatron's train/valid/test document ranges for a `split` like "969,30,1"."""
-    try:
-        parts = [float(s) for s in str(split).replace("/", ",").split(",")]
-    except ValueError:
-        raise ConfigError(f"split: expected three numbers like 969,30,1, got {split!r}") from None
-    parts = (parts + [0.0, 0.0])[:3]
+    parts = split_weights(split, exactly_three=False)
+    if parts is None:
+        raise ConfigError(f"split: expected three numbers >= 0 like 969,30,1, got {split!r}")
     bounds = [0]
     for p in parts:
         bounds.append(bounds[-1] + int(round(p / sum(parts) * documents)))
@@ -86,24 +83,20 @@ def weighted_prefixes(value, key: str) -> list[tuple[float, Path]]:
         raise ConfigError(f"{key}: expected pairs of weight and prefix, got {value!r}") from None
 
 
-def sources_from_keys(data: dict) -> dict[str, list[Source]]:
+def sources_from_keys(data: DataConfig) -> dict[str, list[Source]]:
     """gpt-neox's data keys as sources per split."""
-    if data.get("train_data_paths"):
+    if data.train_data_paths:
         out = {}
         for split in SPLITS:
-            paths = data.get(f"{split}_data_paths") or []
-            weights = data.get(f"{split}_data_weights") or [1.0] * len(paths)  # gpt-neox's default
-            if len(weights) != len(paths):
-                raise ConfigError(f"{split}_data_weights: {len(weights)} weights for {len(paths)} paths")
-            prefixes = [check_prefix(Path(p), f"{split}_data_paths") for p in paths]
-            out[split] = [Source(p, w) for p, w in zip(prefixes, weights)]
+            paths = getattr(data, f"{split}_data_paths") or []
+            weights = getattr(data, f"{split}_data_weights") or [1.0] * len(paths)  # gpt-neox's default
+            out[split] = [Source(check_prefix(Path(p), f"{split}_data_paths"), w) for p, w in zip(paths, weights)]
         return out
-    value = data["data_path"]
+    value = data.data_path
     if isinstance(value, str) and Path(value).is_dir():
         return sources_from_blend(Path(value), "data_path")
     pairs = [(w, check_prefix(p, "data_path")) for w, p in weighted_prefixes(value, "data_path")]
-    split = data.get("split", "969,30,1")
-    ranges = {p: megatron_split(split, len(shard_sizes(p))) for _, p in pairs}
+    ranges = {p: megatron_split(data.split, len(shard_sizes(p))) for _, p in pairs}
     return {name: [Source(p, w, ranges[p][i]) for w, p in pairs] for i, name in enumerate(SPLITS)}
 
 
@@ -111,13 +104,13 @@ def shard_sizes(prefix: Path) -> np.ndarray:
     return read_index(Path(f"{prefix}.idx"))[1]
 
 
-def resolve_sources(data_dir: str | Path | None, data: dict) -> dict[str, list[Source]]:
+def resolve_sources(data: DataConfig) -> dict[str, list[Source]]:
     """Sources per split: --data DIR first, then the config's keys; a clear error when there are none."""
-    if data_dir is not None:
-        if not Path(data_dir).is_dir():
-            raise ConfigError(f"--data: {data_dir} is not a directory")
-        return sources_from_blend(Path(data_dir), "--data")
-    if not data.get("train_data_paths") and not data.get("data_path"):
+    if data.data_dir is not None:
+        if not Path(data.data_dir).is_dir():
+            raise ConfigError(f"--data: {data.data_dir} is not a directory")
+        return sources_from_blend(Path(data.data_dir), "--data")
+    if not data.train_data_paths and not data.data_path:
         raise ConfigError("no training data: give --data DIR (a build-shards output), or data_path or "
                           "train_data_paths in the config")  # fmt: skip
     return sources_from_keys(data)
@@ -225,22 +218,22 @@ def micro_batch(dataset, step: int, micro_step: int, micro: int, dp: int, rank: 
     return torch.from_numpy(np.stack([dataset[int(i)] for i in where]))
 
 
-def data_directory(data_dir, data: dict) -> Path | None:
+def data_directory(data: DataConfig) -> Path | None:
     """--data, else the config's `data_path` when it names a build-shards directory, else None."""
-    if data_dir:
-        return Path(data_dir)
-    value = data.get("data_path")
+    if data.data_dir:
+        return Path(data.data_dir)
+    value = data.data_path
     return Path(value) if isinstance(value, str) and Path(value).is_dir() else None
 
 
-def global_batch_at(config: NeoXConfig, data_dir, step: int, world_size: int) -> np.ndarray:
+def global_batch_at(config: NeoXConfig, step: int, world_size: int) -> np.ndarray:
     """The token ids (global batch, seq_length + 1) that `train` reads at step `step`, numbered from 1 as its log
     and metrics.jsonl number steps: every rank's micro-batches, in sample order (Pythia's "batch viewer")."""
     t = config.training
     if not 1 <= step <= t.train_iters:
         raise ConfigError(f"--step {step}: the run has steps 1 to {t.train_iters}")
     global_batch = config.global_batch(world_size)
-    sources = resolve_sources(data_directory(data_dir, config.data), config.data)
+    sources = resolve_sources(config.data)
     check_shards(sources, config.model.vocab_size)
     dataset = build_datasets(config, sources, global_batch, fallback_cache_dir(None))["train"]
     micro, dp = t.train_micro_batch_size_per_gpu, config.data_parallel_size(world_size)
@@ -252,10 +245,10 @@ def global_batch_at(config: NeoXConfig, data_dir, step: int, world_size: int) ->
     return np.stack([dataset[int(i)] for i in np.concatenate(where)])
 
 
-def shards_tokenizer(data_dir: Path | None, data: dict):
+def shards_tokenizer(data: DataConfig):
     """A decoder (ids -> text) for the run's tokenizer: the config's, else the one the shards' manifest names;
     None when neither is there."""
-    path = data.get("tokenizer") or data.get("vocab_file") or shards_manifest(data_dir).get("tokenizer", {}).get("path")
+    path = data.tokenizer_file or shards_manifest(data_directory(data)).get("tokenizer", {}).get("path")
     if not path or not Path(path).exists():
         return None
     from tokenizer.engine import load_reference, resolve_tokenizer

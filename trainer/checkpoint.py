@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from pile_tools.atomic import WriteError, check_writable, write_text, writing
 from pile_tools.checksums import (
     first_problem,
     hash_files,
@@ -28,8 +27,10 @@ from pile_tools.checksums import (
     verify_directory,
     write_checksums,
 )
+from pile_tools.ground import WriteError, check_writable, write_text, writing
 from trainer.config import ConfigError, NeoXConfig, RunError, TrainingConfig, load_config, to_yaml_dict
 from trainer.model import GPTNeoX, ModelConfig
+from trainer.reshard import checkpoint_layout, load_other_layout, load_state_dict
 
 HF_ACT = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
 FROM_HF_ACT = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
@@ -37,7 +38,7 @@ FROM_HF_ACT = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "ta
 
 def copy_tokenizer(source: Path, dest: Path) -> None:
     """Copy a tokenizer directory's files (or one tokenizer.json, adding what transformers needs)."""
-    from tokenizer.train import transformers_files
+    from tokenizer.engine import transformers_files
 
     dest.mkdir(parents=True, exist_ok=True)
     if source.is_file():
@@ -83,25 +84,6 @@ def checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     latest = path / "latest"
     return path / latest.read_text().strip() if latest.is_file() else path
-
-
-def load_state_dict(path: Path) -> dict:
-    """The weights of a checkpoint directory, in fp32: safetensors, DeepSpeed's model states, or a pipelined run's
-    layer files joined across TP ranks (trainer/reshard.py)."""
-    from safetensors.torch import load_file
-
-    from trainer.reshard import is_pipelined, merge_layer_files
-
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if path.is_dir() and is_pipelined(path):  # any TP x PP layout: one full state dict
-        return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
-    states = path / "mp_rank_00_model_states.pt"
-    if not states.is_file():
-        raise ConfigError(f"{path}: not a checkpoint (config.yml with model.safetensors or DeepSpeed's "
-                          "mp_rank_00_model_states.pt expected)")  # fmt: skip
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items()}
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -379,8 +361,6 @@ def load_training_checkpoint(engine, load: Path, config: NeoXConfig, layout: tup
     (TP, PP, DP) layout, else weights, step, data position and schedule (trainer/reshard.py). Returns the step,
     the data position, the tag, whether it was a fallback and the run's id."""
     import torch.distributed as dist
-
-    from trainer.reshard import checkpoint_layout, load_other_layout
 
     tag, fallback, run_id = choose_checkpoint(load)
     where = load / tag

@@ -5,7 +5,7 @@ import os
 
 import click
 
-from pile_tools.commands import run_reporting_errors
+from pile_tools.ground import run_reporting_errors
 
 CONFIG_HELP = ("YAML config (gpt-neox's work as they are). Repeat it to merge several left to right, as gpt-neox's "
                "deepy.py does: --config configs/20B.yml --config local_setup.yml.")  # fmt: skip
@@ -117,18 +117,21 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
     neox-data train --config configs/tiny.yml --data shards --save run
     deepspeed --num_gpus 8 $(which neox-data) train --config configs/pythia-160M.yml --data shards --save run
     """
+    import torch
+
     from trainer.config import load_config
     from trainer.train import train as run
 
-    config = run_reporting_errors(load_config, list(config_path), overrides)
+    flags = {"data_dir": data_dir, "save": save, "load": load}
+    device = None if dry_run else "cuda" if torch.cuda.is_available() else "cpu"  # a dry run plans for GPUs
+    config = run_reporting_errors(load_config, list(config_path), overrides, flags, device)
     if dry_run:  # no process group, no model: the 20B layout on 96 GPUs can be checked on a laptop
         from trainer.plan import describe_layout
 
-        p = config.parallel
-        world = world_size or int(os.environ.get("WORLD_SIZE", p.model_parallel_size * p.pipe_parallel_size))
-        click.echo(run_reporting_errors(describe_layout, config, world))
+        click.echo(run_reporting_errors(describe_layout, config, config.world_size(world_size)))
         return
-    result = run_reporting_errors(run, config, data_dir, save, load)
+    result = run_reporting_errors(run, config)
+    save = config.paths.save
     if int(os.environ.get("RANK", 0)) == 0:
         valid = result.get("valid") or {}
         first = result.get("first_valid") or {}
@@ -162,17 +165,15 @@ def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
     neox-data batch --config configs/tiny.yml --data demo-output/shards --step 100
     neox-data batch --config configs/20B.yml --data /data/shards --step 1000 --world-size 96 --json > step1000.json
     """
-    from trainer.batches import data_directory, global_batch_at, shards_tokenizer
+    from trainer.batches import global_batch_at, shards_tokenizer
     from trainer.config import load_config
 
-    config = run_reporting_errors(load_config, list(config_path), overrides)
-    p = config.parallel
-    world = world_size or int(os.environ.get("WORLD_SIZE", p.model_parallel_size * p.pipe_parallel_size))
-    tokens = run_reporting_errors(global_batch_at, config, data_dir, step, world)
+    config = run_reporting_errors(load_config, list(config_path), overrides, {"data_dir": data_dir})
+    tokens = run_reporting_errors(global_batch_at, config, step, config.world_size(world_size))
     if as_json:
         click.echo(json.dumps({"step": step, "tokens": tokens.tolist()}))
         return
-    decode = shards_tokenizer(data_directory(data_dir, config.data), config.data)
+    decode = shards_tokenizer(config.data)
     for i, sample in enumerate(tokens):
         text = decode(sample.tolist()) if decode else " ".join(map(str, sample.tolist()))
         click.echo(f"--- step {step} sample {i} ({len(sample)} tokens) ---")

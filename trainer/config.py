@@ -7,6 +7,8 @@ of the wrong type is an error naming its key. Precedence: --set KEY=VALUE > the 
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 import warnings
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from pile_tools.reader import InputError
+from pile_tools.ground import InputError
 from trainer.model import ModelConfig, check_at_least
 
 
@@ -27,7 +29,7 @@ class RunError(InputError):
     """A run that cannot go on (non-finite losses, a bad token id in a shard); the message says where."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     type: str = "Adam"
     lr: float = 6e-4
@@ -50,7 +52,7 @@ class OptimizerConfig:
         check_at_least(self, 1, "lr_decay_iters")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParallelConfig:
     pipe_parallel_size: int = 1
     model_parallel_size: int = 1
@@ -58,7 +60,7 @@ class ParallelConfig:
     pipe_partition_method: str = "type:transformer"  # gpt-neox's key: balance blocks; or parameters, uniform
 
     def __post_init__(self):
-        self.pipe_parallel_size = self.pipe_parallel_size or 1  # gpt-neox reads 0 as "no pipeline": one stage
+        object.__setattr__(self, "pipe_parallel_size", self.pipe_parallel_size or 1)  # gpt-neox: 0 is one stage
         check_at_least(self, 1, "pipe_parallel_size", "model_parallel_size")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_optimization.stage: {self.zero_stage}; choose 0, 1, 2 or 3")
@@ -68,8 +70,13 @@ class ParallelConfig:
             raise ConfigError(f"pipe_partition_method: {self.pipe_partition_method!r}; choose type:transformer "
                               "(blocks balanced), parameters or uniform")  # fmt: skip
 
+    @property
+    def pipelined(self) -> bool:
+        """Tensor or pipeline parallel: the model runs as DeepSpeed's PipelineModule (trainer/pipeline.py)."""
+        return self.model_parallel_size > 1 or self.pipe_parallel_size > 1
 
-@dataclass
+
+@dataclass(frozen=True)
 class PrecisionConfig:
     fp16: bool = False
     bf16: bool = False
@@ -83,8 +90,20 @@ class PrecisionConfig:
         if self.fp16 and self.bf16:
             raise ConfigError("fp16 and bf16: enable at most one")
 
+    @property
+    def mixed(self) -> bool:
+        return self.fp16 or self.bf16
 
-@dataclass
+    def blocks(self) -> dict:
+        """The fp16 / bf16 blocks as DeepSpeed's JSON and gpt-neox's YAML both spell them (empty for fp32)."""
+        if self.fp16:
+            return {"fp16": {"enabled": True, "loss_scale": self.loss_scale, "initial_scale_power":
+                             self.initial_scale_power, "loss_scale_window": self.loss_scale_window,
+                             "hysteresis": self.hysteresis, "min_loss_scale": self.min_loss_scale}}  # fmt: skip
+        return {"bf16": {"enabled": True}} if self.bf16 else {}
+
+
+@dataclass(frozen=True)
 class TrainingConfig:
     seq_length: int = 2048
     train_micro_batch_size_per_gpu: int = 4
@@ -108,18 +127,63 @@ class TrainingConfig:
         check_at_least(self, 0, "save_interval", "eval_interval", "eval_iters")
 
 
-@dataclass
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the samples come from, in gpt-neox's keys (trainer/batches.py reads them), and the tokenizer that
+    ships with checkpoints. `data_dir` (--data) is a build-shards output; it wins over the keys."""
+
+    data_dir: str | None = None
+    data_path: str | list[str] | None = None  # a prefix, a build-shards directory, or Megatron's "w1 p1 w2 p2"
+    train_data_paths: list[str] | None = None
+    train_data_weights: list[float] | None = None  # None: equal weights, as in gpt-neox
+    valid_data_paths: list[str] | None = None
+    valid_data_weights: list[float] | None = None
+    test_data_paths: list[str] | None = None
+    test_data_weights: list[float] | None = None
+    split: str = "969,30,1"  # train,valid,test documents of one data_path prefix, as Megatron cuts them
+    tokenizer: str | None = None  # ours: a tokenizer.json (or bundled name) to ship with checkpoints
+    vocab_file: str | None = None  # gpt-neox's: with tokenizer_type HFTokenizer, that tokenizer.json
+    tokenizer_type: str | None = None  # gpt-neox's; only HFTokenizer's vocab_file is a tokenizer.json
+
+    def __post_init__(self):
+        for split in ("train", "valid", "test"):
+            paths, weights = getattr(self, f"{split}_data_paths"), getattr(self, f"{split}_data_weights")
+            if weights is not None and len(weights) != len(paths or []):
+                raise ConfigError(f"{split}_data_weights: {len(weights)} weights for {len(paths or [])} paths")
+        if self.vocab_file and self.tokenizer_type not in (None, "HFTokenizer") and not self.tokenizer:
+            warnings.warn(f"tokenizer_type {self.tokenizer_type}: vocab_file {self.vocab_file} is not a "
+                          "tokenizer.json; checkpoints ship the shards' tokenizer (or set tokenizer)", stacklevel=2)  # fmt: skip
+
+    @property
+    def tokenizer_file(self) -> str | None:
+        """The tokenizer to ship with checkpoints, when the config names one."""
+        hf = self.tokenizer_type in (None, "HFTokenizer")
+        return self.tokenizer or (self.vocab_file if hf else None)
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a run keeps its outputs: gpt-neox's keys, each overridden by the command line's flag."""
+
+    save: str | None = None  # checkpoints (--save)
+    load: str | None = None  # the run to resume (--load)
+    log_dir: str | None = None  # metrics.jsonl and loss.png (default: save)
+    tensorboard_dir: str | None = None  # TensorBoard event files (default: <log_dir>/tensorboard)
+
+
+@dataclass(frozen=True)
 class NeoXConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    data: dict = field(default_factory=dict)  # data keys, read by the trainer
+    data: DataConfig = field(default_factory=DataConfig)
+    paths: RunPaths = field(default_factory=RunPaths)
 
     def __post_init__(self):
         if self.optimizer.lr_decay_iters is None:
-            self.optimizer.lr_decay_iters = self.training.train_iters
+            object.__setattr__(self.optimizer, "lr_decay_iters", self.training.train_iters)
         if self.model.num_attention_heads % self.parallel.model_parallel_size:
             raise ConfigError(f"model_parallel_size {self.parallel.model_parallel_size} does not divide "
                               f"num_attention_heads {self.model.num_attention_heads}")  # fmt: skip
@@ -131,6 +195,11 @@ class NeoXConfig:
                 f"world size {world_size} is not a multiple of model_parallel_size x pipe_parallel_size = {per_replica}"
             )
         return world_size // per_replica
+
+    def world_size(self, given: int | None = None) -> int:
+        """The processes of the run: `given` (--world-size), else the launcher's WORLD_SIZE, else TP x PP."""
+        p = self.parallel
+        return given or int(os.environ.get("WORLD_SIZE", p.model_parallel_size * p.pipe_parallel_size))
 
     def global_batch(self, world_size: int) -> int:
         t = self.training
@@ -146,24 +215,27 @@ class NeoXConfig:
 
 
 SECTIONS = {"optimizer": OptimizerConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
-            "training": TrainingConfig, "model": ModelConfig}  # fmt: skip
+            "training": TrainingConfig, "model": ModelConfig, "data": DataConfig, "paths": RunPaths}  # fmt: skip
+DERIVED = {"padded_vocab_size"}  # computed, never set
 # Keys taken as they are, and where they go; the model's own fields are named as gpt-neox names them.
-FLAT = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)} | {
-    "max_position_embeddings": "model", "model_parallel_size": "parallel"}  # fmt: skip
-DATA_KEYS = {"data_path", "train_data_paths", "train_data_weights", "valid_data_paths", "valid_data_weights",
-             "test_data_paths", "test_data_weights", "vocab_file", "tokenizer_type", "data_impl", "split",
-             "save", "load", "tensorboard_dir", "log_dir", "tokenizer"}  # fmt: skip
-# Accepted with no effect: kernel choices and switches whose math this implementation always does.
-NO_EFFECT = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations", "layernorm_fusion",
-             "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp", "moe_num_experts", "num_kv_heads",
-             "synchronize_each_layer", "output_layer_parallelism", "attention_config", "sparsity_config",
-             "hidden_dropout", "attention_dropout", "gradient_predivide_factor", "steps_per_print",
-             "wall_clock_breakdown", "wandb_group", "wandb_project", "use_wandb", "distributed_backend",
-             "checkpoint_num_layers", "contiguous_checkpointing", "attention_softmax_in_fp32",
-             "apply_query_key_layer_scaling", "zero_allow_untested_optimizer",
-             "eval_tasks"}  # fmt: skip
-# Keys whose only supported value is the one GPT-NeoX uses.
-FIXED = {"pos_emb": "rotary", "norm": "layernorm", "no_weight_tying": True, "activation": "gelu"}
+FLAT = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.name not in DERIVED}
+# Kernel, memory-layout, communication and logging switches of gpt-neox: accepted so its configs load, with no
+# effect on what is computed (this implementation's kernels, memory layout and logs are its own: README).
+SWITCHES = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations", "layernorm_fusion",
+            "synchronize_each_layer", "sparsity_config", "gradient_predivide_factor", "steps_per_print",
+            "wall_clock_breakdown", "distributed_backend", "contiguous_checkpointing", "zero_allow_untested_optimizer",
+            "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "moe_num_experts", "num_kv_heads",
+            "attention_config", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp"}  # fmt: skip
+# gpt-neox keys accepted only with the value this implementation computes (GPT-NeoX's); another is refused.
+FIXED = {"pos_emb": "rotary", "norm": "layernorm", "no_weight_tying": True, "activation": "gelu",
+         "hidden_dropout": 0, "attention_dropout": 0, "checkpoint_num_layers": 1, "output_layer_parallelism": "column",
+         "data_impl": "mmap", "use_wandb": False, "eval_tasks": None, "wandb_project": None, "wandb_group": None}  # fmt: skip
+WHY_FIXED = {"hidden_dropout": "no dropout here (GPT-NeoX-20B and Pythia train without it)",
+             "attention_dropout": "no dropout here (GPT-NeoX-20B and Pythia train without it)",
+             "checkpoint_num_layers": "activation checkpointing keeps each block's input (1)",
+             "data_impl": "shards are Megatron's mmap format", "use_wandb": "metrics go to metrics.jsonl and TensorBoard",
+             "eval_tasks": "run neox-data evaluate on a checkpoint", "wandb_project": "no Weights & Biases here",
+             "wandb_group": "no Weights & Biases here"}  # fmt: skip
 
 
 def check_type(key: str, value, annotation):
@@ -172,8 +244,17 @@ def check_type(key: str, value, annotation):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        annotation = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:  # the first that takes the value; the last one's error names the key
+            try:
+                return check_type(key, value, option)
+            except ConfigError:
+                pass
+        return check_type(key, value, options[-1])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [check_type(key, v, args[0]) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
@@ -253,38 +334,51 @@ def refuse_other_architectures(flat: dict) -> None:
         raise ConfigError(f"{engine[0]}: transformer-engine layers are not supported (GPT-NeoX's own layers only)")
 
 
-def build(raw: dict) -> NeoXConfig:
-    """The typed config for a gpt-neox-style dict: warns once about unknown keys, fails on wrong types."""
+def accepted(key: str, value) -> bool:
+    """A FIXED key's value is GPT-NeoX's (an unset switch, like use_wandb: false or eval_tasks: [], is too)."""
+    want = FIXED[key]
+    return value == want or (want in (None, False) and not value)
+
+
+def build(raw: dict, device: str | None = None) -> NeoXConfig:
+    """The typed config for a gpt-neox-style dict, built once: warns once about unknown keys, fails on wrong types
+    and on values this implementation would not honour. On a CPU (`device` "cpu") fp16 falls back to fp32, with a
+    warning: DeepSpeed refuses fp16 there."""
     sections = {name: {} for name in SECTIONS}
-    data, unknown = {}, []
+    unknown = []
     flat = flatten(raw)
     refuse_other_architectures(flat)
     for key, value in flat.items():
         if key in FIXED:
-            if value != FIXED[key]:
-                raise ConfigError(f"{key}: only {FIXED[key]!r} is supported (GPT-NeoX's choice), got {value!r}")
+            if not accepted(key, value):
+                why = WHY_FIXED.get(key, "GPT-NeoX's choice")
+                raise ConfigError(f"{key}: only {FIXED[key]!r} is supported ({why}), got {value!r}")
         elif key == "bias_gelu_fusion":
             sections["model"]["gelu_approximate"] = "tanh" if check_type(key, value, bool) else "none"
         elif key in FLAT:
             cls = SECTIONS[FLAT[key]]
             sections[FLAT[key]][key] = check_type(key, value, {f.name: f.type for f in dataclasses.fields(cls)}[key])
-        elif key in DATA_KEYS:
-            data[key] = value
-        elif key not in NO_EFFECT:
+        elif key not in SWITCHES:
             unknown.append(key)
     if unknown:
         warnings.warn(f"unknown config keys, ignored: {', '.join(sorted(unknown))}", stacklevel=3)
-    sections["model"]["model_parallel_size"] = sections["parallel"].get("model_parallel_size", 1)
+    if device == "cpu" and sections["precision"].get("fp16"):
+        warnings.warn("fp16 needs a GPU and DeepSpeed refuses it on CPU: training in fp32 here "
+                      "(--set bf16=true for bf16, ~6x slower on CPU)", stacklevel=3)  # fmt: skip
+        sections["precision"]["fp16"] = False
     try:
         parts = {name: SECTIONS[name](**values) for name, values in sections.items()}
+        m, tp = parts["model"], parts["parallel"].model_parallel_size
+        # padded for the configured TP degree, once: a checkpoint's shapes then stay whatever layout loads it
+        multiple = m.make_vocab_size_divisible_by * tp
+        parts["model"] = dataclasses.replace(m, padded_vocab_size=math.ceil(m.vocab_size / multiple) * multiple)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return NeoXConfig(**parts, data=data)
+    return NeoXConfig(**parts)
 
 
 NESTED = {"optimizer", "fp16", "bf16", "zero_optimization"}  # gpt-neox's mappings, flattened by flatten()
-KNOWN = set(FLAT) | DATA_KEYS | NO_EFFECT | set(FIXED) | NESTED | {"bias_gelu_fusion", "checkpoint_factor",
-                                                                    "precision"}  # fmt: skip
+KNOWN = set(FLAT) | SWITCHES | set(FIXED) | NESTED | {"bias_gelu_fusion", "checkpoint_factor", "precision"}
 
 
 def parse_override(item: str) -> tuple[str, object]:
@@ -325,9 +419,11 @@ def read_config_file(path: str | Path) -> dict:
     return {k.replace("-", "_"): v for k, v in raw.items()}
 
 
-def load_config(paths: str | Path | list, overrides: list[str] = ()) -> NeoXConfig:
-    """Read YAML configs (gpt-neox's work; several merge left to right, a key given twice is an error, as
-    gpt-neox's), apply --set overrides, and parse it once."""
+def load_config(paths: str | Path | list, overrides: list[str] = (), flags: dict | None = None,
+                device: str | None = None) -> NeoXConfig:  # fmt: skip
+    """The one place a run's config is built: YAML files (several merge left to right, a key given twice is an
+    error, as gpt-neox's deepy.py), then --set overrides, then the command's flags (`flags`: data_dir, save, load;
+    None means not given), parsed once into frozen dataclasses; `device` as in build()."""
     raw: dict = {}
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         conf = read_config_file(path)
@@ -335,13 +431,15 @@ def load_config(paths: str | Path | list, overrides: list[str] = ()) -> NeoXConf
             listed = ", ".join(twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
             raise ConfigError(f"{path}: {listed} already set by an earlier --config file")
         raw.update(conf)
-    return build(apply_overrides(raw, list(overrides)))
+    raw = apply_overrides(raw, list(overrides))
+    raw.update({k: str(v) for k, v in (flags or {}).items() if v is not None})
+    return build(raw, device)
 
 
 def to_yaml_dict(config: NeoXConfig) -> dict:
     """The config back in gpt-neox's key names (what checkpoints store)."""
     m, o, p, pr, t = config.model, config.optimizer, config.parallel, config.precision, config.training
-    out = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("gelu_approximate",)}
+    out = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("gelu_approximate", *DERIVED)}
     out["bias_gelu_fusion"] = m.gelu_approximate == "tanh"
     out.update({f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
     out.update(pipe_parallel_size=p.pipe_parallel_size, model_parallel_size=p.model_parallel_size,
@@ -350,10 +448,6 @@ def to_yaml_dict(config: NeoXConfig) -> dict:
                optimizer={"type": o.type, "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps}},
                min_lr=o.min_lr, weight_decay=o.weight_decay, lr_decay_style=o.lr_decay_style,
                lr_decay_iters=o.lr_decay_iters, warmup=o.warmup, gradient_clipping=o.gradient_clipping)  # fmt: skip
-    if pr.fp16:
-        out["fp16"] = {"enabled": True, "initial_scale_power": pr.initial_scale_power,
-                       "loss_scale_window": pr.loss_scale_window, "hysteresis": pr.hysteresis,
-                       "min_loss_scale": pr.min_loss_scale}  # fmt: skip
-    if pr.bf16:
-        out["bf16"] = {"enabled": True}
-    return {**out, **config.data}
+    out.update(pr.blocks())
+    data = {k: v for k, v in dataclasses.asdict(config.data).items() if v is not None and k != "data_dir"}
+    return {**out, **data}  # not the run's paths: a checkpoint's config must not point a new run at old outputs

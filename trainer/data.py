@@ -20,7 +20,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from pile_tools.atomic import writing
+from pile_tools.ground import writing
 from pile_tools.indexed import Shard
 from trainer.config import RunError
 

@@ -4,7 +4,6 @@ parameter groups, and the learning-rate schedule. Nothing here is kept by hand b
 import math
 import os
 import socket
-import warnings
 
 import torch
 from torch import nn
@@ -39,20 +38,11 @@ def init_distributed():
     return deepspeed
 
 
-def check_precision(config: NeoXConfig) -> None:
-    """fp16 needs a GPU (DeepSpeed refuses it on CPU): train in fp32 there, and say so."""
-    if config.precision.fp16 and not torch.cuda.is_available():
-        warnings.warn("fp16 needs a GPU and DeepSpeed refuses it on CPU: training in fp32 here "
-                      "(--set bf16=true for bf16, ~6x slower on CPU)", stacklevel=2)  # fmt: skip
-        config.precision.fp16 = False
-
-
 def plain_fp32(config: NeoXConfig) -> bool:
     """fp32 without ZeRO: DeepSpeed steps the torch optimizer directly, and the trainer clips (keeping the norm,
     which DeepSpeed's fp32 path computes and drops)."""
-    p = config.parallel
-    pipelined = p.model_parallel_size > 1 or p.pipe_parallel_size > 1  # the pipeline engine clips with its grid
-    return p.zero_stage == 0 and not (config.precision.fp16 or config.precision.bf16) and not pipelined
+    p = config.parallel  # the pipeline engine clips with its grid
+    return p.zero_stage == 0 and not config.precision.mixed and not p.pipelined
 
 
 def deepspeed_config(config: NeoXConfig, world_size: int) -> dict:
@@ -68,13 +58,7 @@ def deepspeed_config(config: NeoXConfig, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,  # we log
         "wall_clock_breakdown": False,
     }
-    if pr.fp16:
-        out["fp16"] = {"enabled": True, "loss_scale": pr.loss_scale, "initial_scale_power": pr.initial_scale_power,
-                       "loss_scale_window": pr.loss_scale_window, "hysteresis": pr.hysteresis,
-                       "min_loss_scale": pr.min_loss_scale}  # fmt: skip
-    if pr.bf16:
-        out["bf16"] = {"enabled": True}
-    return out
+    return {**out, **pr.blocks()}
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

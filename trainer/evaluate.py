@@ -16,8 +16,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from pile_tools.atomic import check_writable, write_json
-from pile_tools.reader import InputError, hub_offline, hub_unreachable
+from pile_tools.ground import InputError, check_writable, write_json
+from pile_tools.reader import hub_offline, hub_unreachable
 
 TASKS = Path(__file__).parent / "eval_tasks"
 LOCAL_TASKS = ("neox_books_wordperplexity", "neox_books_lastword")

@@ -27,8 +27,16 @@ def block_parameters(h: int, ffn: int) -> int:
     return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * ffn + ffn) + (ffn * h + h)
 
 
+def pipeline_parts(num_layers: int) -> list[tuple[str, str]]:
+    """The pipeline's layers in order, as (name, the model's submodule): the one list that the pipeline, the dry
+    run, plan and resharding all read."""
+    blocks = [(f"block {i}", f"gpt_neox.layers.{i}") for i in range(num_layers)]
+    return [("embed_in", "gpt_neox.embed_in"), *blocks, ("final_layer_norm", "gpt_neox.final_layer_norm"),
+            ("embed_out", "embed_out")]  # fmt: skip
+
+
 def layer_names(num_layers: int) -> list[str]:
-    return ["embed_in", *(f"block {i}" for i in range(num_layers)), "final_layer_norm", "embed_out"]
+    return [name for name, _ in pipeline_parts(num_layers)]
 
 
 def deepspeed_method(config: NeoXConfig) -> str:

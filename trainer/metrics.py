@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from pile_tools.atomic import write_text, writing
+from pile_tools.ground import save_figure, write_text, writing
 
 # Dense bf16/fp16 tensor-core peak, FLOP/s, by device name (for MFU).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "A10": 125e12,
@@ -43,7 +43,8 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class Metrics:
-    def __init__(self, directory: Path | None, log_interval: int, total_steps: int, start_step: int, rank: int):
+    def __init__(self, directory: Path | None, tensorboard_dir: str | None, log_interval: int, total_steps: int,
+                 start_step: int, rank: int):  # fmt: skip
         self.rank, self.log_interval = rank, log_interval
         self.file = self.writer = self.bar = None
         if rank != 0:
@@ -52,10 +53,12 @@ class Metrics:
             directory.mkdir(parents=True, exist_ok=True)
             truncate_after(directory / "metrics.jsonl", start_step)
             self.file = open(directory / "metrics.jsonl", "a")
+        if directory is not None or tensorboard_dir is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
+                events = tensorboard_dir or directory / "tensorboard"
+                self.writer = SummaryWriter(str(events), purge_step=start_step + 1)
             except ImportError:  # tensorboard is optional
                 self.writer = None
         if click.get_text_stream("stderr").isatty():
@@ -131,9 +134,4 @@ def plot_losses(metrics_path: Path, png: Path, title: str = "") -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png.with_name(png.stem + ".tmp.png")
-    with writing(png):
-        fig.savefig(tmp, dpi=120)
-        plt.close(fig)
-        tmp.replace(png)
-    return png
+    return save_figure(fig, png)

@@ -22,7 +22,7 @@ def check_at_least(obj, minimum: int, *names: str) -> None:
             raise ValueError(f"{name}: must be at least {minimum}, got {value}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """The architecture. `padded_vocab_size` is derived; everything else is gpt-neox's meaning of the name."""
 
@@ -38,23 +38,23 @@ class ModelConfig:
     layernorm_epsilon: float = 1e-5
     gelu_approximate: str = "tanh"  # gpt-neox's fused bias-GELU is the tanh form; "none" is the exact erf form
     make_vocab_size_divisible_by: int = 128
-    model_parallel_size: int = 1
+    padded_vocab_size: int = 0  # 0: vocab_size rounded up to that multiple (the config passes the TP-aware size)
     init_method: str = "small_init"
     output_layer_init_method: str = "wang_init"
     checkpoint_activations: bool = False
 
     def __post_init__(self):
         check_at_least(self, 1, "num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                       "max_position_embeddings", "make_vocab_size_divisible_by", "model_parallel_size")  # fmt: skip
+                       "max_position_embeddings", "make_vocab_size_divisible_by")  # fmt: skip
         check_at_least(self, 0, "intermediate_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
-        self.intermediate_size = self.intermediate_size or 4 * self.hidden_size
-        # Padded for the configured TP degree, once: a checkpoint's shapes then stay the same whatever layout loads it.
-        multiple = self.make_vocab_size_divisible_by * self.model_parallel_size
-        self.padded_vocab_size = math.ceil(self.vocab_size / multiple) * multiple
+        object.__setattr__(self, "intermediate_size", self.intermediate_size or 4 * self.hidden_size)
+        if self.padded_vocab_size < self.vocab_size:
+            multiple = self.make_vocab_size_divisible_by
+            object.__setattr__(self, "padded_vocab_size", math.ceil(self.vocab_size / multiple) * multiple)
 
     @property
     def head_dim(self) -> int:
@@ -100,17 +100,23 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal self-attention with a fused QKV projection and rotary position embeddings on part of each head.
+
+    The heads are counted from the QKV weight, so a tensor-parallel slice of it (a cut by heads) computes its own
+    heads with no other change."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.head_dim = config.head_dim
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.rotary = Rotary(config.rotary_dims, config.rotary_emb_base)
 
     def forward(self, x, cache=None):
         b, s, _ = x.shape
+        heads = self.query_key_value.weight.shape[0] // (3 * self.head_dim)
         # fused QKV laid out per head as [q|k|v]: (batch, seq, heads, 3 * head_dim) -> 3 x (batch, heads, seq, head_dim)
-        q, k, v = self.query_key_value(x).view(b, s, self.heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
+        q, k, v = self.query_key_value(x).view(b, s, heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
         offset = cache.length if cache is not None else 0
         q, k = self.rotary(q, k, offset)
         if cache is not None:
@@ -120,6 +126,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """hidden -> intermediate -> GELU -> hidden."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
@@ -131,16 +139,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer layer: attention and MLP, each after its own LayerNorm, on a parallel (GPT-J) or
+    sequential residual."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
         self.attention = Attention(config)
         self.mlp = MLP(config)
-        self.parallel = config.gpt_j_residual
+        self.parallel_residual = config.gpt_j_residual
 
     def forward(self, x, cache=None):
-        if self.parallel:  # two untied LayerNorms, both on the block's input: the paper's "oversight", kept
+        if self.parallel_residual:  # two untied LayerNorms, both on the block's input: the paper's "oversight", kept
             return x + self.attention(self.input_layernorm(x), cache) + self.mlp(self.post_attention_layernorm(x))
         x = x + self.attention(self.input_layernorm(x), cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -157,6 +168,10 @@ class Trunk(nn.Module):
 
 
 class GPTNeoX(nn.Module):
+    """GPT-NeoX in plain torch, with Hugging Face's GPTNeoXForCausalLM's module names (so export is a rename): the
+    trunk (`gpt_neox`) and an untied output projection (`embed_out`). It knows nothing of parallelism: tensor
+    parallelism, pipelining, compilation and activation checkpointing are applied from outside."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
@@ -183,13 +198,31 @@ class GPTNeoX(nn.Module):
         """Logits (batch, seq, padded_vocab) for token ids (batch, seq); `cache` continues a KVCache."""
         x = self.gpt_neox.embed_in(ids)
         for block in self.gpt_neox.layers:
-            if self.config.checkpoint_activations and self.training and cache is None:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x, cache)
+            x = block(x, cache)
         if cache is not None:
             cache.length += ids.shape[1]
         return self.embed_out(self.gpt_neox.final_layer_norm(x))
+
+
+def checkpoint_blocks(model: nn.Module) -> nn.Module:
+    """Activation checkpointing applied from outside, as compile is: each block of `model` keeps only its input in
+    training and recomputes the rest in the backward pass (Megatron's and gpt-neox's checkpoint_num_layers: 1)."""
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        forward = block.forward
+
+        def recomputed(x, cache=None, forward=forward, block=block):
+            if block.training and cache is None:
+                return checkpoint(forward, x, use_reentrant=False)
+            return forward(x, cache)
+
+        block.forward = recomputed
+    return model
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32; (batch, seq) per token when reduction is 'none'."""
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+    return loss if reduction == "mean" else loss.view(targets.shape)
 
 
 class KVCache:

@@ -146,7 +146,6 @@ def apply_tensor_parallel(model: GPTNeoX, group, rank: int, world: int) -> GPTNe
             parent_name, name = path.split(".")
             parent = getattr(block, parent_name)
             setattr(parent, name, layouts[layout](getattr(parent, name), group, rank, world))
-        block.attention.heads = c.num_attention_heads // world
     model.gpt_neox.embed_in = VocabParallelEmbedding(model.gpt_neox.embed_in, group, rank, world)
     model.embed_out = ColumnParallelLinear(model.embed_out, group, rank, world)
     return model

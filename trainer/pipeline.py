@@ -11,11 +11,10 @@ The order of the steps matters:
 """
 
 import torch
-import torch.nn.functional as F
 
 from trainer.config import NeoXConfig
-from trainer.layout import deepspeed_method
-from trainer.model import GPTNeoX
+from trainer.layout import deepspeed_method, pipeline_parts
+from trainer.model import GPTNeoX, lm_loss
 from trainer.parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
 
@@ -27,7 +26,7 @@ class LMLoss:
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.world == 1:
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            return lm_loss(logits, targets)
         start = self.rank * logits.shape[-1]
         return vocab_parallel_cross_entropy(logits, targets, self.group, start).mean()
 
@@ -55,7 +54,7 @@ def build_pipeline(config: NeoXConfig, world_size: int):
         apply_tensor_parallel(model, tp_group, tp_rank, tp)
     for param in model.parameters():  # see 4. above
         param.model_parallel = getattr(param, "tensor_model_parallel", False) or tp_rank == 0
-    layers = [model.gpt_neox.embed_in, *model.gpt_neox.layers, model.gpt_neox.final_layer_norm, model.embed_out]
+    layers = [model.get_submodule(path) for _, path in pipeline_parts(config.model.num_layers)]
     interval = 1 if config.model.checkpoint_activations else 0
     module = PipelineModule(layers=layers, loss_fn=LMLoss(tp_group, tp_rank, tp), topology=topo,
                             partition_method=deepspeed_method(config),

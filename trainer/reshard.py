@@ -1,8 +1,8 @@
 """Checkpoints across parallel layouts: one full state dict from any layout, and this rank's part of it in another.
 
 A pipelined run's checkpoint holds one file per layer and TP rank, `layer_{i:02d}-model_{t:02d}-model_states.pt`,
-keyed within the layer (`attention.dense.weight`). Layer i is the model's part i of the pipeline
-(0 embed_in, 1..L the blocks, L+1 final_layer_norm, L+2 embed_out); TP shards are joined along the dimension
+keyed within the layer (`attention.dense.weight`). Layer i is part i of `layout.pipeline_parts` (0 embed_in,
+1..L the blocks, L+1 final_layer_norm, L+2 embed_out); TP shards are joined along the dimension
 `parallel.PARTITION_DIM` names, and replicated tensors are taken from TP rank 0. The reverse cut gives a rank of
 any layout its own tensors. Resuming in another layout restores weights, step, data position and learning-rate
 schedule; the optimizer's moments restart (DeepSpeed's ZeRO partitions are tied to the layout they were saved in).
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from trainer.config import ConfigError, NeoXConfig, load_config
+from trainer.layout import pipeline_parts
 from trainer.parallel import partition_dim
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
@@ -22,8 +23,7 @@ LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 
 def layer_prefixes(num_layers: int) -> list[str]:
     """The full state dict's key prefix of each pipeline layer."""
-    return ["gpt_neox.embed_in.", *(f"gpt_neox.layers.{i}." for i in range(num_layers)),
-            "gpt_neox.final_layer_norm.", "embed_out."]  # fmt: skip
+    return [f"{path}." for _, path in pipeline_parts(num_layers)]
 
 
 def merge_layer_files(path: Path, num_layers: int) -> dict:
@@ -79,10 +79,25 @@ def local_state(full: dict, module, tp_rank: int, tp: int, pipelined: bool, num_
     return out
 
 
+def load_state_dict(path: Path) -> dict:
+    """The weights of a checkpoint directory, in fp32: safetensors, DeepSpeed's model states, or a pipelined run's
+    layer files joined across TP ranks."""
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if path.is_dir() and is_pipelined(path):  # any TP x PP layout: one full state dict
+        return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
+    states = path / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ConfigError(f"{path}: not a checkpoint (config.yml with model.safetensors or DeepSpeed's "
+                          "mp_rank_00_model_states.pt expected)")  # fmt: skip
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in module.items()}
+
+
 def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipelined: bool) -> dict:
     """Weights (resharded), step, data position and schedule of a checkpoint saved in another layout."""
-    from trainer.checkpoint import load_state_dict
-
     saved, layout = checkpoint_layout(path)
     if saved.model.padded_vocab_size != config.model.padded_vocab_size:
         raise ConfigError(

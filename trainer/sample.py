@@ -2,7 +2,7 @@
 
 import torch
 
-from pile_tools.reader import InputError
+from pile_tools.ground import InputError
 from trainer.checkpoint import checkpoint_dir, load_checkpoint
 from trainer.generate import generate
 

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from pile_tools.atomic import check_writable
+from pile_tools.ground import check_writable
 from trainer.batches import (
     build_datasets,
     check_shards,
@@ -31,7 +30,6 @@ from trainer.batches import (
 from trainer.checkpoint import has_run, load_training_checkpoint, read_latest, save_training_checkpoint, step_of
 from trainer.config import ConfigError, NeoXConfig, RunError
 from trainer.engine import (
-    check_precision,
     deepspeed_config,
     init_distributed,
     make_optimizer,
@@ -39,19 +37,13 @@ from trainer.engine import (
     plain_fp32,
 )
 from trainer.metrics import Metrics, peak_flops, plot_losses
-from trainer.model import Block, GPTNeoX
+from trainer.model import Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
 from trainer.runlock import RunLock
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32; (batch, seq) per token when reduction is 'none'."""
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
-    return loss if reduction == "mean" else loss.view(targets.shape)
-
-
-def check_save(save, load) -> None:
+def check_save(save: str | None, load: str | None) -> None:
     """Refuse a --save that holds a run unless this run continues it (--load of the same directory)."""
     latest = has_run(Path(save)) if save is not None else None
     if latest is not None and (load is None or Path(load).resolve() != Path(save).resolve()):
@@ -59,27 +51,26 @@ def check_save(save, load) -> None:
                           "or choose another directory")  # fmt: skip
 
 
-def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | None]:
+def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
     """Every check that needs no process group: sources, shards, vocabulary, layout, batch, --save, --load.
 
     Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
     if config.training.seq_length > config.model.max_position_embeddings:  # rotary would run past its table
         raise ConfigError(f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
                           f"{config.model.max_position_embeddings}")  # fmt: skip
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    config.global_batch(world)  # DP, and train_batch_size against micro x accumulation x DP
+    config.global_batch(config.world_size())  # DP, and train_batch_size against micro x accumulation x DP
+    save, load = config.paths.save, config.paths.load
     check_save(save, load)
     if load is not None and not has_run(Path(load)):  # as Megatron and gpt-neox: start afresh
         warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
         load = None
-    data_dir = data_directory(data_dir, config.data)
-    sources = resolve_sources(data_dir, config.data)
-    tokenizer = config.data.get("tokenizer") or config.data.get("vocab_file")
-    shards = shards_manifest(data_dir).get("tokenizer", {})
+    sources = resolve_sources(config.data)
+    shards = shards_manifest(data_directory(config.data)).get("tokenizer", {})
     if shards.get("vocab_size", 0) > config.model.vocab_size:
         raise ConfigError(f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model "
                           f"{config.model.vocab_size:,}")  # fmt: skip
     check_shards(sources, config.model.vocab_size)
+    tokenizer = config.data.tokenizer_file
     if tokenizer is None and shards.get("path") and Path(shards["path"]).is_file():
         tokenizer = shards["path"]
     if save is None:
@@ -90,7 +81,8 @@ def check_run(config: NeoXConfig, data_dir, save, load) -> tuple[dict, str | Non
 class Trainer:
     """The engine, the data and the position: `run()` trains from the position to train_iters."""
 
-    def __init__(self, config: NeoXConfig, sources: dict, save, load, tokenizer):
+    def __init__(self, config: NeoXConfig, sources: dict, load: str | None, tokenizer: str | None):
+        save = config.paths.save
         self.config, self.save, self.tokenizer = config, Path(save) if save else None, tokenizer
         deepspeed = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -98,13 +90,15 @@ class Trainer:
         self.dp, self.global_batch = config.data_parallel_size(self.world), config.global_batch(self.world)
         self.data = self.build_data(sources)
         p = config.parallel
-        self.pipelined = p.model_parallel_size > 1 or p.pipe_parallel_size > 1
+        self.pipelined = p.pipelined
         if self.pipelined:  # tensor x pipeline x data: trainer/pipeline.py
             model, grid = build_pipeline(config, self.world)
             self.dp_rank, self.tp_rank = grid.get_data_parallel_id(), grid.get_slice_parallel_rank()
         else:
             torch.manual_seed(config.training.seed)
             model, self.dp_rank, self.tp_rank = GPTNeoX(config.model), self.rank, 0
+            if config.model.checkpoint_activations:  # the pipeline engine checkpoints its own layers
+                checkpoint_blocks(model)
         if config.training.compile:
             for block in (m for m in model.modules() if isinstance(m, Block)):  # regional: one graph, reused
                 block.compile()
@@ -123,12 +117,12 @@ class Trainer:
             if state["fallback"]:  # the newest checkpoint that verifies is never pruned by this run
                 self.protected.add(state["tag"])
         self.nonfinite = []  # the steps, in a row, whose loss or gradient norm was nan or inf
-        where = config.data.get("log_dir") or save
+        where = config.paths.log_dir or save
         self.metrics_dir = Path(where) if where else None
-        self.metrics = Metrics(self.metrics_dir, config.training.log_interval, config.training.train_iters, self.step,
-                               self.rank)  # fmt: skip
+        self.metrics = Metrics(self.metrics_dir, config.paths.tensorboard_dir, config.training.log_interval,
+                               config.training.train_iters, self.step, self.rank)  # fmt: skip
         name = torch.cuda.get_device_name() if self.device is not None else ""
-        self.peak = peak_flops(name) if (config.precision.fp16 or config.precision.bf16) else None
+        self.peak = peak_flops(name) if config.precision.mixed else None
 
     def build_data(self, sources: dict) -> dict:
         """Rank 0 builds (and caches) the sample indices first; the others then read them."""
@@ -285,17 +279,17 @@ class Trainer:
         return entry
 
 
-def train(config: NeoXConfig, data_dir=None, save=None, load=None) -> dict:
-    """Check everything, then train from the loaded position (or step 0) to train_iters, holding --save's lock
-    (rank 0) for the whole run."""
-    check_precision(config)
-    sources, tokenizer, load = check_run(config, data_dir, save, load)
+def train(config: NeoXConfig) -> dict:
+    """Check everything, then train from the loaded position (or step 0) to train_iters, holding the save
+    directory's lock (rank 0) for the whole run. Paths, data and precision come resolved in `config`."""
+    sources, tokenizer, load = check_run(config)
+    save = config.paths.save
     owner = save is not None and int(os.environ.get("RANK", 0)) == 0
     if owner:
         check_writable(Path(save))
     try:
         with RunLock(Path(save)) if owner else contextlib.nullcontext():
-            results = Trainer(config, sources, save, load, tokenizer).run()
+            results = Trainer(config, sources, load, tokenizer).run()
             dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
             return results
     finally:

@@ -68,8 +68,10 @@ def main():
         reference = megatron_sample_idx(sizes, dataset.doc_idx, args.seq_length, args.baseline_samples)
         loop = (time.perf_counter() - start) * args.samples / args.baseline_samples
         same = names_same_tokens(reference, sizes, dataset.doc_idx, args.seq_length)
-        print(f"{args.docs:,} documents, {int(sizes.sum(dtype=np.int64)):,} tokens; {args.samples:,} samples of "
-              f"{args.seq_length + 1} tokens ({len(dataset.doc_idx) // args.docs} epochs)")  # fmt: skip
+        print(
+            f"{args.docs:,} documents, {int(sizes.sum(dtype=np.int64)):,} tokens; {args.samples:,} samples of "
+            f"{args.seq_length + 1} tokens ({len(dataset.doc_idx) // args.docs} epochs)"
+        )
         print(f"ours (numpy, doc_idx + sample_idx + shuffle_idx, saved):  {ours:8.1f} s   (goal <= 10 s)")
         print(f"Megatron's sample_idx loop in Python, scaled:            {loop:8.1f} s   ({loop / ours:.0f}x ours)")
         print(f"Megatron's sample boundaries are the tokens ours start at (first {args.baseline_samples:,}): {same}")

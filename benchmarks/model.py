@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPTNeoXForCausalLM
 
-from trainer.checkpoint import hf_config
 from trainer.config import load_config
+from trainer.hf import hf_config
 from trainer.model import GPTNeoX
 
 
@@ -48,8 +48,13 @@ def main():
     torch.manual_seed(0)
     ours = GPTNeoX(config).to(device, dtype)
     theirs = GPTNeoXForCausalLM(hf_config(config))
-    theirs.load_state_dict({("lm_head.weight" if k == "embed_out.weight" and "lm_head.weight" in theirs.state_dict()
-                             else k): v for k, v in ours.state_dict().items()}, strict=False)  # fmt: skip
+    theirs.load_state_dict(
+        {
+            ("lm_head.weight" if k == "embed_out.weight" and "lm_head.weight" in theirs.state_dict() else k): v
+            for k, v in ours.state_dict().items()
+        },
+        strict=False,
+    )
     theirs = theirs.to(device, dtype)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     fns = {"ours": ours, "transformers": lambda x: theirs(x).logits}
@@ -62,8 +67,10 @@ def main():
             theirs.zero_grad(set_to_none=True)
             times[name].append(timed(fns[name], ids, device))
     tokens = args.batch * args.seq
-    print(f"{args.config}: {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters, batch {args.batch} x "
-          f"{args.seq}, {device} {dtype}, forward + backward, median of {args.steps}")  # fmt: skip
+    print(
+        f"{args.config}: {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters, batch {args.batch} x "
+        f"{args.seq}, {device} {dtype}, forward + backward, median of {args.steps}"
+    )
     for name, t in times.items():
         print(f"{name:<14} {tokens / statistics.median(t):>10,.0f} tokens/s")
     ratio = statistics.median(times["transformers"]) / statistics.median(times["ours"])

@@ -26,8 +26,20 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / ".work"
 TOKENIZER = ROOT / "tokenizer" / "assets" / "gpt-neox-20b" / "tokenizer.json"
 NEOX_MIRROR = Path("/work/.mirror/EleutherAI+gpt-neox/repo")
-NEOX_DEPS = ["setuptools<81", "torch==2.13.0", "deepspeed==0.19.8", "tokenizers", "transformers", "lm_dataformat",
-             "ftfy", "sentencepiece", "numpy", "tqdm", "pyyaml", "requests"]  # fmt: skip
+NEOX_DEPS = [
+    "setuptools<81",
+    "torch==2.13.0",
+    "deepspeed==0.19.8",
+    "tokenizers",
+    "transformers",
+    "lm_dataformat",
+    "ftfy",
+    "sentencepiece",
+    "numpy",
+    "tqdm",
+    "pyyaml",
+    "requests",
+]
 
 
 def copies_of(corpus: Path, n: int) -> Path:
@@ -90,8 +102,9 @@ def neox_python() -> tuple[Path, Path]:
     tree = Path(os.environ.get("GPT_NEOX_DIR", WORK / "gpt-neox"))
     if not (tree / "tools" / "datasets" / "preprocess_data.py").is_file():
         tree.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", f"--git-dir={NEOX_MIRROR}", "archive", "HEAD", "megatron", "tools"],
-                                 check=True, capture_output=True).stdout  # fmt: skip
+        archive = subprocess.run(
+            ["git", f"--git-dir={NEOX_MIRROR}", "archive", "HEAD", "megatron", "tools"], check=True, capture_output=True
+        ).stdout
         subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     venv = WORK / "neox-venv"
     if not (venv / "bin" / "python").exists():
@@ -129,8 +142,21 @@ def main():
 
     def ours(src):
         shutil.rmtree(out, ignore_errors=True)
-        return measure([neox_data, "build-shards", str(src), "--tokenizer", str(TOKENIZER), "--workers", "2",
-                        "--output", str(out), "--weights", "none"])  # fmt: skip
+        return measure(
+            [
+                neox_data,
+                "build-shards",
+                str(src),
+                "--tokenizer",
+                str(TOKENIZER),
+                "--workers",
+                "2",
+                "--output",
+                str(out),
+                "--weights",
+                "none",
+            ]
+        )
 
     rows["ceiling"] = measure([sys.executable, __file__, "--ceiling", str(many), str(WORK / "ceiling.bin")])
     rows["ours"] = ours(many)
@@ -138,9 +164,21 @@ def main():
     if not args.skip_neox:
         tree, python = neox_python()
         files = ",".join(str(p) for p in sorted(many.glob("*.jsonl.zst")))
-        cmd = [str(python), "tools/datasets/preprocess_data.py", "--input", files, "--output-prefix",
-               str(WORK / "neox"), "--tokenizer-type", "HFTokenizer", "--vocab-file", str(TOKENIZER), "--append-eod",
-               "--workers", "2"]  # fmt: skip
+        cmd = [
+            str(python),
+            "tools/datasets/preprocess_data.py",
+            "--input",
+            files,
+            "--output-prefix",
+            str(WORK / "neox"),
+            "--tokenizer-type",
+            "HFTokenizer",
+            "--vocab-file",
+            str(TOKENIZER),
+            "--append-eod",
+            "--workers",
+            "2",
+        ]
         rows["gpt-neox"] = measure(cmd, cwd=tree)
     print(f"input: {args.copies} copies of {args.corpus}, {mb:,.0f} MB of text; 1 copy: {mb / args.copies:,.0f} MB")
     print(f"{'run':<14} {'seconds':>8} {'MB/s':>7} {'peak RSS MB':>12}")

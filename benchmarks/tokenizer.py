@@ -36,9 +36,12 @@ def baseline(corpus: Path, vocab_size: int, out: Path) -> None:
     cap = min(1 << 20, max(64 << 10, sum(len(t.encode()) for t in texts) // 1000))  # the cap train-tokenizer uses
     tok = build_tokenizer(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPACE_RUNS), min_frequency=2, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=vocab_size - len(SPACE_RUNS),
+        min_frequency=2,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     texts = [t if len(t.encode()) <= cap else t.encode()[:cap].decode("utf-8", errors="ignore") for t in texts]
     tok.train_from_iterator(iter(texts), trainer=trainer)
     tok.save(str(out))
@@ -64,8 +67,17 @@ def main():
         "--vocab-size",
         str(args.vocab_size),
     ]
-    ours_cmd = [neox_data, "train-tokenizer", str(args.corpus), "--output", str(WORK / "tokenizer"),
-                "--vocab-size", str(args.vocab_size), "--component-weights", "none"]  # fmt: skip
+    ours_cmd = [
+        neox_data,
+        "train-tokenizer",
+        str(args.corpus),
+        "--output",
+        str(WORK / "tokenizer"),
+        "--vocab-size",
+        str(args.vocab_size),
+        "--component-weights",
+        "none",
+    ]
     runs = {"plain": [], "ours": []}
     for _ in range(args.repeat):  # interleaved, so both see the same background load
         runs["plain"].append(measure(plain_cmd))
@@ -76,8 +88,10 @@ def main():
     print(f"{'run':<40} {'seconds':>8} {'peak RSS MB':>12}")
     for name, (seconds, rss) in (("tokenizers train_from_iterator", plain), ("neox-data train-tokenizer", ours)):
         print(f"{name:<40} {seconds:>8.1f} {rss / 2**20:>12.0f}")
-    print(f"wall time, ours / plain: {ours[0] / plain[0]:.2f} (per pair: {', '.join(f'{r:.2f}' for r in ratios)}; "
-          f"goal <= 1.1); peak RSS: {ours[1] / plain[1]:.2f}")  # fmt: skip
+    print(
+        f"wall time, ours / plain: {ours[0] / plain[0]:.2f} (per pair: {', '.join(f'{r:.2f}' for r in ratios)}; "
+        f"goal <= 1.1); peak RSS: {ours[1] / plain[1]:.2f}"
+    )
 
 
 if __name__ == "__main__":

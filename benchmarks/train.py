@@ -46,8 +46,19 @@ def write_shards(root: Path, tokens: int, vocab: int) -> Path:
 def ours(args, overrides: list[str]) -> list[dict]:
     save = WORK / "run"
     subprocess.run(["rm", "-rf", str(save)], check=True)
-    cmd = [sys.executable, "-m", "cli", "train", "--config", args.config, "--data", str(args.data),
-           "--save", str(save), *sum((["--set", o] for o in overrides), [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli",
+        "train",
+        "--config",
+        args.config,
+        "--data",
+        str(args.data),
+        "--save",
+        str(save),
+        *sum((["--set", o] for o in overrides), []),
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if not args.verbose else None)
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == "train"][args.warmup :]
@@ -59,9 +70,9 @@ def plain(args) -> list[dict]:
     import torch.nn.functional as F
     from transformers import GPTNeoXForCausalLM
 
-    from trainer.batches import micro_batch, resolve_sources, split_dataset
-    from trainer.checkpoint import hf_config
     from trainer.config import DataConfig, load_config
+    from trainer.hf import hf_config
+    from trainer.samples import micro_batch, resolve_sources, split_dataset
 
     config = load_config(args.config, overrides(args))
     t = config.training
@@ -70,17 +81,29 @@ def plain(args) -> list[dict]:
     model = GPTNeoXForCausalLM(hf_config(config.model)).to(device)
     if config.model.checkpoint_activations:
         model.gradient_checkpointing_enable()
-    data = split_dataset(resolve_sources(DataConfig(data_dir=args.data))["train"], t.train_iters * t.train_micro_batch_size_per_gpu
-                         * t.gradient_accumulation_steps, t.seq_length, t.seed)  # fmt: skip
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.optimizer.lr, betas=config.optimizer.betas,
-                                  fused=device == "cuda")  # fmt: skip
+    data = split_dataset(
+        resolve_sources(DataConfig(data_dir=args.data))["train"],
+        t.train_iters * t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps,
+        t.seq_length,
+        t.seed,
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.optimizer.lr, betas=config.optimizer.betas, fused=device == "cuda"
+    )
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, t.train_iters)
     times = []
     for step in range(t.train_iters):
         start = time.perf_counter()
         for m in range(t.gradient_accumulation_steps):
-            ids = micro_batch(data, step, m, t.train_micro_batch_size_per_gpu, 1, 0, t.train_micro_batch_size_per_gpu
-                              * t.gradient_accumulation_steps).to(device)  # fmt: skip
+            ids = micro_batch(
+                data,
+                step,
+                m,
+                t.train_micro_batch_size_per_gpu,
+                1,
+                0,
+                t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps,
+            ).to(device)
             with torch.autocast(device, torch.bfloat16, enabled=args.bf16):
                 logits = model(ids[:, :-1]).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
@@ -96,10 +119,20 @@ def plain(args) -> list[dict]:
 
 
 def overrides(args) -> list[str]:
-    out = [f"train_micro_batch_size_per_gpu={args.micro}", f"gradient_accumulation_steps={args.accumulation}",
-           f"seq_length={args.seq}", f"max_position_embeddings={max(args.seq, 2048)}", f"train_iters={args.steps}",
-           "eval_interval=0", "save_interval=0", "log_interval=1000000", f"bf16={args.bf16}", "fp16=false",
-           f"checkpoint_activations={args.checkpoint_activations}", "zero_optimization={stage: 0}"]  # fmt: skip
+    out = [
+        f"train_micro_batch_size_per_gpu={args.micro}",
+        f"gradient_accumulation_steps={args.accumulation}",
+        f"seq_length={args.seq}",
+        f"max_position_embeddings={max(args.seq, 2048)}",
+        f"train_iters={args.steps}",
+        "eval_interval=0",
+        "save_interval=0",
+        "log_interval=1000000",
+        f"bf16={args.bf16}",
+        "fp16=false",
+        f"checkpoint_activations={args.checkpoint_activations}",
+        "zero_optimization={stage: 0}",
+    ]
     return out + list(args.set)
 
 
@@ -137,10 +170,14 @@ def main():
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
                 rows = json.loads(out.strip().splitlines()[-1])
             results[name].append(rows)
-            print(f"round {r} {name:<6} {statistics.median(x['tokens_per_s'] for x in rows):>10,.0f} tokens/s",
-                  flush=True)  # fmt: skip
-    summary = {name: statistics.median(x["tokens_per_s"] for rows in runs for x in rows)
-               for name, runs in results.items() if runs}  # fmt: skip
+            print(
+                f"round {r} {name:<6} {statistics.median(x['tokens_per_s'] for x in rows):>10,.0f} tokens/s", flush=True
+            )
+    summary = {
+        name: statistics.median(x["tokens_per_s"] for rows in runs for x in rows)
+        for name, runs in results.items()
+        if runs
+    }
     print(
         f"{args.config}: micro {args.micro} x accumulation {args.accumulation} x {args.seq} tokens, "
         f"{'bf16' if args.bf16 else 'fp32'}, median over {args.rounds} rounds of steps {args.warmup + 1}-{args.steps}"

@@ -38,9 +38,23 @@ def build(corpus: Path, copies: int) -> Path:
     out = WORK / f"verify-shards-x{copies}"
     if not (out / "manifest.json").is_file():
         src = copies_of(corpus, copies)
-        subprocess.run([str(ROOT / ".venv" / "bin" / "neox-data"), "build-shards", str(src), "--tokenizer",
-                        "gpt-neox-20b", "--output", str(out), "--workers", "2", "--weights", "none"],
-                       check=True, stderr=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(
+            [
+                str(ROOT / ".venv" / "bin" / "neox-data"),
+                "build-shards",
+                str(src),
+                "--tokenizer",
+                "gpt-neox-20b",
+                "--output",
+                str(out),
+                "--workers",
+                "2",
+                "--weights",
+                "none",
+            ],
+            check=True,
+            stderr=subprocess.DEVNULL,
+        )
     return out
 
 
@@ -62,9 +76,11 @@ def main():
     nbytes = sum(p.stat().st_size for p in shards.rglob("*.bin"))
     cores = os.cpu_count() or 1
     neox = str(ROOT / ".venv" / "bin" / "neox-data")
-    runs = {"read": [sys.executable, "-c", READ, str(shards)],
-            "verify-1": [neox, "verify", str(shards), "--workers", "1"],
-            f"verify-{cores}": [neox, "verify", str(shards), "--workers", str(cores)]}  # fmt: skip
+    runs = {
+        "read": [sys.executable, "-c", READ, str(shards)],
+        "verify-1": [neox, "verify", str(shards), "--workers", "1"],
+        f"verify-{cores}": [neox, "verify", str(shards), "--workers", str(cores)],
+    }
     timed(runs["read"])  # into the page cache
     print(f"{nbytes / 1e9:.2f} GB of .bin in {len(list(shards.rglob('*.bin')))} shards, {cores} cores")
     rates: dict[str, list[float]] = {name: [] for name in runs}
@@ -77,12 +93,16 @@ def main():
                 inner = float(re.search(r"GB in ([\d.]+) s", out)[1])  # the scan, without Python's start-up
             workers = 1 if name != f"verify-{cores}" else cores
             rates[name].append(nbytes / 1e9 / inner / workers)
-            print(f"round {r}  {name:<10} {inner:6.2f} s scanning ({wall:5.2f} s with start-up)  "
-                  f"{nbytes / 1e9 / inner:6.2f} GB/s = {rates[name][-1]:5.2f} GB/s per core")  # fmt: skip
+            print(
+                f"round {r}  {name:<10} {inner:6.2f} s scanning ({wall:5.2f} s with start-up)  "
+                f"{nbytes / 1e9 / inner:6.2f} GB/s = {rates[name][-1]:5.2f} GB/s per core"
+            )
     median = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
     print("median GB/s per core: " + ", ".join(f"{k} {v:.2f}" for k, v in median.items()))
-    print(f"verify-1 / read: {median['verify-1'] / median['read']:.2f}; goal >= 1 GB/s per core: "
-          f"{'met' if median['verify-1'] >= 1.0 else 'NOT met'}")  # fmt: skip
+    print(
+        f"verify-1 / read: {median['verify-1'] / median['read']:.2f}; goal >= 1 GB/s per core: "
+        f"{'met' if median['verify-1'] >= 1.0 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

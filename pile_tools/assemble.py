@@ -35,8 +35,10 @@ def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
             found.append((where, json.loads((where / "receipt.json").read_text())))
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
-        raise InputError(f"{len(missing)} of {len(plan['parts'])} parts are not done yet (parts {shown}); "
-                         f"finish every --rank of the run first")  # fmt: skip
+        raise InputError(
+            f"{len(missing)} of {len(plan['parts'])} parts are not done yet (parts {shown}); "
+            f"finish every --rank of the run first"
+        )
     return found
 
 
@@ -112,10 +114,14 @@ def build_blend(out: Path, shards: dict, epochs: dict, weights: str) -> dict:
         mass = [epochs[shards[n]["component"]] * shards[n]["tokens"] for n in names]
         total = sum(mass) or 1.0
         rows = [
-            {"prefix": n, **{k: shards[n][k] for k in ("component", "documents", "tokens")},
-             "epochs": epochs[shards[n]["component"]], "weight": m / total}
+            {
+                "prefix": n,
+                **{k: shards[n][k] for k in ("component", "documents", "tokens")},
+                "epochs": epochs[shards[n]["component"]],
+                "weight": m / total,
+            }
             for n, m in zip(names, mass)
-        ]  # fmt: skip
+        ]
         paths = [str((out / n).resolve()) for n in names]
         blend["splits"][split] = {
             "shards": rows,
@@ -131,8 +137,17 @@ def collect_shards(receipts: list[tuple[Path, dict]]) -> dict:
     shards = {}
     for where, receipt in receipts:
         for prefix, stat in receipt["shards"].items():
-            entry = shards.setdefault(prefix, {"component": stat["component"], "documents": 0, "tokens": 0,
-                                               "text_bytes": 0, "max_id": 0, "sources": []})  # fmt: skip
+            entry = shards.setdefault(
+                prefix,
+                {
+                    "component": stat["component"],
+                    "documents": 0,
+                    "tokens": 0,
+                    "text_bytes": 0,
+                    "max_id": 0,
+                    "sources": [],
+                },
+            )
             if entry["component"] != stat["component"]:
                 raise InputError(
                     f"components {entry['component']!r} and {stat['component']!r} share the file name {prefix}"
@@ -150,9 +165,11 @@ def warn_premixed(receipts, weights: str, echo) -> None:
         return
     for _, r in receipts:
         if len(r["components_seen"]) > 1 and r["start"] == 0:
-            echo(f"warning: {r['source']} mixes {len(r['components_seen'])} components, like the released Pile's "
-                 f"pre-mixed files, whose train set is already upsampled; --weights {weights} upsamples it again. "
-                 f"Use --weights none unless this input is known not to be upsampled")  # fmt: skip
+            echo(
+                f"warning: {r['source']} mixes {len(r['components_seen'])} components, like the released Pile's "
+                f"pre-mixed files, whose train set is already upsampled; --weights {weights} upsamples it again. "
+                f"Use --weights none unless this input is known not to be upsampled"
+            )
 
 
 def read_manifest(path: Path) -> dict:
@@ -169,6 +186,7 @@ def manifest_entries(manifest: dict) -> dict[str, dict]:
 
 
 def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start) -> dict:
+    """manifest.json: the run's plan, inputs, per-shard counts, max_id and xxh3, skips and timing."""
     skipped, examples = defaultdict(int), []
     for _, r in receipts:
         for reason, n in r["skipped"].items():
@@ -184,14 +202,21 @@ def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start) -
             "weight": weights[prefix],
         }
     manifest = {
-        "tool": "neox-data build-shards", "version": pile_tools.__version__, "fingerprint": plan["fingerprint"],
+        "tool": "neox-data build-shards",
+        "version": pile_tools.__version__,
+        "fingerprint": plan["fingerprint"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tokenizer": {**plan["tokenizer"], "engine": sorted({r["engine"] for _, r in receipts})},
-        "options": plan["options"], "inputs": plan["inputs"], "components": dict(components),
-        "unknown_components": sorted(unknown), "skipped": dict(skipped), "skip_examples": examples[:100],
-        "parts": len(receipts), "part_seconds": round(sum(r["seconds"] for _, r in receipts), 3),
+        "options": plan["options"],
+        "inputs": plan["inputs"],
+        "components": dict(components),
+        "unknown_components": sorted(unknown),
+        "skipped": dict(skipped),
+        "skip_examples": examples[:100],
+        "parts": len(receipts),
+        "part_seconds": round(sum(r["seconds"] for _, r in receipts), 3),
         "wall_seconds": round(time.time() - start, 3),
-    }  # fmt: skip
+    }
     write_json(out / "manifest.json", manifest)
     return manifest
 

@@ -27,38 +27,52 @@ from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference,
 
 
 def parse_split(split: str) -> list[float]:
+    """--split's three train,valid,test weights, or an InputError saying how to write them."""
     weights = split_weights(split, exactly_three=True)
     if weights is None:
-        raise InputError(f"--split {split!r}: give 3 non-negative weights for train,valid,test, like 995,4,1 "
-                         "(0 leaves a split out: 1,0,0 is train only)")  # fmt: skip
+        raise InputError(
+            f"--split {split!r}: give 3 non-negative weights for train,valid,test, like 995,4,1 "
+            "(0 leaves a split out: 1,0,0 is train only)"
+        )
     return weights
 
 
 def describe_input(source: str) -> dict:
+    """An input as plan.json records it: its path, and for a local file its size and mtime."""
     if source.startswith(HF_PREFIX):
         return {"path": source}
     stat = os.stat(source)
     return {"path": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
-def make_plan(inputs, tokenizer, *, split, weights, component, part_size, max_doc_bytes, materialize, seed) -> dict:
+def work_plan(inputs, tokenizer, *, split, weights, component, part_size, max_doc_bytes, materialize, seed) -> dict:
     """Everything that decides the output, checked and resolved before any work."""
     sources = discover(inputs)
     tok_path = resolve_tokenizer(tokenizer)
     reference = load_reference(tok_path)
     load_epochs(weights)  # fail now on a bad --weights, not after the encoding
     options = {
-        "split": parse_split(split), "weights": weights, "component": component, "part_size": part_size,
-        "max_doc_bytes": max_doc_bytes, "materialize": materialize, "seed": seed,
-    }  # fmt: skip
+        "split": parse_split(split),
+        "weights": weights,
+        "component": component,
+        "part_size": part_size,
+        "max_doc_bytes": max_doc_bytes,
+        "materialize": materialize,
+        "seed": seed,
+    }
     vocab = reference.get_vocab_size(with_added_tokens=True)
     plan = {
-        "tokenizer": {"path": str(tok_path), "sha256": file_sha256(tok_path), "vocab_size": vocab,
-                      "eod": eod_id(reference, tok_path), "dtype": token_dtype(vocab).name},
+        "tokenizer": {
+            "path": str(tok_path),
+            "sha256": file_sha256(tok_path),
+            "vocab_size": vocab,
+            "eod": eod_id(reference, tok_path),
+            "dtype": token_dtype(vocab).name,
+        },
         "options": options,
         "inputs": [describe_input(s) for s in sources],
         "parts": [asdict(p) for p in plan_parts(sources, part_size)],
-    }  # fmt: skip
+    }
     decisive = {**plan, "tokenizer": {k: v for k, v in plan["tokenizer"].items() if k != "path"}}
     plan["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
     return plan
@@ -172,10 +186,16 @@ def encode_parts(todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *,
         engine = choose_engine(Path(tokenizer["path"]), guard_sample(todo, options["component"]), echo)
         echo(f"encoding {len(todo)} of {n_parts} parts with {engine} on {workers} worker(s)")
         config = PartConfig(
-            tokenizer=tokenizer["path"], engine=engine, eod=tokenizer["eod"], dtype=tokenizer["dtype"],
-            split_thresholds=split_thresholds(options["split"]), component=options["component"],
-            max_doc_bytes=options["max_doc_bytes"], strict=strict, parallel=workers <= 1,
-        )  # fmt: skip
+            tokenizer=tokenizer["path"],
+            engine=engine,
+            eod=tokenizer["eod"],
+            dtype=tokenizer["dtype"],
+            split_thresholds=split_thresholds(options["split"]),
+            component=options["component"],
+            max_doc_bytes=options["max_doc_bytes"],
+            strict=strict,
+            threaded=workers <= 1,
+        )
         progress = Progress(sum(map(part_bytes, todo)), n_parts - len(todo), n_parts)
         try:
             pool.run(todo, config, parts_dir, progress)
@@ -186,7 +206,7 @@ def encode_parts(todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *,
 def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts):
     """Run build-shards; returns the output directory once final shards are there, else None (a rank's share)."""
     start = time.time()
-    plan = make_plan(inputs, tokenizer, **opts)
+    plan = work_plan(inputs, tokenizer, **opts)
     out = Path(output)
     if claim_output(out, plan):
         echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
@@ -204,8 +224,10 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
     if todo:
         encode_parts(todo, len(parts), plan, parts_dir, workers=workers, strict=strict, echo=echo)
     if world_size > 1:
-        echo(f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "
-             f"neox-data merge-shards DIR... --output DIR")  # fmt: skip
+        echo(
+            f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "
+            f"neox-data merge-shards DIR... --output DIR"
+        )
         return None
     assemble(out, plan, [out], start=start, echo=echo)
     return out
@@ -221,8 +243,10 @@ def merge_shards(dirs: list[str], output: str, echo=print) -> Path:
             raise InputError(f"{d}: no plan.json; not the output of a build-shards --rank run, or already merged")
         plans.append(json.loads((d / "plan.json").read_text()))
     if len({p["fingerprint"] for p in plans}) > 1:
-        raise InputError("the directories hold different runs (their plan.json fingerprints differ); "
-                         "merge only the ranks of one build-shards command")  # fmt: skip
+        raise InputError(
+            "the directories hold different runs (their plan.json fingerprints differ); "
+            "merge only the ranks of one build-shards command"
+        )
     out = Path(output)
     if out.resolve() not in [d.resolve() for d in paths] and claim_output(out, plans[0]):
         echo(f"{out} already holds this run's shards (manifest.json); nothing to do")

@@ -33,8 +33,11 @@ def file_hash(path: Path) -> str:
 
 def listed_files(directory: Path) -> list[str]:
     """Every file under `directory` but the checksums file itself and temp files, as sorted relative paths."""
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*")
-                  if p.is_file() and p.name != NAME and ".tmp" not in p.name)  # fmt: skip
+    return sorted(
+        str(p.relative_to(directory))
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != NAME and ".tmp" not in p.name
+    )
 
 
 def hash_files(directory: Path, names: list[str], threads: int | None = None) -> dict[str, dict]:
@@ -46,6 +49,7 @@ def hash_files(directory: Path, names: list[str], threads: int | None = None) ->
 
 
 def write_checksums(directory: Path, files: dict[str, dict], **extra) -> None:
+    """checksums.json of `directory` (atomically), with `extra` fields such as run_id and step."""
     write_json(directory / NAME, {"algorithm": ALGORITHM, "files": files, **extra})
 
 

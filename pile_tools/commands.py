@@ -17,10 +17,12 @@ from pile_tools.ground import Size, echo_err, run_reporting_errors
     show_default=True,
     help="Epochs per component: 'pile' (the Pile paper's Table 1), 'none' (1 each), or a JSON file.",
 )
-@click.option("--split", default="995,4,1", show_default=True,
-              help="train,valid,test weights, all three (0 leaves a split out).")  # fmt: skip
-@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True,
-              help="Encoding processes.")  # fmt: skip
+@click.option(
+    "--split", default="995,4,1", show_default=True, help="train,valid,test weights, all three (0 leaves a split out)."
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True, help="Encoding processes."
+)
 @click.option(
     "--component",
     default=None,
@@ -32,10 +34,12 @@ from pile_tools.ground import Size, echo_err, run_reporting_errors
     help="Also write the train split's repeats to disk as one dataset, for tools that cannot blend.",
 )
 @click.option("--seed", type=int, default=1234, show_default=True, help="Seed of --materialize's fractions.")
-@click.option("--rank", type=click.IntRange(min=0), default=0, show_default=True,
-              help="This process's share of the parts.")  # fmt: skip
-@click.option("--world-size", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes sharing the parts.")  # fmt: skip
+@click.option(
+    "--rank", type=click.IntRange(min=0), default=0, show_default=True, help="This process's share of the parts."
+)
+@click.option(
+    "--world-size", type=click.IntRange(min=1), default=1, show_default=True, help="Processes sharing the parts."
+)
 @click.option(
     "--part-size",
     type=Size(),
@@ -67,8 +71,18 @@ def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, *
 
     if not 0 <= rank < world_size:
         raise click.BadParameter(f"--rank {rank} must be in [0, --world-size {world_size})", param_hint="--rank")
-    out = run_reporting_errors(run, list(inputs), tokenizer, output, workers=workers, rank=rank,
-                               world_size=world_size, strict=strict, echo=echo_err, **opts)  # fmt: skip
+    out = run_reporting_errors(
+        run,
+        list(inputs),
+        tokenizer,
+        output,
+        workers=workers,
+        rank=rank,
+        world_size=world_size,
+        strict=strict,
+        echo=echo_err,
+        **opts,
+    )
     if out is not None:
         click.echo(f"shards in {out}  (blend.json, manifest.json; look inside with: neox-data inspect {out})")
 
@@ -95,8 +109,9 @@ def merge_shards(dirs, output):
     "--decode", type=click.IntRange(min=0), default=0, help="Decode and print the first N documents of each shard."
 )
 @click.option("--tokenizer", default=None, help="Tokenizer for --decode (default: the one in manifest.json).")
-@click.option("--chars", type=click.IntRange(min=0), default=400, show_default=True,
-              help="Characters shown per decoded document.")  # fmt: skip
+@click.option(
+    "--chars", type=click.IntRange(min=0), default=400, show_default=True, help="Characters shown per decoded document."
+)
 def inspect_shards(target, decode, tokenizer, chars):
     """Print counts per shard of a build-shards directory or one .bin/.idx prefix, and decode documents.
 
@@ -112,8 +127,9 @@ def inspect_shards(target, decode, tokenizer, chars):
 @click.command("verify")
 @click.argument("targets", nargs=-1, required=True, type=click.Path(exists=False))
 @click.option("--tokenizer", default=None, help="Vocabulary and EOD id to check against (default: the manifest's).")
-@click.option("--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True,
-              help="Shards checked at once.")  # fmt: skip
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True, help="Shards checked at once."
+)
 def verify_shards(targets, tokenizer, workers):
     """Audit shards in full, at disk speed; one line per problem, exit status 1 on any.
 

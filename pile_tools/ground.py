@@ -33,6 +33,7 @@ class WriteError(InputError):
 
 
 def nearest_existing(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (where a write would fail)."""
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -83,6 +84,7 @@ def check_writable(directory: Path) -> Path:
 
 
 def write_text(path: Path, text: str) -> None:
+    """`text` to `path` atomically: a temp file beside it, then a rename."""
     tmp = Path(f"{path}.tmp-{os.getpid()}")
     with writing(path):
         try:
@@ -93,6 +95,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
+    """`obj` as indented JSON to `path`, atomically."""
     write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
@@ -150,6 +153,7 @@ def whole_summaries(group: click.Group) -> None:
 
 
 def echo_err(message: str) -> None:
+    """A line on stderr (progress and notes; stdout carries the results)."""
     click.echo(message, err=True)
 
 

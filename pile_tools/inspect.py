@@ -45,8 +45,10 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
             continue
         tokens = int(np.asarray(shard.sizes, np.int64).sum())
         total_docs, total_tokens = total_docs + len(shard), total_tokens + tokens
-        echo(f"{name:<40} {shard.dtype.name:>6} {len(shard):>10,} {tokens:>13,} "
-             f"{tokens / max(1, len(shard)):>8.0f}  {'ok' if problem is None else 'CORRUPT: ' + problem}")  # fmt: skip
+        echo(
+            f"{name:<40} {shard.dtype.name:>6} {len(shard):>10,} {tokens:>13,} "
+            f"{tokens / max(1, len(shard)):>8.0f}  {'ok' if problem is None else 'CORRUPT: ' + problem}"
+        )
         if problem is not None:
             corrupt.append(name)
             continue
@@ -57,13 +59,16 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
     echo(f"{'total':<40} {'':>6} {total_docs:>10,} {total_tokens:>13,}")
     if manifest:
         skipped = manifest.get("skipped") or {}
-        echo(f"tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}..., weights {manifest['options']['weights']}, "
-             f"skipped lines: {sum(skipped.values())}")  # fmt: skip
+        echo(
+            f"tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}..., weights {manifest['options']['weights']}, "
+            f"skipped lines: {sum(skipped.values())}"
+        )
     if corrupt:
         raise InputError(f"{len(corrupt)} corrupt shard(s): {', '.join(corrupt)}; the full audit: neox-data verify")
 
 
 def load_decoder(tokenizer: str | None, manifest: dict | None):
+    """A decoder for --decode: the tokenizer given, else the manifest's, with a warning if they differ."""
     from tokenizer.engine import file_sha256, load_reference, resolve_tokenizer
 
     if tokenizer is None and manifest is None:
@@ -73,7 +78,10 @@ def load_decoder(tokenizer: str | None, manifest: dict | None):
         raise InputError(f"the manifest's tokenizer {path} is gone; pass --tokenizer")
     if tokenizer and manifest and file_sha256(path) != manifest["tokenizer"]["sha256"]:
         built = manifest["tokenizer"]["sha256"][:12]
-        warnings.warn(f"--tokenizer {tokenizer} is not the tokenizer these shards were built with (sha256 {built}"
-                      "...): the decoded text will be wrong", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"--tokenizer {tokenizer} is not the tokenizer these shards were built with (sha256 {built}"
+            "...): the decoded text will be wrong",
+            stacklevel=2,
+        )
     reference = load_reference(path)
     return lambda ids: reference.decode(ids, skip_special_tokens=False)

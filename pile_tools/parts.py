@@ -37,7 +37,7 @@ class PartConfig:
     component: str | None = None
     max_doc_bytes: int = 0
     strict: bool = False
-    parallel: bool = False
+    threaded: bool = False  # one worker: the engine encodes on all cores, reading runs in a thread ahead
 
 
 def split_thresholds(weights: list[float]) -> tuple[int, ...]:
@@ -130,9 +130,9 @@ def batches(reader: PartReader, thresholds: tuple[int, ...]):
 
 
 @lru_cache(maxsize=2)
-def cached_encoder(tokenizer: str, engine: str, parallel: bool) -> Encoder:
+def cached_encoder(tokenizer: str, engine: str, threaded: bool) -> Encoder:
     """One encoder per worker process, not per part: loading a tokenizer costs more than a small part."""
-    return Encoder(Path(tokenizer), engine, parallel)
+    return Encoder(Path(tokenizer), engine, threaded)
 
 
 def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -> dict:
@@ -140,13 +140,13 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
     start = time.time()
     final, tmp = parts_dir / f"{part.index:05d}", parts_dir / f"{part.index:05d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    encoder = cached_encoder(config.tokenizer, config.engine, config.parallel)
+    encoder = cached_encoder(config.tokenizer, config.engine, config.threaded)
     skips = Skips(config.strict)
     reader = PartReader(part, config.component, skips, config.max_doc_bytes)
     writer, reported = PartWriter(tmp, config.dtype), 0
     docs = batches(reader, config.split_thresholds)
     with writing(tmp):
-        for batch, consumed in prefetch(docs) if config.parallel else docs:
+        for batch, consumed in prefetch(docs) if config.threaded else docs:
             ids, counts = encoder.encode([text for _, text, _ in batch])
             tokens, sizes = append_eod(ids, counts, config.eod)
             writer.write([key for key, _, _ in batch], tokens, sizes, [n for _, _, n in batch])
@@ -155,11 +155,17 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
                 reported = consumed
         writer.close()
     receipt = {
-        "part": part.index, "source": part.source, "start": part.start, "end": part.end,
-        "engine": config.engine, "shards": writer.stats, "skipped": skips.counts,
-        "skip_examples": skips.examples, "components_seen": sorted(reader.components_seen),
+        "part": part.index,
+        "source": part.source,
+        "start": part.start,
+        "end": part.end,
+        "engine": config.engine,
+        "shards": writer.stats,
+        "skipped": skips.counts,
+        "skip_examples": skips.examples,
+        "components_seen": sorted(reader.components_seen),
         "seconds": round(time.time() - start, 3),
-    }  # fmt: skip
+    }
     with writing(tmp):
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "receipt.json").write_text(json.dumps(receipt, indent=1))

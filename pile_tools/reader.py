@@ -299,8 +299,10 @@ class PartReader:
         try:
             rows = datasets.load_dataset(dataset_name, split=split or "train", streaming=True)
         except Exception as e:
-            raise InputError(f"{name}: not a local file or directory, and not a Hugging Face dataset that can be "
-                             f"opened ({type(e).__name__}: {e})") from None  # fmt: skip
+            raise InputError(
+                f"{name}: not a local file or directory, and not a Hugging Face dataset that can be "
+                f"opened ({type(e).__name__}: {e})"
+            ) from None
         for number, row in enumerate(rows, 1):
             if isinstance(row.get("meta"), str):  # some hub copies of the Pile keep meta as a JSON string
                 try:
@@ -313,6 +315,7 @@ class PartReader:
 
 
 def hub_offline() -> bool:
+    """True when the user asked the Hugging Face libraries to stay offline."""
     return any(
         os.environ.get(k, "0").lower() in ("1", "true", "yes", "on") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     )

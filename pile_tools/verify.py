@@ -40,8 +40,9 @@ class Audit:
             self.lines.append(f"{self.name}: {line}")
 
     def summary(self) -> list[str]:
-        extra = [f"{self.name}: {n - MAX_LINES:,} more {kind} problems" for kind, n in self.counts.items()
-                 if n > MAX_LINES]  # fmt: skip
+        extra = [
+            f"{self.name}: {n - MAX_LINES:,} more {kind} problems" for kind, n in self.counts.items() if n > MAX_LINES
+        ]
         return self.lines + extra
 
 
@@ -104,13 +105,18 @@ def verify_shard(prefix: Path, name: str, entry: dict, vocab, eod, progress) -> 
         audit.add("empty", f"document {int(doc)} is empty")
     if len(empty) > MAX_LINES:
         audit.add("empty", "", len(empty) - MAX_LINES)
-    digest = scan_bin(prefix, dtype, np.asarray(pointers, np.int64) // dtype.itemsize, sizes, vocab, eod, audit,
-                      progress)  # fmt: skip
+    digest = scan_bin(
+        prefix, dtype, np.asarray(pointers, np.int64) // dtype.itemsize, sizes, vocab, eod, audit, progress
+    )
     tokens = int(sizes.sum())
     for key, have in (("documents", len(sizes)), ("tokens", tokens), ("xxh3_128", digest)):
         if key in entry and entry[key] != have:
-            audit.add("manifest", f"{key} {have:,} but manifest.json records {entry[key]:,}" if key != "xxh3_128"
-                      else "content differs from the checksum in manifest.json")  # fmt: skip
+            audit.add(
+                "manifest",
+                f"{key} {have:,} but manifest.json records {entry[key]:,}"
+                if key != "xxh3_128"
+                else "content differs from the checksum in manifest.json",
+            )
     return audit.summary()
 
 
@@ -128,8 +134,9 @@ def check_blend(root: Path) -> list[str]:
             elif check_pair(prefix) is None:
                 tokens = int(np.asarray(read_index(Path(f"{prefix}.idx"))[1], np.int64).sum())
                 if tokens != row["tokens"]:
-                    problems.append(f"blend.json: {row['prefix']} holds {tokens:,} tokens, blend.json records "
-                                    f"{row['tokens']:,}")  # fmt: skip
+                    problems.append(
+                        f"blend.json: {row['prefix']} holds {tokens:,} tokens, blend.json records {row['tokens']:,}"
+                    )
     return problems
 
 
@@ -177,11 +184,14 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
     for line in problems:
         echo(line)
     seconds = time.perf_counter() - start
-    echo(f"{len(jobs)} shard(s), {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / max(seconds, 1e-9):.2f} "
-         f"GB/s): " + (f"{len(problems)} problem(s)" if problems else "ok"))  # fmt: skip
+    echo(
+        f"{len(jobs)} shard(s), {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / max(seconds, 1e-9):.2f} "
+        f"GB/s): " + (f"{len(problems)} problem(s)" if problems else "ok")
+    )
     return len(problems)
 
 
 def verify_or_fail(targets: list[str], tokenizer: str | None, workers: int, echo) -> None:
+    """verify(), then an InputError (exit 1) if it found any problem."""
     if n := verify(targets, tokenizer, workers, echo):
         raise InputError(f"verify found {n} problem(s)")

@@ -47,8 +47,9 @@ def demo(tmp_path_factory):
 def shards(tmp_path_factory) -> Path:
     """The bundled sample as shards (80/10/10), for the trainer's tests."""
     out = tmp_path_factory.mktemp("shards") / "shards"
-    Cli().ok("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--split", "80,10,10",
-             "--workers", 1)  # fmt: skip
+    Cli().ok(
+        "build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", out, "--split", "80,10,10", "--workers", 1
+    )
     return out
 
 

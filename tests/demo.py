@@ -34,8 +34,9 @@ def run_demo(work: Path) -> list[str]:
     for command, _ in demo_commands():
         args = command.split()
         assert args[0] == ".venv/bin/neox-data", command
-        done = subprocess.run([sys.executable, "-m", "cli", *args[1:]], cwd=work, env=env, capture_output=True,
-                              text=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", *args[1:]], cwd=work, env=env, capture_output=True, text=True
+        )
         assert done.returncode == 0, f"$ {command}\n{done.stdout}{done.stderr}"
         outputs.append(done.stderr + done.stdout)
     return outputs

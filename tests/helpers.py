@@ -18,9 +18,24 @@ import cli
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / "pile_tools" / "sample"
 # A tiny model on short sequences: seconds per run, still every code path of the trainer.
-SMALL = ["--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4", "--set", "train_iters=6",
-         "--set", "eval_interval=3", "--set", "eval_iters=2", "--set", "save_interval=2", "--set", "log_interval=1",
-         "--set", "warmup=0.5"]  # fmt: skip
+SMALL = [
+    "--set",
+    "seq_length=32",
+    "--set",
+    "train_micro_batch_size_per_gpu=4",
+    "--set",
+    "train_iters=6",
+    "--set",
+    "eval_interval=3",
+    "--set",
+    "eval_iters=2",
+    "--set",
+    "save_interval=2",
+    "--set",
+    "log_interval=1",
+    "--set",
+    "warmup=0.5",
+]
 NEOX = Path(__file__).parent.parent / "tokenizer" / "assets" / "gpt-neox-20b" / "tokenizer.json"
 
 

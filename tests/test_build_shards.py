@@ -38,7 +38,13 @@ def test_round_trip_equals_tokenizers_plus_eod(corpus, tmp_path, run):
     assert got == dict(expected)
     assert {name.split("/")[0] for name in got} == {"train", "valid", "test"}
     assert {name.split("/")[1] for name in got} == {
-        "dm-mathematics", "enron-emails", "fortunes", "pythondocs", "github", "bible"}  # fmt: skip
+        "dm-mathematics",
+        "enron-emails",
+        "fortunes",
+        "pythondocs",
+        "github",
+        "bible",
+    }
 
 
 def test_split_is_a_stable_hash_of_the_text(corpus, tmp_path, run):
@@ -93,8 +99,19 @@ def test_weights_file_none_and_materialize(corpus, tmp_path, run):
     weights = tmp_path / "w.json"
     weights.write_text(json.dumps({"DM Mathematics": 2.5, "Enron Emails": 0, "Fortunes": 1}))
     out = tmp_path / "out"
-    run.ok("build-shards", corpus, "--tokenizer", NEOX, "--output", out, "--weights", weights, "--materialize",
-           "--split", "1,0,0")  # fmt: skip
+    run.ok(
+        "build-shards",
+        corpus,
+        "--tokenizer",
+        NEOX,
+        "--output",
+        out,
+        "--weights",
+        weights,
+        "--materialize",
+        "--split",
+        "1,0,0",
+    )
     blend = json.loads((out / "blend.json").read_text())
     rows = {r["component"]: r for r in blend["splits"]["train"]["shards"]}
     assert rows["Enron Emails"]["weight"] == 0 and rows["DM Mathematics"]["epochs"] == 2.5
@@ -116,8 +133,12 @@ def test_weights_file_none_and_materialize(corpus, tmp_path, run):
 def test_premixed_input_warns(corpus, tmp_path, run):
     result = run.ok("build-shards", corpus / "mixed.jsonl", "--tokenizer", NEOX, "--output", tmp_path / "o")
     assert "mixes 2 components" in result.output and "already upsampled" in result.output
-    assert "mixes" not in run.ok("build-shards", corpus / "mixed.jsonl", "--tokenizer", NEOX, "--output",
-                                 tmp_path / "p", "--weights", "none").output  # fmt: skip
+    assert (
+        "mixes"
+        not in run.ok(
+            "build-shards", corpus / "mixed.jsonl", "--tokenizer", NEOX, "--output", tmp_path / "p", "--weights", "none"
+        ).output
+    )
 
 
 def test_workers_and_ranks_give_identical_bytes(corpus, tmp_path, run):
@@ -125,8 +146,19 @@ def test_workers_and_ranks_give_identical_bytes(corpus, tmp_path, run):
     run.ok("build-shards", corpus, *args, "--output", tmp_path / "w1", "--workers", 1)
     run.ok("build-shards", corpus, *args, "--output", tmp_path / "w2", "--workers", 2)
     for rank in range(3):
-        result = run.ok("build-shards", corpus, *args, "--output", tmp_path / f"r{rank}", "--rank", rank,
-                        "--world-size", 3, "--workers", 1)  # fmt: skip
+        result = run.ok(
+            "build-shards",
+            corpus,
+            *args,
+            "--output",
+            tmp_path / f"r{rank}",
+            "--rank",
+            rank,
+            "--world-size",
+            3,
+            "--workers",
+            1,
+        )
         assert "merge-shards" in result.output and not (tmp_path / f"r{rank}" / "manifest.json").exists()
     incomplete = run("merge-shards", tmp_path / "r0", tmp_path / "r1", "--output", tmp_path / "bad")
     assert incomplete.exit_code == 1 and "not done yet" in incomplete.output
@@ -202,8 +234,18 @@ def test_large_document_is_encoded_whole(tmp_path, run):
     docs = shard_docs(tmp_path / "o")["train/big"]
     unit = tok.encode(block).ids
     assert docs[1] == unit * (len(big) // len(block)) + [0]
-    result = run.ok("build-shards", tmp_path / "big.jsonl", "--tokenizer", NEOX, "--output", tmp_path / "s",
-                    "--split", "1,0,0", "--max-doc-bytes", "10M")  # fmt: skip
+    result = run.ok(
+        "build-shards",
+        tmp_path / "big.jsonl",
+        "--tokenizer",
+        NEOX,
+        "--output",
+        tmp_path / "s",
+        "--split",
+        "1,0,0",
+        "--max-doc-bytes",
+        "10M",
+    )
     assert "big.jsonl:2: too long" in result.output
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["skipped"] == {"too_long": 1}

@@ -109,11 +109,26 @@ def test_a_key_this_model_cannot_honour_is_refused_unless_it_has_gpt_neox_value(
 def test_switches_are_only_kernel_memory_and_logging_choices():
     """The keys accepted with no effect are exactly these (adding one is a decision: README's list, here)."""
     assert SWITCHES == {
-        "scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations", "layernorm_fusion",
-        "synchronize_each_layer", "sparsity_config", "gradient_predivide_factor", "steps_per_print",
-        "wall_clock_breakdown", "distributed_backend", "contiguous_checkpointing", "zero_allow_untested_optimizer",
-        "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "moe_num_experts", "num_kv_heads",
-        "attention_config", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp",
+        "scaled_upper_triang_masked_softmax_fusion",
+        "rope_fusion",
+        "partition_activations",
+        "layernorm_fusion",
+        "synchronize_each_layer",
+        "sparsity_config",
+        "gradient_predivide_factor",
+        "steps_per_print",
+        "wall_clock_breakdown",
+        "distributed_backend",
+        "contiguous_checkpointing",
+        "zero_allow_untested_optimizer",
+        "attention_softmax_in_fp32",
+        "apply_query_key_layer_scaling",
+        "moe_num_experts",
+        "num_kv_heads",
+        "attention_config",
+        "use_bias_in_norms",
+        "use_bias_in_attn_linear",
+        "use_bias_in_mlp",
     }  # the last six are refused by refuse_other_architectures unless they describe a dense GPT-NeoX
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pile_tools.indexed import ShardWriter
-from trainer.batches import Source, megatron_split, split_dataset
 from trainer.data import GPTDataset, blend_index
+from trainer.samples import Source, megatron_split, split_dataset
 
 
 def make_shard(path, sizes, seed=0):
@@ -85,13 +85,17 @@ def test_blend_is_gpt_neox_rule(weights):
 
 
 def test_blended_samples_equal_the_simple_implementation(tmp_path):
-    docs = {name: make_shard(tmp_path / name, sizes, seed=k) for k, (name, sizes) in
-            enumerate({"a": [5, 40, 3, 16], "b": [90, 1, 33], "c": [7, 7, 7, 7, 7, 7]}.items())}  # fmt: skip
+    docs = {
+        name: make_shard(tmp_path / name, sizes, seed=k)
+        for k, (name, sizes) in enumerate({"a": [5, 40, 3, 16], "b": [90, 1, 33], "c": [7, 7, 7, 7, 7, 7]}.items())
+    }
     sources = [Source(tmp_path / name, w) for name, w in zip(docs, (0.5, 0.3, 0.2))]
     dataset = split_dataset(sources, 200, 9, seed=5)
     order = simple_blend([0.5, 0.3, 0.2], 200)
-    expected = {name: simple_samples(docs[name], math.ceil(200 * w * 1.005), 9, seed=5) for name, w in
-                zip(docs, (0.5, 0.3, 0.2))}  # fmt: skip
+    expected = {
+        name: simple_samples(docs[name], math.ceil(200 * w * 1.005), 9, seed=5)
+        for name, w in zip(docs, (0.5, 0.3, 0.2))
+    }
     for i, (d, j) in enumerate(order):
         got = dataset[i]
         assert len(got) == 10, "no sample reads past its shard's end"

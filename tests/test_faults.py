@@ -48,8 +48,22 @@ def test_reusing_a_save_without_load_is_refused_and_loses_nothing(shards, straig
 # Finding 2: a second run on one --save is refused naming the holder; a dead holder's lock is taken over.
 def test_a_second_run_on_the_same_save_is_refused_and_a_dead_ones_lock_is_taken_over(shards, tmp_path):
     run = tmp_path / "run"
-    args = ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *SMALL,
-            "--set", "train_iters=100000", "--set", "save_interval=0", "--set", "eval_interval=0"]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        ROOT / "configs" / "tiny.yml",
+        "--data",
+        shards,
+        "--save",
+        run,
+        *SMALL,
+        "--set",
+        "train_iters=100000",
+        "--set",
+        "save_interval=0",
+        "--set",
+        "eval_interval=0",
+    ]
     first = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -91,8 +105,7 @@ def test_a_corrupt_checkpoint_is_refused_and_train_falls_back_to_the_previous_on
 # Finding 3, the rest: non-finite values end the run, and never reach a checkpoint.
 def test_non_finite_losses_stop_the_run_without_a_checkpoint(shards, tmp_path):
     hot = ["--set", "lr=1.0e+6", "--set", "gradient_clipping=0.0", "--set", "train_iters=40"]
-    stopped = train("--data", shards, "--save", tmp_path / "a", *SMALL, *hot, "--set", "save_interval=0",
-                    check=False)  # fmt: skip
+    stopped = train("--data", shards, "--save", tmp_path / "a", *SMALL, *hot, "--set", "save_interval=0", check=False)
     fails(stopped, "3 optimizer steps in a row were not finite")
     saving = train("--data", shards, "--save", tmp_path / "b", *SMALL, *hot, check=False)
     fails(saving, "the weights or optimizer states hold nan or inf; not saving")
@@ -126,8 +139,11 @@ def test_an_id_outside_the_vocabulary_is_an_error_naming_shard_and_document(shar
     result = train("--data", bad, "--save", tmp_path / "run", *SMALL, check=False)
     fails(result, f"holds token id {token:,}, outside the vocabulary (50,277 ids)", "document ")
     assert "IndexError" not in result.stderr
-    fails(neox("verify", bad, check=False), f"token id {token:,} at position 0 is outside the vocabulary",
-          "content differs from the checksum in manifest.json")  # fmt: skip
+    fails(
+        neox("verify", bad, check=False),
+        f"token id {token:,} at position 0 is outside the vocabulary",
+        "content differs from the checksum in manifest.json",
+    )
 
 
 def test_verify_passes_good_shards_and_names_a_missing_eod(shards, tmp_path):
@@ -208,12 +224,13 @@ def test_a_full_disk_gives_one_line_and_nothing_that_looks_complete(shards, tmp_
 def test_read_only_outputs_fail_before_the_work(shards, straight, tmp_path, mount):
     (tmp_path / "empty").mkdir()
     ro = read_only_copy(mount, tmp_path / "empty", tmp_path / "ro")
-    for args in (["compare-tokenizers", SAMPLE, "--tokenizer", "gpt2", "--output", ro / "cmp"],
-                 ["export-hf", straight, "--output", ro / "hf"],
-                 ["train-tokenizer", SAMPLE, "--output", ro / "tok", "--vocab-size", "1000"],
-                 ["build-shards", SAMPLE, "--tokenizer", "gpt2", "--output", ro / "shards"],
-                 ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", ro / "run",
-                  *SMALL]):  # fmt: skip
+    for args in (
+        ["compare-tokenizers", SAMPLE, "--tokenizer", "gpt2", "--output", ro / "cmp"],
+        ["export-hf", straight, "--output", ro / "hf"],
+        ["train-tokenizer", SAMPLE, "--output", ro / "tok", "--vocab-size", "1000"],
+        ["build-shards", SAMPLE, "--tokenizer", "gpt2", "--output", ro / "shards"],
+        ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", ro / "run", *SMALL],
+    ):
         fails(neox(*args, check=False), "read-only file system while writing", str(ro))
 
 
@@ -239,8 +256,11 @@ def test_bad_arguments_fail_where_they_are_parsed(tmp_path, args, message):
 
 def test_out_of_range_options_are_refused(tmp_path, straight):
     build = ["build-shards", SAMPLE, "--tokenizer", "gpt2", "--output", tmp_path / "o"]
-    for args in (["generate", straight, "--prompt-ids", "1", "--max-new-tokens", "-1"],
-                 [*build, "--workers", "0"], [*build, "--workers", "-1"]):  # fmt: skip
+    for args in (
+        ["generate", straight, "--prompt-ids", "1", "--max-new-tokens", "-1"],
+        [*build, "--workers", "0"],
+        [*build, "--workers", "-1"],
+    ):
         result = Cli()(*args)
         assert result.exit_code == 2 and "is not in the range" in result.output, result.output
     assert not (tmp_path / "o").exists()
@@ -302,8 +322,9 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resumes_exactly(
         if moment % 2:  # inside a save
             point = rng.choice(["torch.save", "hash", "checksums", "latest"])
             env = {**os.environ, "KILL_AT": f"{point}:{rng.randint(1, 4)}"}
-            done = subprocess.run([sys.executable, "-c", KILLER, *map(str, args)], cwd=ROOT, env=env,
-                                  capture_output=True, text=True)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-c", KILLER, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True
+            )
         else:  # at a random time: start-up, training, evaluation or a save
             proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             time.sleep(rng.uniform(2, 9))

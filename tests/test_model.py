@@ -9,9 +9,10 @@ import torch
 from helpers import assert_clean_error
 from transformers import GPTNeoXForCausalLM
 
-from trainer.checkpoint import export_hf, hf_config, import_hf, load_checkpoint, save_checkpoint
+from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, NeoXConfig, build, load_config
 from trainer.generate import generate
+from trainer.hf import export_hf, hf_config, import_hf
 from trainer.model import GPTNeoX, ModelConfig, checkpoint_blocks
 from trainer.plan import count_parameters
 
@@ -20,9 +21,16 @@ VARIANTS = [(parallel, pct) for parallel in (True, False) for pct in (0.25, 1.0)
 
 def tiny(parallel=True, rotary_pct=0.25, **kw) -> ModelConfig:
     return ModelConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=300, max_position_embeddings=64,
-        rotary_pct=rotary_pct, gpt_j_residual=parallel, make_vocab_size_divisible_by=8, **kw,
-    )  # fmt: skip
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=300,
+        max_position_embeddings=64,
+        rotary_pct=rotary_pct,
+        gpt_j_residual=parallel,
+        make_vocab_size_divisible_by=8,
+        **kw,
+    )
 
 
 def random_ids(vocab, n=2, s=24, seed=0):
@@ -56,8 +64,9 @@ def test_import_gives_equal_logits_and_generation(tmp_path, parallel, rotary_pct
     with torch.no_grad():
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-5, rtol=0)
     prompt = ids[0, :7].tolist()
-    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                               pad_token_id=0, min_new_tokens=12)[0, 7:].tolist()  # fmt: skip
+    expected = theirs.generate(
+        torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=12
+    )[0, 7:].tolist()
     assert generate(ours, prompt, 12, use_cache=True) == expected
     assert generate(ours, prompt, 12, use_cache=False) == expected
 
@@ -100,8 +109,14 @@ def test_pythia_70m_is_70m():
 
 @pytest.mark.filterwarnings("ignore:unknown config keys")
 def test_unknown_keys_warn_once_and_wrong_types_name_the_key():
-    raw = {"num-layers": 2, "hidden_size": 64, "num_attention_heads": 4, "fancy_new_thing": 1, "another_one": "x",
-           "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8}}}  # fmt: skip
+    raw = {
+        "num-layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "fancy_new_thing": 1,
+        "another_one": "x",
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8}},
+    }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         config = build(raw)
@@ -122,11 +137,17 @@ def test_generate_cli_and_bad_input(tmp_path, run):
     save_checkpoint(
         GPTNeoX(config.model), config, tmp_path / "ckpt", tokenizer="tokenizer/assets/gpt-neox-20b/tokenizer.json"
     )
-    out = json.loads(run.ok("generate", tmp_path / "ckpt", "--prompt", "Hello world", "--max-new-tokens", 5,
-                            "--greedy", "--json").output)  # fmt: skip
+    out = json.loads(
+        run.ok(
+            "generate", tmp_path / "ckpt", "--prompt", "Hello world", "--max-new-tokens", 5, "--greedy", "--json"
+        ).output
+    )
     assert out["prompt_ids"] == [12092, 1533] and len(out["generated_ids"]) <= 5
-    again = json.loads(run.ok("generate", tmp_path / "ckpt", "--prompt-ids", "12092,1533", "--max-new-tokens", 5,
-                              "--greedy", "--json").output)  # fmt: skip
+    again = json.loads(
+        run.ok(
+            "generate", tmp_path / "ckpt", "--prompt-ids", "12092,1533", "--max-new-tokens", 5, "--greedy", "--json"
+        ).output
+    )
     assert again["generated_ids"] == out["generated_ids"]
     assert run("generate", tmp_path / "ckpt").exit_code == 2
     bad = run("generate", tmp_path / "ckpt", "--prompt-ids", "a,b")

@@ -19,8 +19,8 @@ from neox_order import (
     with_paths,
 )
 
-from trainer.batches import build_datasets, micro_batch, resolve_sources, source_samples, split_samples
 from trainer.config import build
+from trainer.samples import build_datasets, micro_batch, resolve_sources, source_samples, split_samples
 
 FIXTURES = json.loads((Path(__file__).parent / "fixtures" / "neox_order.json").read_text())["cases"]
 

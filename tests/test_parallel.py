@@ -13,8 +13,14 @@ from trainer.parallel import apply_tensor_parallel, partition_dim, vocab_paralle
 
 
 def config(parallel: bool, tp: int) -> ModelConfig:
-    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=500, gpt_j_residual=parallel,
-                       make_vocab_size_divisible_by=8 * tp)  # fmt: skip
+    return ModelConfig(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        vocab_size=500,
+        gpt_j_residual=parallel,
+        make_vocab_size_divisible_by=8 * tp,
+    )
 
 
 def reference(parallel: bool, tp: int, ids):
@@ -83,8 +89,14 @@ def test_dry_run_lays_out_the_20b_run_without_building_the_model(run, monkeypatc
     assert bad.exit_code == 1 and "not a multiple of model_parallel_size x pipe_parallel_size" in bad.output
 
 
-@pytest.mark.parametrize("sets,world", [([], 96), (["--set", "pipe_partition_method=uniform"], 16),
-                                        (["--set", "num_layers=7", "--set", "pipe_parallel_size=3"], 6)])  # fmt: skip
+@pytest.mark.parametrize(
+    "sets,world",
+    [
+        ([], 96),
+        (["--set", "pipe_partition_method=uniform"], 16),
+        (["--set", "num_layers=7", "--set", "pipe_parallel_size=3"], 6),
+    ],
+)
 def test_plan_and_dry_run_agree_on_every_per_gpu_figure(run, sets, world):
     """The same stages, the same parameters on the most loaded GPU, the same memory: one partition, DeepSpeed's."""
     plan = json.loads(run.ok("plan", "--config", "configs/20B.yml", "--gpus", world, "--json", *sets).output)

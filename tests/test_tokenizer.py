@@ -109,8 +109,19 @@ def test_add_prefix_space_and_weighted_sampling(tmp_path, run, sample_docs):
     write_jsonl(tmp_path / "two.jsonl", docs)
     weights = tmp_path / "w.json"
     weights.write_text(json.dumps({"Fortunes": 3, "DM Mathematics": 1}))
-    run.ok("train-tokenizer", tmp_path / "two.jsonl", "--output", tmp_path / "t", "--vocab-size", 700,
-           "--add-prefix-space", "--max-bytes", "200K", "--component-weights", weights)  # fmt: skip
+    run.ok(
+        "train-tokenizer",
+        tmp_path / "two.jsonl",
+        "--output",
+        tmp_path / "t",
+        "--vocab-size",
+        700,
+        "--add-prefix-space",
+        "--max-bytes",
+        "200K",
+        "--component-weights",
+        weights,
+    )
     config = json.loads((tmp_path / "t" / "tokenizer.json").read_text())
     assert config["pre_tokenizer"]["add_prefix_space"] is True
     tok = Tokenizer.from_file(str(tmp_path / "t" / "tokenizer.json"))
@@ -144,8 +155,16 @@ def test_splitter_cuts_where_the_space_tokens_match(trained):
 def test_compare_counts_equal_tokenizers(tmp_path, run, sample_docs):
     docs = sample_docs["Github.jsonl.zst"][:10] + sample_docs["Fortunes.jsonl.zst"][:10]
     write_jsonl(tmp_path / "c.jsonl", docs)
-    run.ok("compare-tokenizers", tmp_path / "c.jsonl", "--tokenizer", "gpt-neox-20b", "--tokenizer", NEOX.parent,
-           "--output", tmp_path / "r")  # fmt: skip
+    run.ok(
+        "compare-tokenizers",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        "gpt-neox-20b",
+        "--tokenizer",
+        NEOX.parent,
+        "--output",
+        tmp_path / "r",
+    )
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert report["baseline"] == "gpt2" and report["tokenizers"] == ["gpt2", "gpt-neox-20b"]
     ws = set(" \t\n\r\x0b\x0c")
@@ -191,8 +210,16 @@ def test_bad_lines_are_named_and_counted(tmp_path, run, sample_docs):
 def test_without_max_bytes_every_capped_byte_is_used_once(tmp_path, run, sample_docs):
     docs = sample_docs["Fortunes.jsonl.zst"] + sample_docs["Gutenberg_PG_19.jsonl.zst"][:3]  # some over the cap
     write_jsonl(tmp_path / "in.jsonl", docs)
-    run.ok("train-tokenizer", tmp_path / "in.jsonl", "--output", tmp_path / "t", "--vocab-size", 600,
-           "--component-weights", "none")  # fmt: skip
+    run.ok(
+        "train-tokenizer",
+        tmp_path / "in.jsonl",
+        "--output",
+        tmp_path / "t",
+        "--vocab-size",
+        600,
+        "--component-weights",
+        "none",
+    )
     report = json.loads((tmp_path / "t" / "train_report.json").read_text())
     cap, components = report["document_cap_bytes"], report["components"].values()
     assert all(c["used_documents"] == c["documents"] and c["used_bytes"] == c["bytes"] for c in components)

@@ -47,8 +47,19 @@ cli.main(sys.argv[1:])
 
 def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, straight, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-c", KILL_DURING_SAVE, "train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards,
-           "--save", run, *SMALL]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-c",
+        KILL_DURING_SAVE,
+        "train",
+        "--config",
+        ROOT / "configs" / "tiny.yml",
+        "--data",
+        shards,
+        "--save",
+        run,
+        *SMALL,
+    ]
     killed = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     assert (run / "global_step4").is_dir()  # the cut-short save is there...
@@ -63,8 +74,18 @@ def launch(processes: int, *args) -> None:
     from trainer.engine import free_port
 
     bin_dir = Path(sys.executable).parent
-    cmd = [bin_dir / "deepspeed", "--num_gpus", processes, "--master_port", free_port(), bin_dir / "neox-data",
-           "train", "--config", ROOT / "configs" / "tiny.yml", *args]  # fmt: skip
+    cmd = [
+        bin_dir / "deepspeed",
+        "--num_gpus",
+        processes,
+        "--master_port",
+        free_port(),
+        bin_dir / "neox-data",
+        "train",
+        "--config",
+        ROOT / "configs" / "tiny.yml",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -72,8 +93,16 @@ def launch(processes: int, *args) -> None:
 
 def layout(tp: int, pp: int, dp: int) -> list[str]:
     """Overrides for TP x PP x DP with the straight run's global batch (4) and padded vocabulary (128 x TP 1)."""
-    return ["--set", f"train_micro_batch_size_per_gpu={4 // dp}", "--set", f"model_parallel_size={tp}",
-            "--set", f"pipe_parallel_size={pp}", "--set", f"make_vocab_size_divisible_by={128 // tp}"]  # fmt: skip
+    return [
+        "--set",
+        f"train_micro_batch_size_per_gpu={4 // dp}",
+        "--set",
+        f"model_parallel_size={tp}",
+        "--set",
+        f"pipe_parallel_size={pp}",
+        "--set",
+        f"make_vocab_size_divisible_by={128 // tp}",
+    ]
 
 
 def assert_same_losses(reference: Path, run: Path, rtol: float) -> None:
@@ -138,8 +167,19 @@ def test_bad_config_fails_before_any_work(tmp_path, args, message, shards):
 
 
 def test_fp16_on_cpu_and_a_load_without_checkpoint_say_so_and_train(shards, tmp_path):
-    result = train("--data", shards, "--save", tmp_path / "run", "--load", tmp_path / "run", *SMALL,
-                   "--set", "fp16=true", "--set", "train_iters=1")  # fmt: skip
+    result = train(
+        "--data",
+        shards,
+        "--save",
+        tmp_path / "run",
+        "--load",
+        tmp_path / "run",
+        *SMALL,
+        "--set",
+        "fp16=true",
+        "--set",
+        "train_iters=1",
+    )
     assert "fp16 needs a GPU" in result.stderr and "training in fp32" in result.stderr
     assert "no checkpoint in" in result.stderr and "starting from step 0" in result.stderr
     assert losses(tmp_path / "run")[0][0] == 1
@@ -159,9 +199,9 @@ def test_tp2_pp2_dp2_matches_one_process_and_exports(shards, straight, tmp_path)
     Cli().ok("export-hf", run, "--output", tmp_path / "hf")  # layer files of 2 stages x 2 TP ranks, joined
     hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf").eval()
     reference, _ = load_checkpoint(straight)
-    ids = torch.randint(0, 50000, (2, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, reference.eval()(ids), rtol=1e-5, atol=1e-5)
+    ids = torch.randint(0, 50000, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # two runs equal to float reordering (losses to 1e-4): logits to 1e-4, not bit-exact
+        torch.testing.assert_close(hf(ids).logits, reference.eval()(ids), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -183,8 +223,17 @@ def test_resume_across_layouts_gives_the_same_next_step_loss(shards, straight, t
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2)], ids=lambda v: str(v))
 def test_other_layouts_match_one_process(shards, straight, tmp_path, tp, pp, dp):
     """TP2, PP2, TP2 x PP2, PP2 x DP2 (DP2 alone: the test above; all three: the 8-process test)."""
-    launch(tp * pp * dp, "--data", shards, "--save", tmp_path / "run", *SMALL, *layout(tp, pp, dp),
-           "--set", "save_interval=0")  # fmt: skip
+    launch(
+        tp * pp * dp,
+        "--data",
+        shards,
+        "--save",
+        tmp_path / "run",
+        *SMALL,
+        *layout(tp, pp, dp),
+        "--set",
+        "save_interval=0",
+    )
     assert_same_losses(straight, tmp_path / "run", 1e-4)
 
 
@@ -220,13 +269,15 @@ def test_batch_shows_what_train_read_at_a_step(shards, tmp_path):
         *accumulate,
     ]
     env = {**os.environ, "BATCHES": str(tmp_path / "seen.json")}
-    done = subprocess.run([sys.executable, "-c", RECORD_BATCHES, *map(str, args)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", RECORD_BATCHES, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     seen = json.loads((tmp_path / "seen.json").read_text())
     for step in (1, 3, 6):
-        shown = Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", step,
-                         "--json", *accumulate)  # fmt: skip
+        shown = Cli().ok(
+            "batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", step, "--json", *accumulate
+        )
         assert json.loads(shown.output) == {"step": step, "tokens": seen[str(step)]}
     text = Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", 2, *accumulate)
     assert text.output.count("--- step 2 sample") == 4

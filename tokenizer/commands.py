@@ -41,8 +41,10 @@ def train_tokenizer(inputs, output, **opts):
 
     report = run_reporting_errors(run, list(inputs), output, echo=echo_err, **opts)
     v = report["vocabulary"]
-    click.echo(f"tokenizer in {output}: {v['total']:,} ids ({v['merges']:,} merges) from "
-               f"{report['used_bytes'] / 1e6:,.1f} MB of text in {report['seconds']} s")  # fmt: skip
+    click.echo(
+        f"tokenizer in {output}: {v['total']:,} ids ({v['merges']:,} merges) from "
+        f"{report['used_bytes'] / 1e6:,.1f} MB of text in {report['seconds']} s"
+    )
 
 
 @click.command("compare-tokenizers")

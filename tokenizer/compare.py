@@ -68,7 +68,7 @@ def count(inputs: list[str], tokenizers: dict[str, Path], echo=print) -> dict:
     encoders = {}
     for name, path in tokenizers.items():
         engine = choose_engine(path, sample, echo)
-        encoders[name] = (Encoder(path, engine, parallel=True), whitespace_mask(path))
+        encoders[name] = (Encoder(path, engine, threaded=True), whitespace_mask(path))
     components: dict[str, dict] = {}
     skips = Skips()
     for batch in prefetch(read_batches(parts, skips)):
@@ -76,8 +76,11 @@ def count(inputs: list[str], tokenizers: dict[str, Path], echo=print) -> dict:
     if not components:
         raise InputError("no documents in the input")
     report_skips(skips.counts, skips.examples, echo)
-    return {"components": dict(sorted(components.items())), "skipped": skips.counts,
-            "engines": {name: enc.engine for name, (enc, _) in encoders.items()}}  # fmt: skip
+    return {
+        "components": dict(sorted(components.items())),
+        "skipped": skips.counts,
+        "engines": {name: enc.engine for name, (enc, _) in encoders.items()},
+    }
 
 
 def read_batches(parts, skips):
@@ -86,6 +89,7 @@ def read_batches(parts, skips):
 
 
 def tally(batch, encoders, components) -> None:
+    """Add one batch of (component, text) to the counts: documents, bytes and tokens per tokenizer."""
     names = [c for c, _ in batch]
     texts = [t for _, t in batch]
     for component in set(names):
@@ -110,6 +114,7 @@ def tally(batch, encoders, components) -> None:
 
 
 def with_total(components: dict) -> dict:
+    """The counts summed over all components."""
     total = {"documents": 0, "bytes": 0, "tokens": {}, "tokens_excluding_whitespace": {}}
     for entry in components.values():
         total["documents"] += entry["documents"]
@@ -120,21 +125,27 @@ def with_total(components: dict) -> dict:
     return total
 
 
-def rows(report: dict):
+def csv_rows(report: dict):
     """One row per (component or total, tokenizer), with the derived ratios."""
     base = report["baseline"]
     for component, e in [*report["components"].items(), ("total", report["total"])]:
         for name in report["tokenizers"]:
             tokens, no_ws = e["tokens"][name], e["tokens_excluding_whitespace"][name]
             yield {
-                "component": component, "tokenizer": name, "documents": e["documents"], "bytes": e["bytes"],
-                "tokens": tokens, "ratio_to_baseline": tokens / max(1, e["tokens"][base]),
-                "bytes_per_token": e["bytes"] / max(1, tokens), "tokens_excluding_whitespace": no_ws,
+                "component": component,
+                "tokenizer": name,
+                "documents": e["documents"],
+                "bytes": e["bytes"],
+                "tokens": tokens,
+                "ratio_to_baseline": tokens / max(1, e["tokens"][base]),
+                "bytes_per_token": e["bytes"] / max(1, tokens),
+                "tokens_excluding_whitespace": no_ws,
                 "ratio_to_baseline_excluding_whitespace": no_ws / max(1, e["tokens_excluding_whitespace"][base]),
-            }  # fmt: skip
+            }
 
 
 def markdown(report: dict) -> str:
+    """report.md: tokens per component and tokenizer, ratios to the baseline and bytes per token."""
     names, base = report["tokenizers"], report["baseline"]
     out = [f"# Tokens per component (baseline: {base})", ""]
     for title, key in (("All tokens", "tokens"), ("Excluding whitespace-only tokens", "tokens_excluding_whitespace")):
@@ -152,6 +163,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """compression.png: tokens per component relative to the baseline, one bar per tokenizer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,15 +191,22 @@ def compare_tokenizers(inputs, specs, baseline, output, echo=print) -> dict:
     tokenizers = name_tokenizers(specs, baseline)
     out = check_writable(Path(output))  # before the counting, not after it
     counted = count(inputs, tokenizers, echo)
-    report = {"baseline": next(iter(tokenizers)), "tokenizers": list(tokenizers),
-              "files": {n: str(p) for n, p in tokenizers.items()}, **counted}  # fmt: skip
+    report = {
+        "baseline": next(iter(tokenizers)),
+        "tokenizers": list(tokenizers),
+        "files": {n: str(p) for n, p in tokenizers.items()},
+        **counted,
+    }
     report["total"] = with_total(report["components"])
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(next(rows(report))))
+    writer = csv.DictWriter(buf, fieldnames=list(next(csv_rows(report))))
     writer.writeheader()
-    writer.writerows(rows(report))
-    for name, text in (("report.json", json.dumps(report, indent=1)), ("report.md", markdown(report)),
-                       ("report.csv", buf.getvalue())):  # fmt: skip
+    writer.writerows(csv_rows(report))
+    for name, text in (
+        ("report.json", json.dumps(report, indent=1)),
+        ("report.md", markdown(report)),
+        ("report.csv", buf.getvalue()),
+    ):
         write_text(out / name, text + ("" if text.endswith("\n") else "\n"))
     plot(report, out / "compression.png")
     return report

@@ -36,10 +36,15 @@ SPECIALS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, as in GPT-NeoX-20B's
 def transformers_files(add_prefix_space: bool) -> dict[str, dict]:
     """What `AutoTokenizer.from_pretrained(DIR)` reads beside tokenizer.json (transformers 4 and 5)."""
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIALS[0], "eos_token": SPECIALS[0],
-        "unk_token": SPECIALS[0], "pad_token": SPECIALS[1], "add_prefix_space": add_prefix_space,
-        "clean_up_tokenization_spaces": False, "model_max_length": 2048,
-    }  # fmt: skip
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIALS[0],
+        "eos_token": SPECIALS[0],
+        "unk_token": SPECIALS[0],
+        "pad_token": SPECIALS[1],
+        "add_prefix_space": add_prefix_space,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+    }
     specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
@@ -64,6 +69,7 @@ def resolve_tokenizer(name_or_path: str) -> Path:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (recorded in manifests to name the tokenizer exactly)."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -89,8 +95,8 @@ def eod_id(reference, path: Path) -> int:
 class Encoder:
     """Encodes a batch of texts into one flat uint32 id buffer and per-text counts, without special tokens."""
 
-    def __init__(self, path: Path, engine: str, parallel: bool = False):
-        self.engine, self.parallel = engine, parallel
+    def __init__(self, path: Path, engine: str, threaded: bool = False):
+        self.engine, self.threaded = engine, threaded
         if engine == "gigatoken":
             import gigatoken
 
@@ -108,7 +114,7 @@ class Encoder:
         """Return (ids, counts): ids of all texts concatenated (uint32), and each text's number of ids."""
         if self.engine == "gigatoken":
             # Read the awkward array's buffers directly: converting per document in Python costs 60x the encoding.
-            layout = self._tok.encode_batch(texts, parallel=self.parallel).layout
+            layout = self._tok.encode_batch(texts, parallel=self.threaded).layout
             offsets = np.asarray(layout.offsets)
             ids = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
             return ids.astype(np.uint32, copy=False), np.diff(offsets)

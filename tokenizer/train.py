@@ -32,6 +32,8 @@ SPLITTER = re.compile(r" {24}| {2,23}(?! )|<\|endoftext\|>|<\|padding\|>")
 
 @dataclass
 class Component:
+    """One component's sizes in the first pass and its sampling rate under the byte budget."""
+
     documents: int = 0
     bytes: int = 0  # after capping each document
     used_documents: int = 0
@@ -43,6 +45,8 @@ class Component:
 
 @dataclass
 class TrainPlan:
+    """What the tokenizer trains on: the parts, per-component sizes and rates, the caps and skips."""
+
     parts: list[Part]
     components: dict[str, Component] = field(default_factory=dict)
     doc_cap: int = 0
@@ -52,6 +56,7 @@ class TrainPlan:
 
 
 def utf8_size(text: str) -> int:
+    """Bytes of `text` in UTF-8."""
     return len(text) if text.isascii() else len(text.encode())  # isascii() is O(1) on CPython's ASCII strings
 
 
@@ -161,9 +166,12 @@ def train(texts, vocab_size: int, min_frequency: int, add_prefix_space: bool):
         raise InputError(f"--vocab-size {vocab_size} leaves no room for merges (the fixed ids take {FIXED_IDS})")
     tok = build_tokenizer(add_prefix_space)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPACE_RUNS), min_frequency=min_frequency, special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=sys.stderr.isatty(),
-    )  # fmt: skip
+        vocab_size=vocab_size - len(SPACE_RUNS),
+        min_frequency=min_frequency,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=sys.stderr.isatty(),
+    )
     byte_level = tok.pre_tokenizer
     cut = pre_tokenizers.Split(Regex(SPLITTER.pattern), behavior="removed")
     tok.pre_tokenizer = pre_tokenizers.Sequence([cut, byte_level])
@@ -184,17 +192,31 @@ def composition(tok) -> dict:
     vocab = tok.get_vocab(with_added_tokens=False)
     learned = [t for t, i in vocab.items() if i >= len(SPECIALS) + 256]
     return {
-        "total": tok.get_vocab_size(with_added_tokens=True), "special": len(SPECIALS), "bytes": 256,
-        "merges": len(learned), "space_runs": len(SPACE_RUNS),
+        "total": tok.get_vocab_size(with_added_tokens=True),
+        "special": len(SPECIALS),
+        "bytes": 256,
+        "merges": len(learned),
+        "space_runs": len(SPACE_RUNS),
         "merges_with_leading_space": sum(t.startswith("Ġ") for t in learned),
         "merges_with_two_adjacent_spaces": sum("ĠĠ" in t for t in learned),
         "merges_all_digits": sum(t.lstrip("Ġ").isdigit() for t in learned),
         "merges_whitespace_only": sum(set(t) <= set("ĠĊĉč") for t in learned),
-    }  # fmt: skip
+    }
 
 
-def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, component_weights="pile",
-                    add_prefix_space=False, min_frequency=2, seed=1234, strict=False, echo=print) -> dict:  # fmt: skip
+def train_tokenizer(
+    inputs,
+    output,
+    *,
+    vocab_size=50257,
+    max_bytes=None,
+    component_weights="pile",
+    add_prefix_space=False,
+    min_frequency=2,
+    seed=1234,
+    strict=False,
+    echo=print,
+) -> dict:
     """Sample, train and save; returns the training report."""
     start = time.time()
     plan = plan_sample(inputs, max_bytes, component_weights, seed, strict, echo)
@@ -204,13 +226,20 @@ def train_tokenizer(inputs, output, *, vocab_size=50257, max_bytes=None, compone
     for name, obj in transformers_files(add_prefix_space).items():
         write_json(out / name, obj)
     report = {
-        "vocab_size": vocab_size, "add_prefix_space": add_prefix_space, "min_frequency": min_frequency,
-        "seed": seed, "component_weights": component_weights, "budget_bytes": plan.budget,
-        "document_cap_bytes": plan.doc_cap, "seconds": round(time.time() - start, 1),
+        "vocab_size": vocab_size,
+        "add_prefix_space": add_prefix_space,
+        "min_frequency": min_frequency,
+        "seed": seed,
+        "component_weights": component_weights,
+        "budget_bytes": plan.budget,
+        "document_cap_bytes": plan.doc_cap,
+        "seconds": round(time.time() - start, 1),
         "used_bytes": sum(c.used_bytes for c in plan.components.values()),
-        "components": {name: {k: v for k, v in vars(c).items() if k != "credit"}
-                       for name, c in sorted(plan.components.items())},
-        "skipped": plan.skipped, "vocabulary": composition(tok),
-    }  # fmt: skip
+        "components": {
+            name: {k: v for k, v in vars(c).items() if k != "credit"} for name, c in sorted(plan.components.items())
+        },
+        "skipped": plan.skipped,
+        "vocabulary": composition(tok),
+    }
     write_json(out / "train_report.json", report)
     return report

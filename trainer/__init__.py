@@ -1,1 +1,2 @@
-"""The GPT-NeoX model, its configs, planning, checkpoints and Hugging Face interop (the DeepSpeed trainer next)."""
+"""The GPT-NeoX model and its DeepSpeed trainer: configs, the sample order, tensor x pipeline x data parallelism,
+checkpoints, planning, generation, evaluation and Hugging Face interop."""

@@ -1,4 +1,4 @@
-"""Checkpoints of the model, and conversion to and from Hugging Face's GPT-NeoX.
+"""Checkpoints of the model (conversion to and from Hugging Face's GPT-NeoX: trainer/hf.py).
 
 A checkpoint is a directory holding `config.yml` (gpt-neox keys), `tokenizer/` (what AutoTokenizer reads) and the
 weights: `model.safetensors` (import-hf, or a standalone save), or DeepSpeed's files as the trainer writes them:
@@ -27,13 +27,11 @@ from pile_tools.checksums import (
     verify_directory,
     write_checksums,
 )
-from pile_tools.ground import WriteError, check_writable, write_text, writing
-from trainer.config import ConfigError, NeoXConfig, RunError, TrainingConfig, load_config, to_yaml_dict
-from trainer.model import GPTNeoX, ModelConfig
+from pile_tools.ground import WriteError, write_text, writing
+from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
+from trainer.config_keys import RunError
+from trainer.model import GPTNeoX
 from trainer.reshard import checkpoint_layout, load_other_layout, load_state_dict
-
-HF_ACT = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
-FROM_HF_ACT = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:
@@ -108,87 +106,8 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[GPTNeoX, NeoXConfig
     return model.to(device), config
 
 
-def hf_config(m: ModelConfig, eod: int = 0):
-    """The GPTNeoXConfig of a model: built through the class, so transformers 4 and 5 each store it their way."""
-    from transformers import GPTNeoXConfig
-
-    return GPTNeoXConfig(
-        vocab_size=m.padded_vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
-        hidden_act=HF_ACT[m.gelu_approximate], rotary_pct=m.rotary_pct, rotary_emb_base=m.rotary_emb_base,
-        max_position_embeddings=m.max_position_embeddings, layer_norm_eps=m.layernorm_epsilon,
-        use_parallel_residual=m.gpt_j_residual, tie_word_embeddings=False, bos_token_id=eod, eos_token_id=eod,
-        architectures=["GPTNeoXForCausalLM"],
-    )  # fmt: skip
-
-
-def model_config_from_hf(c) -> ModelConfig:
-    """Our ModelConfig from a GPTNeoXConfig of transformers 4 (rotary_pct) or 5 (rope_parameters)."""
-    rope = getattr(c, "rope_parameters", None) or {}
-    rotary_pct = rope.get("partial_rotary_factor", getattr(c, "rotary_pct", 1.0))
-    base = rope.get("rope_theta", getattr(c, "rotary_emb_base", 10000))
-    if c.hidden_act not in FROM_HF_ACT:
-        raise ConfigError(f"hidden_act {c.hidden_act!r} is not a GELU this model implements")
-    if getattr(c, "tie_word_embeddings", False):
-        raise ConfigError("tie_word_embeddings: GPT-NeoX's input and output embeddings are untied")
-    return ModelConfig(
-        num_layers=c.num_hidden_layers, hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
-        vocab_size=c.vocab_size, max_position_embeddings=c.max_position_embeddings, rotary_pct=rotary_pct,
-        rotary_emb_base=int(base), gpt_j_residual=c.use_parallel_residual, intermediate_size=c.intermediate_size,
-        layernorm_epsilon=c.layer_norm_eps, gelu_approximate=FROM_HF_ACT[c.hidden_act],
-        make_vocab_size_divisible_by=128 if c.vocab_size % 128 == 0 else 1,
-    )  # fmt: skip
-
-
-def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None) -> Path:
-    """Write config.json, model.safetensors and the tokenizer files that GPTNeoXForCausalLM/AutoTokenizer load."""
-    from tokenizer.engine import resolve_tokenizer
-
-    out = check_writable(Path(output))
-    model, config = load_checkpoint(checkpoint)
-    source = resolve_tokenizer(tokenizer) if tokenizer else checkpoint_dir(checkpoint) / "tokenizer"
-    if not (source.is_file() or (source / "tokenizer.json").is_file()):
-        warnings.warn(f"{checkpoint} holds no tokenizer; shipping the released GPT-NeoX-20B one", stacklevel=2)
-        source = resolve_tokenizer("gpt-neox-20b")
-    with writing(out):
-        copy_tokenizer(source, out)
-        hf_config(config.model).save_pretrained(out)
-        save_weights(model, out / "model.safetensors")
-    return out
-
-
-def check_model_type(hf_dir: Path) -> None:
-    """Refuse, before anything is built, a directory that does not hold a GPT-NeoX model."""
-    path = hf_dir / "config.json"
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: missing; not a Hugging Face model directory") from None
-    except (ValueError, AttributeError):
-        raise ConfigError(f"{path}: not a JSON object") from None
-    if model_type != "gpt_neox":
-        raise ConfigError(f"{path}: model_type {model_type!r}, not a GPT-NeoX model (gpt_neox)")
-
-
-def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
-    """A checkpoint from a Hugging Face GPT-NeoX directory (Pythia, GPT-NeoX-20B, or our own export)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    hf_dir = Path(hf_dir)
-    check_model_type(hf_dir)
-    check_writable(Path(output).absolute().parent)
-    model_config = model_config_from_hf(GPTNeoXConfig.from_pretrained(hf_dir))
-    hf_model = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    state = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf_model.state_dict().items()}
-    model = GPTNeoX(model_config)
-    expected = set(model.state_dict())
-    model.load_state_dict({k: v for k, v in state.items() if k in expected})
-    config = NeoXConfig(model=model_config, training=TrainingConfig(seq_length=model_config.max_position_embeddings))
-    tokenizer = hf_dir if (hf_dir / "tokenizer.json").is_file() else None
-    return save_checkpoint(model, config, output, tokenizer)
-
-
 def rng_states() -> dict:
+    """The Python, numpy, torch (and CUDA) generator states of this rank, saved with a checkpoint."""
     import random
 
     import numpy as np
@@ -200,6 +119,7 @@ def rng_states() -> dict:
 
 
 def set_rng_states(states: dict) -> None:
+    """Restore the generator states that rng_states() saved."""
     import random
 
     import numpy as np
@@ -212,6 +132,7 @@ def set_rng_states(states: dict) -> None:
 
 
 def step_of(tag: str) -> int | None:
+    """The step of a DeepSpeed tag like global_step100, or None."""
     return int(tag[11:]) if tag.startswith("global_step") and tag[11:].isdigit() else None
 
 
@@ -263,8 +184,9 @@ def hash_on_all_ranks(where: Path) -> dict:
     return {k: v for part in gathered for k, v in part.items()}
 
 
-def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer,
-                             run_id: str, protected: set[str]) -> Path:  # fmt: skip
+def save_training_checkpoint(
+    engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer, run_id: str, protected: set[str]
+) -> Path:
     """A DeepSpeed checkpoint of step `step`, with the data position and RNG states, the parsed config, the
     tokenizer and checksums.json; `latest` names it only once every rank has written and hashed every file, so a
     save cut short (even by SIGKILL) never becomes the latest and the previous one stays loadable. Non-finite
@@ -274,8 +196,10 @@ def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, 
     tag = f"global_step{step}"
     where, rank = save / tag, dist.get_rank()
     if not all_ranks(finite_states(engine)):
-        raise RunError(f"step {step}: the weights or optimizer states hold nan or inf; not saving {where} "
-                       f"(the latest checkpoint stays {read_latest(save) or 'none'})")  # fmt: skip
+        raise RunError(
+            f"step {step}: the weights or optimizer states hold nan or inf; not saving {where} "
+            f"(the latest checkpoint stays {read_latest(save) or 'none'})"
+        )
     if rank == 0 and where.exists():  # a save cut short, or a checkpoint that did not verify: written anew
         shutil.rmtree(where)
     dist.barrier()
@@ -305,6 +229,7 @@ def save_training_checkpoint(engine, config: NeoXConfig, save: Path, step: int, 
 
 
 def read_latest(save: Path) -> str | None:
+    """The tag that `save`/latest names, or None."""
     path = save / "latest"
     return path.read_text().strip() if path.is_file() else None
 
@@ -355,8 +280,9 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
     raise ConfigError(f"--load: no checkpoint in {load} verifies (tried {', '.join(candidates) or 'none'})")
 
 
-def load_training_checkpoint(engine, load: Path, config: NeoXConfig, layout: tuple, tp_rank: int,
-                             pipelined: bool) -> dict:  # fmt: skip
+def load_training_checkpoint(
+    engine, load: Path, config: NeoXConfig, layout: tuple, tp_rank: int, pipelined: bool
+) -> dict:
     """Restore this run from `load`'s newest checkpoint that verifies: everything when it was saved in the same
     (TP, PP, DP) layout, else weights, step, data position and schedule (trainer/reshard.py). Returns the step,
     the data position, the tag, whether it was a fallback and the run's id."""

@@ -7,15 +7,20 @@ import click
 
 from pile_tools.ground import run_reporting_errors
 
-CONFIG_HELP = ("YAML config (gpt-neox's work as they are). Repeat it to merge several left to right, as gpt-neox's "
-               "deepy.py does: --config configs/20B.yml --config local_setup.yml.")  # fmt: skip
-SET_HELP = ("Override a config key, in gpt-neox's names (those of configs/*.yml): --set train_iters=100. "
-            "Repeat it for several keys; the value is read as YAML.")  # fmt: skip
+CONFIG_HELP = (
+    "YAML config (gpt-neox's work as they are). Repeat it to merge several left to right, as gpt-neox's "
+    "deepy.py does: --config configs/20B.yml --config local_setup.yml."
+)
+SET_HELP = (
+    "Override a config key, in gpt-neox's names (those of configs/*.yml): --set train_iters=100. "
+    "Repeat it for several keys; the value is read as YAML."
+)
 
 
 @click.command("plan")
-@click.option("--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False),
-              help=CONFIG_HELP)  # fmt: skip
+@click.option(
+    "--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False), help=CONFIG_HELP
+)
 @click.option(
     "--gpus", type=click.IntRange(min=1), default=None, help="GPUs in all (default: one model replica, TP x PP)."
 )
@@ -48,7 +53,7 @@ def export_hf(checkpoint, output, tokenizer):
     neox-data export-hf run --output hf          (a run's latest checkpoint)
     neox-data export-hf run/global_step1000 --output hf-1000
     """
-    from trainer.checkpoint import export_hf as run
+    from trainer.hf import export_hf as run
 
     click.echo(f"Hugging Face model in {run_reporting_errors(run, checkpoint, output, tokenizer)}")
 
@@ -62,7 +67,7 @@ def import_hf(hf_dir, output):
     \b
     neox-data import-hf pythia-70m --output pythia-70m-ckpt
     """
-    from trainer.checkpoint import import_hf as run
+    from trainer.hf import import_hf as run
 
     click.echo(f"checkpoint in {run_reporting_errors(run, hf_dir, output)}")
 
@@ -71,13 +76,24 @@ def import_hf(hf_dir, output):
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", default=None, help="Text to continue.")
 @click.option("--prompt-ids", default=None, help="Token ids to continue, comma-separated.")
-@click.option("--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Tokens to generate at most.")  # fmt: skip
+@click.option(
+    "--max-new-tokens", type=click.IntRange(min=0), default=32, show_default=True, help="Tokens to generate at most."
+)
 @click.option("--greedy", is_flag=True, help="Always the most likely token.")
-@click.option("--temperature", type=click.FloatRange(min=0.0, min_open=True), default=1.0, show_default=True,
-              help="Divides the logits before sampling: below 1 sharper, above 1 flatter.")  # fmt: skip
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.9, show_default=True,
-              help="Sample from the fewest tokens whose probability reaches this (nucleus sampling).")  # fmt: skip
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Divides the logits before sampling: below 1 sharper, above 1 flatter.",
+)
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=0.9,
+    show_default=True,
+    help="Sample from the fewest tokens whose probability reaches this (nucleus sampling).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling.")
 @click.option("--json", "as_json", is_flag=True, help="Print the prompt and generated ids and text as JSON.")
 def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature, top_p, seed, as_json):
@@ -87,20 +103,35 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
     neox-data generate run --prompt "The" --greedy
     neox-data generate run --prompt-ids 510,1032 --max-new-tokens 64 --temperature 0.8 --top-p 0.95 --json
     """
-    from trainer.sample import sample
+    from trainer.generate import generate_from_checkpoint
 
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt and --prompt-ids")
-    result = run_reporting_errors(sample, checkpoint, prompt, prompt_ids, max_new_tokens=max_new_tokens,
-                                  greedy=greedy, temperature=temperature, top_p=top_p, seed=seed)  # fmt: skip
+    result = run_reporting_errors(
+        generate_from_checkpoint,
+        checkpoint,
+        prompt,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     click.echo(json.dumps(result, ensure_ascii=False) if as_json else result["prompt"] + result["text"])
 
 
 @click.command("train")
-@click.option("--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False),
-              help=CONFIG_HELP)  # fmt: skip
-@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
-              help="A build-shards output directory (default: the config's data keys).")  # fmt: skip
+@click.option(
+    "--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False), help=CONFIG_HELP
+)
+@click.option(
+    "--data",
+    "data_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A build-shards output directory (default: the config's data keys).",
+)
 @click.option("--save", default=None, type=click.Path(file_okay=False), help="Checkpoints and metrics go here.")
 @click.option(
     "--load", default=None, type=click.Path(file_okay=False), help="Resume from this run's latest checkpoint."
@@ -143,10 +174,16 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 
 
 @click.command("batch")
-@click.option("--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False),
-              help=CONFIG_HELP)  # fmt: skip
-@click.option("--data", "data_dir", default=None, type=click.Path(file_okay=False),
-              help="A build-shards output directory (default: the config's data keys).")  # fmt: skip
+@click.option(
+    "--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False), help=CONFIG_HELP
+)
+@click.option(
+    "--data",
+    "data_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="A build-shards output directory (default: the config's data keys).",
+)
 @click.option("--step", type=click.IntRange(min=1), required=True, help="The step, numbered as train logs it (from 1).")
 @click.option(
     "--world-size",
@@ -156,8 +193,13 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help='Print {"step": N, "tokens": [[id, ...], ...]} instead of text.')
-@click.option("--chars", type=click.IntRange(min=0), default=300, show_default=True,
-              help="Characters of each decoded sample shown.")  # fmt: skip
+@click.option(
+    "--chars",
+    type=click.IntRange(min=0),
+    default=300,
+    show_default=True,
+    help="Characters of each decoded sample shown.",
+)
 def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
     """The global batch `train` reads at a step: what did the model see? Every rank's samples, in order.
 
@@ -165,8 +207,8 @@ def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
     neox-data batch --config configs/tiny.yml --data demo-output/shards --step 100
     neox-data batch --config configs/20B.yml --data /data/shards --step 1000 --world-size 96 --json > step1000.json
     """
-    from trainer.batches import global_batch_at, shards_tokenizer
     from trainer.config import load_config
+    from trainer.samples import global_batch_at, shards_tokenizer
 
     config = run_reporting_errors(load_config, list(config_path), overrides, {"data_dir": data_dir})
     tokens = run_reporting_errors(global_batch_at, config, step, config.world_size(world_size))
@@ -191,8 +233,9 @@ def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
 @click.option("--num-fewshot", type=int, default=None, help="Examples in each prompt (default: the task's own).")
 @click.option("--output", default=None, type=click.Path(dir_okay=False), help="Write the harness's results JSON.")
 @click.option("--limit", type=float, default=None, help="At most this many documents per task (a test run).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests the model scores at once.")  # fmt: skip
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Requests the model scores at once."
+)
 def evaluate(model, tasks, num_fewshot, output, limit, batch_size):
     """Run the LM Evaluation Harness on an HF directory or a checkpoint (a training run's directory too).
 
@@ -203,8 +246,9 @@ def evaluate(model, tasks, num_fewshot, output, limit, batch_size):
     from trainer.evaluate import evaluate as run
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
-    summary = run_reporting_errors(run, model, names, num_fewshot=num_fewshot, output=output, limit=limit,
-                                   batch_size=batch_size)  # fmt: skip
+    summary = run_reporting_errors(
+        run, model, names, num_fewshot=num_fewshot, output=output, limit=limit, batch_size=batch_size
+    )
     for task, metrics in summary.items():
         click.echo(f"{task:<28} " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     if output:

@@ -6,31 +6,32 @@ of the wrong type is an error naming its key. Precedence: --set KEY=VALUE > the 
 """
 
 import dataclasses
-import difflib
 import math
 import os
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from pile_tools.ground import InputError
+from trainer.config_keys import (
+    FIXED,
+    NESTED,
+    SWITCHES,
+    WHY_FIXED,
+    ConfigError,
+    accepted,
+    apply_overrides,
+    check_type,
+    flatten,
+    read_config_file,
+    refuse_other_architectures,
+)
 from trainer.model import ModelConfig, check_at_least
-
-
-class ConfigError(InputError):
-    """A config that cannot be used; the message names the key."""
-
-
-class RunError(InputError):
-    """A run that cannot go on (non-finite losses, a bad token id in a shard); the message says where."""
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
+    """Adam(W) and the learning-rate schedule, in gpt-neox's keys (optimizer.params, warmup, ...)."""
+
     type: str = "Adam"
     lr: float = 6e-4
     betas: tuple[float, float] = (0.9, 0.95)
@@ -54,6 +55,8 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """The layout: tensor (model_parallel_size) x pipeline x data parallel, and the ZeRO stage."""
+
     pipe_parallel_size: int = 1
     model_parallel_size: int = 1
     zero_stage: int = 0
@@ -67,8 +70,10 @@ class ParallelConfig:
         if not (
             self.pipe_partition_method.startswith("type:") or self.pipe_partition_method in ("parameters", "uniform")
         ):
-            raise ConfigError(f"pipe_partition_method: {self.pipe_partition_method!r}; choose type:transformer "
-                              "(blocks balanced), parameters or uniform")  # fmt: skip
+            raise ConfigError(
+                f"pipe_partition_method: {self.pipe_partition_method!r}; choose type:transformer "
+                "(blocks balanced), parameters or uniform"
+            )
 
     @property
     def pipelined(self) -> bool:
@@ -78,6 +83,8 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class PrecisionConfig:
+    """fp32, fp16 (with dynamic loss scaling) or bf16."""
+
     fp16: bool = False
     bf16: bool = False
     initial_scale_power: int = 12
@@ -97,14 +104,23 @@ class PrecisionConfig:
     def blocks(self) -> dict:
         """The fp16 / bf16 blocks as DeepSpeed's JSON and gpt-neox's YAML both spell them (empty for fp32)."""
         if self.fp16:
-            return {"fp16": {"enabled": True, "loss_scale": self.loss_scale, "initial_scale_power":
-                             self.initial_scale_power, "loss_scale_window": self.loss_scale_window,
-                             "hysteresis": self.hysteresis, "min_loss_scale": self.min_loss_scale}}  # fmt: skip
+            return {
+                "fp16": {
+                    "enabled": True,
+                    "loss_scale": self.loss_scale,
+                    "initial_scale_power": self.initial_scale_power,
+                    "loss_scale_window": self.loss_scale_window,
+                    "hysteresis": self.hysteresis,
+                    "min_loss_scale": self.min_loss_scale,
+                }
+            }
         return {"bf16": {"enabled": True}} if self.bf16 else {}
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
+    """Batch, sequence, steps and the intervals of saving, evaluating and logging."""
+
     seq_length: int = 2048
     train_micro_batch_size_per_gpu: int = 4
     gradient_accumulation_steps: int = 1
@@ -121,15 +137,25 @@ class TrainingConfig:
     stop_after_nonfinite_steps: int = 3  # ours: this many optimizer steps in a row with a nan/inf loss end the run
 
     def __post_init__(self):
-        check_at_least(self, 1, "seq_length", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                       "train_iters", "log_interval", "train_batch_size", "exit_interval", "keep_last_n_checkpoints",
-                       "stop_after_nonfinite_steps")  # fmt: skip
+        check_at_least(
+            self,
+            1,
+            "seq_length",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "train_iters",
+            "log_interval",
+            "train_batch_size",
+            "exit_interval",
+            "keep_last_n_checkpoints",
+            "stop_after_nonfinite_steps",
+        )
         check_at_least(self, 0, "save_interval", "eval_interval", "eval_iters")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where the samples come from, in gpt-neox's keys (trainer/batches.py reads them), and the tokenizer that
+    """Where the samples come from, in gpt-neox's keys (trainer/samples.py reads them), and the tokenizer that
     ships with checkpoints. `data_dir` (--data) is a build-shards output; it wins over the keys."""
 
     data_dir: str | None = None
@@ -151,8 +177,11 @@ class DataConfig:
             if weights is not None and len(weights) != len(paths or []):
                 raise ConfigError(f"{split}_data_weights: {len(weights)} weights for {len(paths or [])} paths")
         if self.vocab_file and self.tokenizer_type not in (None, "HFTokenizer") and not self.tokenizer:
-            warnings.warn(f"tokenizer_type {self.tokenizer_type}: vocab_file {self.vocab_file} is not a "
-                          "tokenizer.json; checkpoints ship the shards' tokenizer (or set tokenizer)", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"tokenizer_type {self.tokenizer_type}: vocab_file {self.vocab_file} is not a "
+                "tokenizer.json; checkpoints ship the shards' tokenizer (or set tokenizer)",
+                stacklevel=2,
+            )
 
     @property
     def tokenizer_file(self) -> str | None:
@@ -173,6 +202,8 @@ class RunPaths:
 
 @dataclass(frozen=True)
 class NeoXConfig:
+    """One run's whole configuration: built once by load_config(), frozen, passed section by section."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -185,8 +216,10 @@ class NeoXConfig:
         if self.optimizer.lr_decay_iters is None:
             object.__setattr__(self.optimizer, "lr_decay_iters", self.training.train_iters)
         if self.model.num_attention_heads % self.parallel.model_parallel_size:
-            raise ConfigError(f"model_parallel_size {self.parallel.model_parallel_size} does not divide "
-                              f"num_attention_heads {self.model.num_attention_heads}")  # fmt: skip
+            raise ConfigError(
+                f"model_parallel_size {self.parallel.model_parallel_size} does not divide "
+                f"num_attention_heads {self.model.num_attention_heads}"
+            )
 
     def data_parallel_size(self, world_size: int) -> int:
         per_replica = self.parallel.model_parallel_size * self.parallel.pipe_parallel_size
@@ -214,130 +247,18 @@ class NeoXConfig:
         return batch
 
 
-SECTIONS = {"optimizer": OptimizerConfig, "parallel": ParallelConfig, "precision": PrecisionConfig,
-            "training": TrainingConfig, "model": ModelConfig, "data": DataConfig, "paths": RunPaths}  # fmt: skip
+SECTIONS = {
+    "optimizer": OptimizerConfig,
+    "parallel": ParallelConfig,
+    "precision": PrecisionConfig,
+    "training": TrainingConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "paths": RunPaths,
+}
 DERIVED = {"padded_vocab_size"}  # computed, never set
 # Keys taken as they are, and where they go; the model's own fields are named as gpt-neox names them.
 FLAT = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.name not in DERIVED}
-# Kernel, memory-layout, communication and logging switches of gpt-neox: accepted so its configs load, with no
-# effect on what is computed (this implementation's kernels, memory layout and logs are its own: README).
-SWITCHES = {"scaled_upper_triang_masked_softmax_fusion", "rope_fusion", "partition_activations", "layernorm_fusion",
-            "synchronize_each_layer", "sparsity_config", "gradient_predivide_factor", "steps_per_print",
-            "wall_clock_breakdown", "distributed_backend", "contiguous_checkpointing", "zero_allow_untested_optimizer",
-            "attention_softmax_in_fp32", "apply_query_key_layer_scaling", "moe_num_experts", "num_kv_heads",
-            "attention_config", "use_bias_in_norms", "use_bias_in_attn_linear", "use_bias_in_mlp"}  # fmt: skip
-# gpt-neox keys accepted only with the value this implementation computes (GPT-NeoX's); another is refused.
-FIXED = {"pos_emb": "rotary", "norm": "layernorm", "no_weight_tying": True, "activation": "gelu",
-         "hidden_dropout": 0, "attention_dropout": 0, "checkpoint_num_layers": 1, "output_layer_parallelism": "column",
-         "data_impl": "mmap", "use_wandb": False, "eval_tasks": None, "wandb_project": None, "wandb_group": None}  # fmt: skip
-WHY_FIXED = {"hidden_dropout": "no dropout here (GPT-NeoX-20B and Pythia train without it)",
-             "attention_dropout": "no dropout here (GPT-NeoX-20B and Pythia train without it)",
-             "checkpoint_num_layers": "activation checkpointing keeps each block's input (1)",
-             "data_impl": "shards are Megatron's mmap format", "use_wandb": "metrics go to metrics.jsonl and TensorBoard",
-             "eval_tasks": "run neox-data evaluate on a checkpoint", "wandb_project": "no Weights & Biases here",
-             "wandb_group": "no Weights & Biases here"}  # fmt: skip
-
-
-def check_type(key: str, value, annotation):
-    """`value` as `annotation` wants it, or a ConfigError naming `key`."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        for option in options[:-1]:  # the first that takes the value; the last one's error names the key
-            try:
-                return check_type(key, value, option)
-            except ConfigError:
-                pass
-        return check_type(key, value, options[-1])
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [check_type(key, v, args[0]) for v in value]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(check_type(key, v, a) for v, a in zip(value, args))
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(annotation, True)
-    if not ok:
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-    return float(value) if annotation is float else value
-
-
-def flatten(raw: dict) -> dict:
-    """gpt-neox's nested keys (optimizer, fp16, bf16, zero_optimization) as flat ones; '-' read as '_'."""
-    flat = {}
-    for key, value in raw.items():
-        key = key.replace("-", "_")
-        if key == "optimizer" and isinstance(value, dict):
-            flat["type"] = value.get("type", "Adam")
-            for k, v in (value.get("params") or {}).items():
-                flat[k] = v
-        elif key in ("fp16", "bf16") and isinstance(value, dict):
-            # gpt-neox's Pythia configs spell bf16 as fp16: {enabled: true, type: bfloat16}
-            name = "bf16" if str(value.get("type", "")).lower() in ("bfloat16", "bf16") else key
-            flat[name] = value.get("enabled", True)
-            for k, v in value.items():
-                if k not in ("enabled", "type"):
-                    flat[k] = v
-        elif key == "zero_optimization" and isinstance(value, dict):
-            flat["zero_stage"] = value.get("stage", 0)
-        elif key in ("optimizer", "zero_optimization"):
-            raise ConfigError(f"{key}: expected a mapping like {key}: {{...}}, got {value!r}")
-        elif key == "checkpoint_factor":  # gpt-neox's current name for save_interval
-            flat.setdefault("save_interval", value)
-        elif key == "precision":  # gpt-neox's other spelling of fp16/bf16
-            if value not in ("fp16", "bfloat16", "fp32", None):
-                raise ConfigError(f"precision: {value!r}; choose fp16, bfloat16 or fp32")
-            flat.setdefault("fp16", value == "fp16")
-            flat.setdefault("bf16", value == "bfloat16")
-        else:
-            flat[key] = value
-    return flat
-
-
-DENSE = {"global", "flash"}  # gpt-neox's attention types that compute dense causal attention (flash: its kernel)
-
-
-def attention_types(value) -> set[str]:
-    """The layer types of gpt-neox's attention_config: [[["global"], 24]], [[["local", "global"], 12]], ..."""
-    try:
-        return {t for types, _ in value for t in ([types] if isinstance(types, str) else types)}
-    except (TypeError, ValueError):
-        raise ConfigError(f"attention_config: expected [[[types...], layers], ...], got {value!r}") from None
-
-
-def refuse_other_architectures(flat: dict) -> None:
-    """A config of a model this GPT-NeoX is not (MoE, sparse or state-space layers, no biases, transformer-engine,
-    grouped-query attention) is an error naming the feature, never trained as a dense GPT-NeoX."""
-    refusals = {
-        "moe_num_experts": lambda v: (v or 1) > 1 and f"Mixture of Experts ({v} experts)",
-        "attention_config": lambda v: (
-            (other := sorted(attention_types(v) - DENSE)) and f"{', '.join(other)} layers (only dense attention here)"
-        ),
-        "num_kv_heads": lambda v: v and v != flat.get("num_attention_heads") and "grouped-query attention",
-        "use_bias_in_norms": lambda v: v is False and "norms without biases",
-        "use_bias_in_attn_linear": lambda v: v is False and "attention without biases",
-        "use_bias_in_mlp": lambda v: v is False and "an MLP without biases",
-    }
-    for key, rule in refusals.items():
-        if key in flat and (feature := rule(flat[key])):
-            raise ConfigError(f"{key}: {feature} is not GPT-NeoX; this toolkit trains the GPT-NeoX architecture only")
-    engine = sorted(k for k, v in flat.items() if k.startswith("te_") and v)
-    if engine:
-        raise ConfigError(f"{engine[0]}: transformer-engine layers are not supported (GPT-NeoX's own layers only)")
-
-
-def accepted(key: str, value) -> bool:
-    """A FIXED key's value is GPT-NeoX's (an unset switch, like use_wandb: false or eval_tasks: [], is too)."""
-    want = FIXED[key]
-    return value == want or (want in (None, False) and not value)
 
 
 def build(raw: dict, device: str | None = None) -> NeoXConfig:
@@ -363,8 +284,11 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
     if unknown:
         warnings.warn(f"unknown config keys, ignored: {', '.join(sorted(unknown))}", stacklevel=3)
     if device == "cpu" and sections["precision"].get("fp16"):
-        warnings.warn("fp16 needs a GPU and DeepSpeed refuses it on CPU: training in fp32 here "
-                      "(--set bf16=true for bf16, ~6x slower on CPU)", stacklevel=3)  # fmt: skip
+        warnings.warn(
+            "fp16 needs a GPU and DeepSpeed refuses it on CPU: training in fp32 here "
+            "(--set bf16=true for bf16, ~6x slower on CPU)",
+            stacklevel=3,
+        )
         sections["precision"]["fp16"] = False
     try:
         parts = {name: SECTIONS[name](**values) for name, values in sections.items()}
@@ -377,50 +301,12 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
     return NeoXConfig(**parts)
 
 
-NESTED = {"optimizer", "fp16", "bf16", "zero_optimization"}  # gpt-neox's mappings, flattened by flatten()
 KNOWN = set(FLAT) | SWITCHES | set(FIXED) | NESTED | {"bias_gelu_fusion", "checkpoint_factor", "precision"}
 
 
-def parse_override(item: str) -> tuple[str, object]:
-    """KEY=VALUE from --set; the value is read as YAML, so numbers, booleans and lists keep their type."""
-    key, sep, value = item.partition("=")
-    key = key.strip().replace("-", "_")
-    if not sep or not key:
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-    try:
-        parsed = yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    if key not in KNOWN:  # a typo on the command line is the user's: stop, unlike a gpt-neox file's extra keys
-        close = difflib.get_close_matches(key, sorted(KNOWN), n=1)
-        raise ConfigError(f"--set {key}: unknown key" + (f"; did you mean {close[0]}?" if close else ""))
-    return key, parsed
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """The file's keys with --set's on top; replacing one of gpt-neox's mappings needs a mapping."""
-    for key, value in map(parse_override, overrides):
-        if key in NESTED and not isinstance(value, dict) and not (key in ("fp16", "bf16") and isinstance(value, bool)):
-            raise ConfigError(f"--set {key}={value!r}: {key} is a mapping (like {key}: {{...}}); set one of its "
-                              f"keys instead, e.g. --set lr=... for the optimizer")  # fmt: skip
-        raw[key] = value
-    return raw
-
-
-def read_config_file(path: str | Path) -> dict:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a config is a mapping of keys to values")
-    return {k.replace("-", "_"): v for k, v in raw.items()}
-
-
-def load_config(paths: str | Path | list, overrides: list[str] = (), flags: dict | None = None,
-                device: str | None = None) -> NeoXConfig:  # fmt: skip
+def load_config(
+    paths: str | Path | list, overrides: list[str] = (), flags: dict | None = None, device: str | None = None
+) -> NeoXConfig:
     """The one place a run's config is built: YAML files (several merge left to right, a key given twice is an
     error, as gpt-neox's deepy.py), then --set overrides, then the command's flags (`flags`: data_dir, save, load;
     None means not given), parsed once into frozen dataclasses; `device` as in build()."""
@@ -431,7 +317,7 @@ def load_config(paths: str | Path | list, overrides: list[str] = (), flags: dict
             listed = ", ".join(twice[:5]) + (f" and {len(twice) - 5} more" if len(twice) > 5 else "")
             raise ConfigError(f"{path}: {listed} already set by an earlier --config file")
         raw.update(conf)
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_overrides(raw, list(overrides), KNOWN)
     raw.update({k: str(v) for k, v in (flags or {}).items() if v is not None})
     return build(raw, device)
 
@@ -442,12 +328,19 @@ def to_yaml_dict(config: NeoXConfig) -> dict:
     out = {f.name: getattr(m, f.name) for f in dataclasses.fields(m) if f.name not in ("gelu_approximate", *DERIVED)}
     out["bias_gelu_fusion"] = m.gelu_approximate == "tanh"
     out.update({f.name: getattr(t, f.name) for f in dataclasses.fields(t)})
-    out.update(pipe_parallel_size=p.pipe_parallel_size, model_parallel_size=p.model_parallel_size,
-               pipe_partition_method=p.pipe_partition_method,
-               zero_optimization={"stage": p.zero_stage},
-               optimizer={"type": o.type, "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps}},
-               min_lr=o.min_lr, weight_decay=o.weight_decay, lr_decay_style=o.lr_decay_style,
-               lr_decay_iters=o.lr_decay_iters, warmup=o.warmup, gradient_clipping=o.gradient_clipping)  # fmt: skip
+    out.update(
+        pipe_parallel_size=p.pipe_parallel_size,
+        model_parallel_size=p.model_parallel_size,
+        pipe_partition_method=p.pipe_partition_method,
+        zero_optimization={"stage": p.zero_stage},
+        optimizer={"type": o.type, "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps}},
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        lr_decay_style=o.lr_decay_style,
+        lr_decay_iters=o.lr_decay_iters,
+        warmup=o.warmup,
+        gradient_clipping=o.gradient_clipping,
+    )
     out.update(pr.blocks())
     data = {k: v for k, v in dataclasses.asdict(config.data).items() if v is not None and k != "data_dir"}
     return {**out, **data}  # not the run's paths: a checkpoint's config must not point a new run at old outputs

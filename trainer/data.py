@@ -22,7 +22,7 @@ import numpy as np
 
 from pile_tools.ground import writing
 from pile_tools.indexed import Shard
-from trainer.config import RunError
+from trainer.config_keys import RunError
 
 
 def epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) -> int:
@@ -54,13 +54,18 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
 
 
 def cache_key(shard: Shard, documents: range, num_samples: int, seq_length: int, seed: int) -> str:
+    """A hash of everything the index arrays depend on: the shard (path, size, mtime), documents, samples,
+    seq_length, seed."""
     stat = os.stat(f"{shard.prefix}.idx")
-    what = (f"neox-order|{shard.prefix.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|"
-            f"{documents.start}:{documents.stop}|{num_samples}|{seq_length}|{seed}")  # fmt: skip
+    what = (
+        f"neox-order|{shard.prefix.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|"
+        f"{documents.start}:{documents.stop}|{num_samples}|{seq_length}|{seed}"
+    )
     return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
+    """An array to `path` atomically (ranks may build the same cache at once)."""
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
@@ -71,9 +76,16 @@ class GPTDataset:
     `split` of one shard): the whole epochs that hold `num_samples`, as gpt-neox's GPT2Dataset; indices cached
     under `cache_dir`."""
 
-    def __init__(self, prefix: str | Path, num_samples: int, seq_length: int, seed: int,
-                 cache_dir: Path | None = None, documents: range | None = None,
-                 vocab_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        prefix: str | Path,
+        num_samples: int,
+        seq_length: int,
+        seed: int,
+        cache_dir: Path | None = None,
+        documents: range | None = None,
+        vocab_size: int | None = None,
+    ):
         self.shard, self.vocab_size = Shard(Path(prefix)), vocab_size
         self.documents = documents if documents is not None else range(len(self.shard))
         self.num_samples, self.seq_length = num_samples, seq_length
@@ -130,9 +142,11 @@ class GPTDataset:
             ids = self.shard[doc]
             bad = ids[(ids >= self.vocab_size) | (ids < 0)] if ids.dtype.kind == "i" else ids[ids >= self.vocab_size]
             if len(bad):
-                raise RunError(f"shard {self.shard.prefix}: document {doc} holds token id {int(bad[0]):,}, outside "
-                               f"the vocabulary ({self.vocab_size:,} ids); check it with: neox-data verify "
-                               f"{self.shard.prefix}")  # fmt: skip
+                raise RunError(
+                    f"shard {self.shard.prefix}: document {doc} holds token id {int(bad[0]):,}, outside "
+                    f"the vocabulary ({self.vocab_size:,} ids); check it with: neox-data verify "
+                    f"{self.shard.prefix}"
+                )
 
 
 @numba.njit(cache=True)

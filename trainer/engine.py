@@ -12,6 +12,7 @@ from trainer.config import NeoXConfig
 
 
 def free_port() -> int:
+    """A TCP port free on this host, for a one-process run's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,11 +72,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(model: nn.Module, config: NeoXConfig) -> torch.optim.Optimizer:
+    """torch's AdamW (fused, one kernel over all tensors) with gpt-neox's parameter groups."""
     o = config.optimizer
     # torch's fused AdamW (one kernel over all tensors, CPU and CUDA); fp16 keeps the path measured on a GPU
     fused = not config.precision.fp16
-    return torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                             fused=fused or None)  # fmt: skip
+    return torch.optim.AdamW(
+        parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None
+    )
 
 
 def learning_rate(config: NeoXConfig, step: int) -> float:
@@ -92,5 +95,6 @@ def learning_rate(config: NeoXConfig, step: int) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: NeoXConfig):
+    """The learning_rate() schedule as a torch LambdaLR (DeepSpeed steps it with the optimizer)."""
     base = config.optimizer.lr
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(config, step) / base)

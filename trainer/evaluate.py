@@ -54,8 +54,10 @@ def build_local_data(book: str, out: Path = TASKS) -> None:
 
     Each file's first fifth is the validation split (few-shot examples), the rest the test split."""
     half = book.find("\n\n", len(book) // 2)  # at a paragraph break
-    for name, rows in (("persuasion_passages.jsonl", [{"text": t} for t in passages(book[:half])]),
-                       ("persuasion_last_words.jsonl", last_word_items(book[half:]))):  # fmt: skip
+    for name, rows in (
+        ("persuasion_passages.jsonl", [{"text": t} for t in passages(book[:half])]),
+        ("persuasion_last_words.jsonl", last_word_items(book[half:])),
+    ):
         cut = len(rows) // 5
         lines = [json.dumps({**r, "split": "validation" if i < cut else "test"}) for i, r in enumerate(rows)]
         (out / name).write_text("\n".join(lines) + "\n")
@@ -65,13 +67,20 @@ def hf_directory(model: Path, scratch: Path) -> Path:
     """An HF directory as it is, or a checkpoint exported into `scratch`."""
     if (model / "config.json").is_file():
         return model
-    from trainer.checkpoint import export_hf
+    from trainer.hf import export_hf
 
     return export_hf(model, scratch / "hf")
 
 
-def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None, output: str | Path | None = None,
-             limit: float | None = None, batch_size: int = 8, device: str | None = None) -> dict:  # fmt: skip
+def evaluate(
+    model: str | Path,
+    tasks: list[str],
+    num_fewshot: int | None = None,
+    output: str | Path | None = None,
+    limit: float | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> dict:
     """Run the harness; returns {task: {metric: value}} and writes the harness's results JSON to `output`."""
     model = Path(model)
     if not model.exists():
@@ -80,8 +89,11 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None
     if remote and not hub_offline() and (reason := hub_unreachable()):
         # before datasets is imported (it reads these once): cached data still works, a miss fails at once
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-        warnings.warn(f"the Hugging Face Hub cannot be reached ({reason}): {', '.join(remote)} can run only "
-                      "from data already cached", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"the Hugging Face Hub cannot be reached ({reason}): {', '.join(remote)} can run only "
+            "from data already cached",
+            stacklevel=2,
+        )
     import lm_eval
     import torch
     from lm_eval.tasks import TaskManager
@@ -99,17 +111,37 @@ def evaluate(model: str | Path, tasks: list[str], num_fewshot: int | None = None
         hf = hf_directory(model, Path(scratch))
         try:
             results = lm_eval.simple_evaluate(
-                model="hf", model_args={"pretrained": str(hf), "dtype": "float32" if device == "cpu" else "bfloat16"},
-                tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size, device=device, limit=limit,
-                task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR",
-            )  # fmt: skip
+                model="hf",
+                model_args={"pretrained": str(hf), "dtype": "float32" if device == "cpu" else "bfloat16"},
+                tasks=tasks,
+                num_fewshot=num_fewshot,
+                batch_size=batch_size,
+                device=device,
+                limit=limit,
+                task_manager=manager,
+                log_samples=False,
+                bootstrap_iters=0,
+                verbosity="ERROR",
+            )
         except ConnectionError as e:
-            raise InputError(f"{e}: the harness's tasks download their data from the Hugging Face Hub; "
-                             f"the local ones ({', '.join(LOCAL_TASKS)}) need no network") from None  # fmt: skip
-    summary = {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
-               for task, metrics in results["results"].items()}  # fmt: skip
+            raise InputError(
+                f"{e}: the harness's tasks download their data from the Hugging Face Hub; "
+                f"the local ones ({', '.join(LOCAL_TASKS)}) need no network"
+            ) from None
+    summary = {
+        task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
+        for task, metrics in results["results"].items()
+    }
     if output is not None:
-        write_json(Path(output), {"model": str(model), "num_fewshot": num_fewshot, "summary": summary,
-                         "results": results["results"], "configs": results.get("configs", {}),
-                         "versions": results.get("versions", {})})  # fmt: skip
+        write_json(
+            Path(output),
+            {
+                "model": str(model),
+                "num_fewshot": num_fewshot,
+                "summary": summary,
+                "results": results["results"],
+                "configs": results.get("configs", {}),
+                "versions": results.get("versions", {}),
+            },
+        )
     return summary

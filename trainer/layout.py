@@ -16,6 +16,8 @@ from trainer.config import NeoXConfig
 
 @dataclass
 class Stage:
+    """One pipeline stage: its layers, its blocks and its parameters on each TP rank."""
+
     first_layer: int
     last_layer: int  # inclusive
     blocks: list[int]
@@ -31,11 +33,16 @@ def pipeline_parts(num_layers: int) -> list[tuple[str, str]]:
     """The pipeline's layers in order, as (name, the model's submodule): the one list that the pipeline, the dry
     run, plan and resharding all read."""
     blocks = [(f"block {i}", f"gpt_neox.layers.{i}") for i in range(num_layers)]
-    return [("embed_in", "gpt_neox.embed_in"), *blocks, ("final_layer_norm", "gpt_neox.final_layer_norm"),
-            ("embed_out", "embed_out")]  # fmt: skip
+    return [
+        ("embed_in", "gpt_neox.embed_in"),
+        *blocks,
+        ("final_layer_norm", "gpt_neox.final_layer_norm"),
+        ("embed_out", "embed_out"),
+    ]
 
 
 def layer_names(num_layers: int) -> list[str]:
+    """The pipeline's layer names in order."""
     return [name for name, _ in pipeline_parts(num_layers)]
 
 
@@ -75,7 +82,7 @@ def layer_parameters(config: NeoXConfig, name: str) -> int:
     return (block_parameters(h, ffn) - replicated) // t + replicated
 
 
-def stages(config: NeoXConfig) -> list[Stage]:
+def pipeline_stages(config: NeoXConfig) -> list[Stage]:
     """The pipeline's stages: their layers, blocks and parameters on each TP rank (what plan and the dry run print)."""
     names = layer_names(config.model.num_layers)
     bounds = stage_bounds(config)

@@ -17,16 +17,28 @@ import click
 from pile_tools.ground import save_figure, write_text, writing
 
 # Dense bf16/fp16 tensor-core peak, FLOP/s, by device name (for MFU).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "A10": 125e12,
-              "L40": 181e12, "V100": 125e12, "B200": 2250e12, "GH200": 989e12}  # fmt: skip
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "A10": 125e12,
+    "L40": 181e12,
+    "V100": 125e12,
+    "B200": 2250e12,
+    "GH200": 989e12,
+}
 
 
 def peak_flops(device_name: str) -> float | None:
+    """The dense bf16/fp16 peak of a GPU by its name (for MFU), or None when unknown."""
     matches = [k for k in PEAK_FLOPS if k in device_name]
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def step_of_line(line: str) -> int | None:
+    """The step of a metrics.jsonl line, or None for a line cut short."""
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):  # a line cut short by a crash or a full disk
@@ -43,8 +55,17 @@ def truncate_after(path: Path, step: int) -> None:
 
 
 class Metrics:
-    def __init__(self, directory: Path | None, tensorboard_dir: str | None, log_interval: int, total_steps: int,
-                 start_step: int, rank: int):  # fmt: skip
+    """Rank 0's reporting: metrics.jsonl, TensorBoard events, a log line every log_interval and a progress bar."""
+
+    def __init__(
+        self,
+        directory: Path | None,
+        tensorboard_dir: str | None,
+        log_interval: int,
+        total_steps: int,
+        start_step: int,
+        rank: int,
+    ):
         self.rank, self.log_interval = rank, log_interval
         self.file = self.writer = self.bar = None
         if rank != 0:
@@ -101,9 +122,12 @@ class Metrics:
 
 
 def describe(e: dict) -> str:
-    line = (f"step {e['step']:>7}  loss {e['loss']:.4f}  lr {e['lr']:.3e}  scale {e['loss_scale']:g}  "
-            f"grad norm {e['grad_norm'] if e['grad_norm'] is not None else float('nan'):.3f}  "
-            f"{e['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+    """A train entry as the log line shows it."""
+    line = (
+        f"step {e['step']:>7}  loss {e['loss']:.4f}  lr {e['lr']:.3e}  scale {e['loss_scale']:g}  "
+        f"grad norm {e['grad_norm'] if e['grad_norm'] is not None else float('nan'):.3f}  "
+        f"{e['tokens_per_s']:,.0f} tok/s"
+    )
     if e.get("tflops_per_gpu") is not None:
         line += f"  {e['tflops_per_gpu']:.1f} TFLOPS/GPU"
     if e.get("mfu") is not None:
@@ -112,6 +136,7 @@ def describe(e: dict) -> str:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The entries of a metrics.jsonl."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line]
 
 

@@ -44,8 +44,16 @@ class ModelConfig:
     checkpoint_activations: bool = False
 
     def __post_init__(self):
-        check_at_least(self, 1, "num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                       "max_position_embeddings", "make_vocab_size_divisible_by")  # fmt: skip
+        check_at_least(
+            self,
+            1,
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "vocab_size",
+            "max_position_embeddings",
+            "make_vocab_size_divisible_by",
+        )
         check_at_least(self, 0, "intermediate_size")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(

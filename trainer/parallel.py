@@ -18,15 +18,27 @@ from torch import nn
 
 from trainer.model import GPTNeoX
 
-TP_PLAN = {"attention.query_key_value": "column", "attention.dense": "row",
-           "mlp.dense_h_to_4h": "column", "mlp.dense_4h_to_h": "row"}  # fmt: skip
+TP_PLAN = {
+    "attention.query_key_value": "column",
+    "attention.dense": "row",
+    "mlp.dense_h_to_4h": "column",
+    "mlp.dense_4h_to_h": "row",
+}
 # How a full checkpoint tensor is cut, by key suffix: the dimension, or None for replicated.
-PARTITION_DIM = {"attention.query_key_value.weight": 0, "attention.query_key_value.bias": 0,
-                 "attention.dense.weight": 1, "mlp.dense_h_to_4h.weight": 0, "mlp.dense_h_to_4h.bias": 0,
-                 "mlp.dense_4h_to_h.weight": 1, "embed_in.weight": 0, "embed_out.weight": 0}  # fmt: skip
+PARTITION_DIM = {
+    "attention.query_key_value.weight": 0,
+    "attention.query_key_value.bias": 0,
+    "attention.dense.weight": 1,
+    "mlp.dense_h_to_4h.weight": 0,
+    "mlp.dense_h_to_4h.bias": 0,
+    "mlp.dense_4h_to_h.weight": 1,
+    "embed_in.weight": 0,
+    "embed_out.weight": 0,
+}
 
 
 def partition_dim(key: str) -> int | None:
+    """The dimension along which a full state dict's tensor is split across TP ranks, or None if replicated."""
     return next((d for suffix, d in PARTITION_DIM.items() if key.endswith(suffix)), None)
 
 
@@ -60,12 +72,15 @@ class _ReduceFromGroup(torch.autograd.Function):
 
 
 def shard(tensor: torch.Tensor, dim: int, rank: int, world: int) -> nn.Parameter:
+    """This rank's slice of `tensor` along `dim`, as a parameter marked tensor-parallel."""
     piece = nn.Parameter(tensor.detach().chunk(world, dim=dim)[rank].clone())
     piece.tensor_model_parallel, piece.partition_dim = True, dim
     return piece
 
 
 class ColumnParallelLinear(nn.Module):
+    """A Linear whose output features are split across TP ranks (Megatron's column parallel)."""
+
     def __init__(self, full: nn.Linear, group, rank: int, world: int):
         super().__init__()
         self.group = group
@@ -77,6 +92,8 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
+    """A Linear whose input features are split across TP ranks; the outputs are summed (Megatron's row parallel)."""
+
     def __init__(self, full: nn.Linear, group, rank: int, world: int):
         super().__init__()
         self.group = group
@@ -89,6 +106,8 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelEmbedding(nn.Module):
+    """An Embedding whose rows (the vocabulary) are split across TP ranks."""
+
     def __init__(self, full: nn.Embedding, group, rank: int, world: int):
         super().__init__()
         self.group = group

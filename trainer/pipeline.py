@@ -31,12 +31,14 @@ class LMLoss:
         return vocab_parallel_cross_entropy(logits, targets, self.group, start).mean()
 
 
-def topology(config: NeoXConfig, world_size: int):
+def make_topology(config: NeoXConfig, world_size: int):
+    """DeepSpeed's topology of the run: axes pipe, data, model (the model axis fastest, as gpt-neox)."""
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     p = config.parallel
-    return PipeModelDataParallelTopology(num_pp=p.pipe_parallel_size, num_mp=p.model_parallel_size,
-                                         num_dp=config.data_parallel_size(world_size))  # fmt: skip
+    return PipeModelDataParallelTopology(
+        num_pp=p.pipe_parallel_size, num_mp=p.model_parallel_size, num_dp=config.data_parallel_size(world_size)
+    )
 
 
 def build_pipeline(config: NeoXConfig, world_size: int):
@@ -44,7 +46,7 @@ def build_pipeline(config: NeoXConfig, world_size: int):
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
-    topo = topology(config, world_size)
+    topo = make_topology(config, world_size)
     grid = PipelineParallelGrid(topology=topo)
     tp_group, tp_rank = grid.get_slice_parallel_group(), grid.get_slice_parallel_rank()
     tp = config.parallel.model_parallel_size
@@ -56,7 +58,11 @@ def build_pipeline(config: NeoXConfig, world_size: int):
         param.model_parallel = getattr(param, "tensor_model_parallel", False) or tp_rank == 0
     layers = [model.get_submodule(path) for _, path in pipeline_parts(config.model.num_layers)]
     interval = 1 if config.model.checkpoint_activations else 0
-    module = PipelineModule(layers=layers, loss_fn=LMLoss(tp_group, tp_rank, tp), topology=topo,
-                            partition_method=deepspeed_method(config),
-                            activation_checkpoint_interval=interval)  # fmt: skip
+    module = PipelineModule(
+        layers=layers,
+        loss_fn=LMLoss(tp_group, tp_rank, tp),
+        topology=topo,
+        partition_method=deepspeed_method(config),
+        activation_checkpoint_interval=interval,
+    )
     return module, grid

@@ -14,11 +14,13 @@ import os
 from dataclasses import asdict, dataclass
 
 from trainer.config import NeoXConfig
-from trainer.layout import block_parameters, layer_names, stages
+from trainer.layout import block_parameters, layer_names, pipeline_stages
 
 
 @dataclass
 class Plan:
+    """What `neox-data plan` reports for a config and a GPU count."""
+
     parameters: int
     non_embedding_parameters: int
     padded_vocab_size: int
@@ -42,7 +44,7 @@ def count_parameters(config: NeoXConfig) -> tuple[int, int]:
     return blocks + 2 * m.padded_vocab_size * m.hidden_size + 2 * m.hidden_size, blocks + 2 * m.hidden_size
 
 
-def memory(config: NeoXConfig, params_per_gpu: int, blocks: int, dp: int) -> dict:
+def memory_per_gpu(config: NeoXConfig, params_per_gpu: int, blocks: int, dp: int) -> dict:
     """GiB per GPU of the most loaded stage, by kind."""
     mixed = config.precision.fp16 or config.precision.bf16
     weight, grad, optim = (2, 2, 12) if mixed else (4, 4, 8)
@@ -77,27 +79,40 @@ def step_flops(config: NeoXConfig, global_batch: int) -> tuple[float, float]:
 
 
 def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0) -> Plan:
+    """Parameters, layout, memory per GPU, FLOPs and time of a run on `gpus` GPUs at `tflops` each."""
     p = config.parallel
     gpus = gpus or p.model_parallel_size * p.pipe_parallel_size
     dp = config.data_parallel_size(gpus)
     total, non_embedding = count_parameters(config)
-    cut = stages(config)  # DeepSpeed's partition, as the pipeline and the dry run cut it
+    cut = pipeline_stages(config)  # DeepSpeed's partition, as the pipeline and the dry run cut it
     heaviest = max(cut, key=lambda s: s.parameters_per_rank)
     per_gpu = heaviest.parameters_per_rank
     batch = config.global_batch(gpus)
     model_flops, hardware_flops = step_flops(config, batch)
     seconds = hardware_flops * config.training.train_iters / (gpus * tflops * 1e12)
     return Plan(
-        parameters=total, non_embedding_parameters=non_embedding, padded_vocab_size=config.model.padded_vocab_size,
-        layout={"gpus": gpus, "tensor_parallel": p.model_parallel_size, "pipeline_parallel": p.pipe_parallel_size,
-                "data_parallel": dp, "zero_stage": p.zero_stage, "global_batch": batch},
-        blocks_per_stage=[len(s.blocks) for s in cut], parameters_per_gpu=per_gpu,
-        memory_gib=memory(config, per_gpu, len(heaviest.blocks), dp),
-        tokens_per_step=batch * config.training.seq_length, model_flops_per_step=model_flops,
-        hardware_flops_per_step=hardware_flops, tflops_per_gpu=tflops, days=seconds / 86400,
+        parameters=total,
+        non_embedding_parameters=non_embedding,
+        padded_vocab_size=config.model.padded_vocab_size,
+        layout={
+            "gpus": gpus,
+            "tensor_parallel": p.model_parallel_size,
+            "pipeline_parallel": p.pipe_parallel_size,
+            "data_parallel": dp,
+            "zero_stage": p.zero_stage,
+            "global_batch": batch,
+        },
+        blocks_per_stage=[len(s.blocks) for s in cut],
+        parameters_per_gpu=per_gpu,
+        memory_gib=memory_per_gpu(config, per_gpu, len(heaviest.blocks), dp),
+        tokens_per_step=batch * config.training.seq_length,
+        model_flops_per_step=model_flops,
+        hardware_flops_per_step=hardware_flops,
+        tflops_per_gpu=tflops,
+        days=seconds / 86400,
         gpu_hours=seconds * gpus / 3600,
         total_tokens=float(batch * config.training.seq_length * config.training.train_iters),
-    )  # fmt: skip
+    )
 
 
 def tokens(n: float) -> str:
@@ -118,6 +133,7 @@ def duration(days: float) -> str:
 
 
 def describe(plan: Plan) -> str:
+    """The plan as `neox-data plan` prints it."""
     lay, mem = plan.layout, plan.memory_gib
     lines = [
         f"parameters          {plan.parameters:,} ({plan.non_embedding_parameters:,} without embeddings)",
@@ -132,11 +148,12 @@ def describe(plan: Plan) -> str:
         f"{plan.hardware_flops_per_step:.3e} with recomputation",
         f"run                 {tokens(plan.total_tokens)} tokens: {duration(plan.days)}, "
         f"{plan.gpu_hours:,.{0 if plan.gpu_hours >= 10 else 2}f} GPU-hours at {plan.tflops_per_gpu:g} TFLOPS per GPU",
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)
 
 
 def as_dict(plan: Plan) -> dict:
+    """The plan as JSON-ready data (--json)."""
     return asdict(plan)
 
 
@@ -149,19 +166,25 @@ def describe_layout(config: NeoXConfig, world_size: int) -> str:
     dp = config.data_parallel_size(world_size)
     topology = PipeModelDataParallelTopology(num_pp=p.pipe_parallel_size, num_mp=p.model_parallel_size, num_dp=dp)
     names = layer_names(config.model.num_layers)
-    lines = [f"layout      {world_size} ranks = PP {p.pipe_parallel_size} x DP {dp} x TP {p.model_parallel_size} "
-             f"(rank order pipe, data, model), ZeRO stage {p.zero_stage}, global batch "
-             f"{config.global_batch(world_size):,}"]  # fmt: skip
-    for i, s in enumerate(stages(config)):
+    lines = [
+        f"layout      {world_size} ranks = PP {p.pipe_parallel_size} x DP {dp} x TP {p.model_parallel_size} "
+        f"(rank order pipe, data, model), ZeRO stage {p.zero_stage}, global batch "
+        f"{config.global_batch(world_size):,}"
+    ]
+    for i, s in enumerate(pipeline_stages(config)):
         blocks = f"blocks {s.blocks[0]}-{s.blocks[-1]} ({len(s.blocks)} blocks)" if s.blocks else "no blocks"
         extras = [n for n in names[s.first_layer : s.last_layer + 1] if not n.startswith("block")]
         extras = f" + {', '.join(extras)}" if extras else ""
-        lines.append(f"stage {i:<4}  layers {s.first_layer}-{s.last_layer}: {blocks}{extras}; "
-                     f"{s.parameters_per_rank:,} parameters per rank")  # fmt: skip
+        lines.append(
+            f"stage {i:<4}  layers {s.first_layer}-{s.last_layer}: {blocks}{extras}; "
+            f"{s.parameters_per_rank:,} parameters per rank"
+        )
     shown = min(world_size, 2 * p.model_parallel_size + 1)
     ranks = ", ".join(f"{r}={tuple(topology.get_coord(r))}" for r in range(shown))
     lines.append(f"ranks       (pipe, data, model): {ranks}, ...")
     mem = make_plan(config, world_size).memory_gib  # the same figures as plan's
-    lines.append("memory      per GPU of the most loaded stage, GiB: " + ", ".join(
-        f"{k.replace('_', ' ')} {v:.1f}" for k, v in mem.items()))  # fmt: skip
+    lines.append(
+        "memory      per GPU of the most loaded stage, GiB: "
+        + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in mem.items())
+    )
     return "\n".join(lines)

@@ -48,6 +48,7 @@ def merge_layer_files(path: Path, num_layers: int) -> dict:
 
 
 def is_pipelined(path: Path) -> bool:
+    """True for a checkpoint saved by the pipeline engine (one file per layer and TP rank)."""
     return any(LAYER_FILE.fullmatch(f.name) for f in path.iterdir())
 
 
@@ -90,8 +91,10 @@ def load_state_dict(path: Path) -> dict:
         return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
     states = path / "mp_rank_00_model_states.pt"
     if not states.is_file():
-        raise ConfigError(f"{path}: not a checkpoint (config.yml with model.safetensors or DeepSpeed's "
-                          "mp_rank_00_model_states.pt expected)")  # fmt: skip
+        raise ConfigError(
+            f"{path}: not a checkpoint (config.yml with model.safetensors or DeepSpeed's "
+            "mp_rank_00_model_states.pt expected)"
+        )
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in module.items()}
 
@@ -116,6 +119,9 @@ def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipe
     engine.lr_scheduler.last_epoch = step - 1
     engine.lr_scheduler.step()  # the rate of step `step`
     engine.global_steps, engine.global_samples = step, int(states["consumed_samples"])
-    warnings.warn(f"{path} was saved with TP x PP x DP = {' x '.join(map(str, layout))}: weights, step and data "
-                  "position restored; the optimizer's moments restart", stacklevel=2)  # fmt: skip
+    warnings.warn(
+        f"{path} was saved with TP x PP x DP = {' x '.join(map(str, layout))}: weights, step and data "
+        "position restored; the optimizer's moments restart",
+        stacklevel=2,
+    )
     return {"iteration": step, "consumed_samples": int(states["consumed_samples"])}

@@ -28,6 +28,7 @@ def holder_alive(holder: dict) -> bool:
 
 
 def describe(holder: dict) -> str:
+    """The lock's holder in words: pid, host and start time."""
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {started}"
 
@@ -37,8 +38,12 @@ class RunLock:
 
     def __init__(self, save: Path):
         self.path = Path(save) / NAME
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                   "create_time": psutil.Process().create_time()}  # fmt: skip
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "create_time": psutil.Process().create_time(),
+        }
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,12 +52,16 @@ class RunLock:
             if holder is None:
                 continue  # removed between our attempt and the read: try again
             if holder.get("host") != self.me["host"]:
-                raise ConfigError(f"{self.path.parent} is in use by the run of {describe(holder)}; if that run is "
-                                  f"over (its node died), remove {self.path} and start again")  # fmt: skip
+                raise ConfigError(
+                    f"{self.path.parent} is in use by the run of {describe(holder)}; if that run is "
+                    f"over (its node died), remove {self.path} and start again"
+                )
             if holder_alive(holder):
                 raise ConfigError(f"{self.path.parent} is in use by another run: {describe(holder)}")
-            warnings.warn(f"{self.path}: taking over the lock of a run that ended without releasing it "
-                          f"({describe(holder)})", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"{self.path}: taking over the lock of a run that ended without releasing it ({describe(holder)})",
+                stacklevel=2,
+            )
             self.path.unlink(missing_ok=True)
         return self
 

@@ -17,18 +17,9 @@ import torch
 import torch.distributed as dist
 
 from pile_tools.ground import check_writable
-from trainer.batches import (
-    build_datasets,
-    check_shards,
-    data_directory,
-    fallback_cache_dir,
-    micro_batch,
-    resolve_sources,
-    sample_positions,
-    shards_manifest,
-)
 from trainer.checkpoint import has_run, load_training_checkpoint, read_latest, save_training_checkpoint, step_of
-from trainer.config import ConfigError, NeoXConfig, RunError
+from trainer.config import ConfigError, NeoXConfig
+from trainer.config_keys import RunError
 from trainer.engine import (
     deepspeed_config,
     init_distributed,
@@ -41,14 +32,26 @@ from trainer.model import Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
 from trainer.runlock import RunLock
+from trainer.samples import (
+    build_datasets,
+    check_shards,
+    data_directory,
+    fallback_cache_dir,
+    micro_batch,
+    resolve_sources,
+    sample_positions,
+    shards_manifest,
+)
 
 
 def check_save(save: str | None, load: str | None) -> None:
     """Refuse a --save that holds a run unless this run continues it (--load of the same directory)."""
     latest = has_run(Path(save)) if save is not None else None
     if latest is not None and (load is None or Path(load).resolve() != Path(save).resolve()):
-        raise ConfigError(f"--save {save} holds a run at step {step_of(latest)}: add --load {save} to continue it, "
-                          "or choose another directory")  # fmt: skip
+        raise ConfigError(
+            f"--save {save} holds a run at step {step_of(latest)}: add --load {save} to continue it, "
+            "or choose another directory"
+        )
 
 
 def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
@@ -56,8 +59,10 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
 
     Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
     if config.training.seq_length > config.model.max_position_embeddings:  # rotary would run past its table
-        raise ConfigError(f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
-                          f"{config.model.max_position_embeddings}")  # fmt: skip
+        raise ConfigError(
+            f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
+            f"{config.model.max_position_embeddings}"
+        )
     config.global_batch(config.world_size())  # DP, and train_batch_size against micro x accumulation x DP
     save, load = config.paths.save, config.paths.load
     check_save(save, load)
@@ -67,8 +72,9 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
     sources = resolve_sources(config.data)
     shards = shards_manifest(data_directory(config.data)).get("tokenizer", {})
     if shards.get("vocab_size", 0) > config.model.vocab_size:
-        raise ConfigError(f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model "
-                          f"{config.model.vocab_size:,}")  # fmt: skip
+        raise ConfigError(
+            f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model {config.model.vocab_size:,}"
+        )
     check_shards(sources, config.model.vocab_size)
     tokenizer = config.data.tokenizer_file
     if tokenizer is None and shards.get("path") and Path(shards["path"]).is_file():
@@ -103,9 +109,12 @@ class Trainer:
             for block in (m for m in model.modules() if isinstance(m, Block)):  # regional: one graph, reused
                 block.compile()
         optimizer = make_optimizer(model, config)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    lr_scheduler=make_scheduler(optimizer, config),
-                                                    config=deepspeed_config(config, self.world))  # fmt: skip
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=make_scheduler(optimizer, config),
+            config=deepspeed_config(config, self.world),
+        )
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
@@ -119,8 +128,14 @@ class Trainer:
         self.nonfinite = []  # the steps, in a row, whose loss or gradient norm was nan or inf
         where = config.paths.log_dir or save
         self.metrics_dir = Path(where) if where else None
-        self.metrics = Metrics(self.metrics_dir, config.paths.tensorboard_dir, config.training.log_interval,
-                               config.training.train_iters, self.step, self.rank)  # fmt: skip
+        self.metrics = Metrics(
+            self.metrics_dir,
+            config.paths.tensorboard_dir,
+            config.training.log_interval,
+            config.training.train_iters,
+            self.step,
+            self.rank,
+        )
         name = torch.cuda.get_device_name() if self.device is not None else ""
         self.peak = peak_flops(name) if config.precision.mixed else None
 
@@ -135,8 +150,15 @@ class Trainer:
 
     def batch(self, split: str, step: int, micro_step: int) -> torch.Tensor:
         t = self.config.training
-        ids = micro_batch(self.data[split], step, micro_step, t.train_micro_batch_size_per_gpu, self.dp,
-                          self.dp_rank, self.global_batch)  # fmt: skip
+        ids = micro_batch(
+            self.data[split],
+            step,
+            micro_step,
+            t.train_micro_batch_size_per_gpu,
+            self.dp,
+            self.dp_rank,
+            self.global_batch,
+        )
         return ids.to(self.device, non_blocking=True) if self.device is not None else ids
 
     def pairs(self, split: str, step: int):
@@ -182,8 +204,14 @@ class Trainer:
         if self.pipelined:  # the pipeline engine gives the mean loss only: no per-component split
             losses = [self.engine.eval_batch(self.pairs(split, it)).item() for it in steps]
             loss = sum(losses) / len(losses)
-            return {"kind": split, "step": self.step, "part": part, "loss": loss, "ppl": math.exp(loss),
-                    "components": {}}  # fmt: skip
+            return {
+                "kind": split,
+                "step": self.step,
+                "part": part,
+                "loss": loss,
+                "ppl": math.exp(loss),
+                "components": {},
+            }
         self.engine.eval()
         sums = torch.zeros(len(dataset.sources), dtype=torch.float64)
         counts = torch.zeros_like(sums)
@@ -191,8 +219,9 @@ class Trainer:
             for m in range(t.gradient_accumulation_steps):
                 ids = self.batch(split, it, m)
                 per_sample = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:], reduction="none").mean(1).double().cpu()
-                where = sample_positions(it, m, t.train_micro_batch_size_per_gpu, self.dp, self.dp_rank,
-                                         self.global_batch, len(dataset))  # fmt: skip
+                where = sample_positions(
+                    it, m, t.train_micro_batch_size_per_gpu, self.dp, self.dp_rank, self.global_batch, len(dataset)
+                )
                 source = torch.from_numpy(dataset.source[where].astype("int64"))
                 sums.index_add_(0, source, per_sample)
                 counts.index_add_(0, source, torch.ones_like(per_sample))
@@ -202,27 +231,39 @@ class Trainer:
                 dist.all_reduce(x)
         loss = (sums.sum() / counts.sum()).item()
         components = {n: (s / c).item() for n, s, c in zip(dataset.names, sums, counts) if c > 0}
-        return {"kind": split, "step": self.step, "part": part, "loss": loss, "ppl": math.exp(loss),
-                "components": components}  # fmt: skip
+        return {
+            "kind": split,
+            "step": self.step,
+            "part": part,
+            "loss": loss,
+            "ppl": math.exp(loss),
+            "components": components,
+        }
 
     def train_entry(self, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict:
         t = self.config.training
         model_flops, hardware_flops = step_flops(self.config, self.global_batch)
         tflops = hardware_flops / seconds / self.world / 1e12
         return {
-            "kind": "train", "step": self.step, "loss": loss, "lr": lr,
-            "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)), "grad_norm": grad_norm,
+            "kind": "train",
+            "step": self.step,
+            "loss": loss,
+            "lr": lr,
+            "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
+            "grad_norm": grad_norm,
             "tokens_per_s": self.global_batch * t.seq_length / seconds,
             "tflops_per_gpu": tflops if self.device is not None else None,
             "mfu": model_flops / seconds / self.world / self.peak if self.peak else None,
-            "consumed_samples": self.step * self.global_batch, "elapsed_s": seconds,
-        }  # fmt: skip
+            "consumed_samples": self.step * self.global_batch,
+            "elapsed_s": seconds,
+        }
 
     def checkpoint(self) -> None:
         if self.save is not None:
             state = {"iteration": self.step, "consumed_samples": self.step * self.global_batch}
-            save_training_checkpoint(self.engine, self.config, self.save, self.step, state, self.tokenizer,
-                                     self.run_id, self.protected)  # fmt: skip
+            save_training_checkpoint(
+                self.engine, self.config, self.save, self.step, state, self.tokenizer, self.run_id, self.protected
+            )
 
     def check_finite(self, loss: float, grad_norm: float | None, skipped: bool) -> None:
         """Stop after stop_after_nonfinite_steps optimizer steps in a row with a nan/inf loss or gradient norm;
@@ -235,10 +276,12 @@ class Trainer:
         self.nonfinite.append(self.step)
         if len(self.nonfinite) >= self.config.training.stop_after_nonfinite_steps:
             latest = read_latest(self.save) if self.save else None
-            raise RunError(f"steps {self.nonfinite[0]}-{self.step}: loss {loss}, gradient norm {grad_norm}: "
-                           f"{len(self.nonfinite)} optimizer steps in a row were not finite; stopping without a "
-                           f"checkpoint (the latest stays {latest or 'none'}); lower lr, check the data, or resume "
-                           "from an earlier checkpoint")  # fmt: skip
+            raise RunError(
+                f"steps {self.nonfinite[0]}-{self.step}: loss {loss}, gradient norm {grad_norm}: "
+                f"{len(self.nonfinite)} optimizer steps in a row were not finite; stopping without a "
+                f"checkpoint (the latest stays {latest or 'none'}); lower lr, check the data, or resume "
+                "from an earlier checkpoint"
+            )
 
     def run(self) -> dict:
         t = self.config.training
@@ -268,8 +311,10 @@ class Trainer:
         self.metrics.close()
         if self.rank == 0 and self.metrics_dir is not None and (self.metrics_dir / "metrics.jsonl").is_file():
             m, t = self.config.model, self.config.training
-            title = (f"{self.metrics_dir}: {m.num_layers} layers x {m.hidden_size}, {self.global_batch} x "
-                     f"{t.seq_length} tokens a step, {t.train_iters} steps")  # fmt: skip
+            title = (
+                f"{self.metrics_dir}: {m.num_layers} layers x {m.hidden_size}, {self.global_batch} x "
+                f"{t.seq_length} tokens a step, {t.train_iters} steps"
+            )
             results["plot"] = str(plot_losses(self.metrics_dir / "metrics.jsonl", self.metrics_dir / "loss.png", title))
         return results
 

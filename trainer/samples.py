@@ -34,12 +34,15 @@ from trainer.data import BlendedDataset, GPTDataset, blend_index, neox_weights
 
 @dataclass
 class Source:
+    """A shard of a split with its blend weight (and, for one data_path cut by split, its documents)."""
+
     prefix: Path
     weight: float
     documents: range | None = None  # a document range of the shard, for `data_path` with `split`
 
 
 def check_prefix(prefix: Path, key: str) -> Path:
+    """`prefix`, or a ConfigError naming `key` when its .bin or .idx is missing."""
     for suffix in (".bin", ".idx"):
         if not Path(f"{prefix}{suffix}").is_file():
             raise ConfigError(f"{key}: {prefix}{suffix} does not exist")
@@ -101,6 +104,7 @@ def sources_from_keys(data: DataConfig) -> dict[str, list[Source]]:
 
 
 def shard_sizes(prefix: Path) -> np.ndarray:
+    """The documents' token counts from a shard's .idx."""
     return read_index(Path(f"{prefix}.idx"))[1]
 
 
@@ -111,8 +115,9 @@ def resolve_sources(data: DataConfig) -> dict[str, list[Source]]:
             raise ConfigError(f"--data: {data.data_dir} is not a directory")
         return sources_from_blend(Path(data.data_dir), "--data")
     if not data.train_data_paths and not data.data_path:
-        raise ConfigError("no training data: give --data DIR (a build-shards output), or data_path or "
-                          "train_data_paths in the config")  # fmt: skip
+        raise ConfigError(
+            "no training data: give --data DIR (a build-shards output), or data_path or train_data_paths in the config"
+        )
     return sources_from_keys(data)
 
 
@@ -161,8 +166,14 @@ def source_samples(sources: list[Source], num_samples: int) -> list[int]:
     return [int(math.ceil(num_samples * w * 1.005)) for w in neox_weights([s.weight for s in sources])]
 
 
-def split_dataset(sources: list[Source], num_samples: int, seq_length: int, seed: int, vocab_size: int | None = None,
-                  fallback: Path | None = None) -> BlendedDataset | None:  # fmt: skip
+def split_dataset(
+    sources: list[Source],
+    num_samples: int,
+    seq_length: int,
+    seed: int,
+    vocab_size: int | None = None,
+    fallback: Path | None = None,
+) -> BlendedDataset | None:
     """The blend of `sources` as gpt-neox builds it for a split of `num_samples` samples (None when the split has
     no data); its blend index holds the samples a run of that size reads."""
     sources = [s for s in sources if s.documents is None or len(s.documents)]
@@ -171,7 +182,7 @@ def split_dataset(sources: list[Source], num_samples: int, seq_length: int, seed
     datasets = [
         GPTDataset(s.prefix, n, seq_length, seed, cache_dir(s.prefix, fallback), s.documents, vocab_size)
         for s, n in zip(sources, source_samples(sources, num_samples))
-    ]  # fmt: skip
+    ]
     size = min(num_samples, sum(len(d) for d in datasets))
     source, within = blend_index([s.weight for s in sources], size)
     return BlendedDataset(datasets, source, within, names=[s.prefix.name for s in sources])
@@ -181,8 +192,11 @@ def split_samples(config: NeoXConfig, global_batch: int) -> dict[str, int]:
     """Samples each split holds, as gpt-neox sizes them: every evaluation reads a fresh eval_iters x G."""
     t = config.training
     evaluations = t.train_iters // t.eval_interval + 1 if t.eval_interval else 1
-    return {"train": t.train_iters * global_batch, "valid": evaluations * t.eval_iters * global_batch,
-            "test": t.eval_iters * global_batch}  # fmt: skip
+    return {
+        "train": t.train_iters * global_batch,
+        "valid": evaluations * t.eval_iters * global_batch,
+        "test": t.eval_iters * global_batch,
+    }
 
 
 def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_batch: int, fallback: Path) -> dict:
@@ -192,8 +206,9 @@ def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_
     out = {}
     for split, samples in split_samples(config, global_batch).items():
         try:
-            out[split] = split_dataset(sources.get(split, []), samples, t.seq_length, t.seed,
-                                       config.model.vocab_size, fallback)  # fmt: skip
+            out[split] = split_dataset(
+                sources.get(split, []), samples, t.seq_length, t.seed, config.model.vocab_size, fallback
+            )
         except ValueError as e:  # a source with no tokens
             raise ConfigError(f"{split} data: {e}") from None
     if out["train"] is None:

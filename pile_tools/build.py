@@ -22,7 +22,7 @@ from pile_tools.components import load_epochs, split_weights
 from pile_tools.ground import InputError, write_json
 from pile_tools.indexed import token_dtype
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
-from pile_tools.reader import HF_PREFIX, Part, discover, guard_sample, part_bytes, plan_parts
+from pile_tools.reader import HF_PREFIX, Part, cut_into_parts, discover, guard_sample, part_bytes
 from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 
 
@@ -71,7 +71,7 @@ def work_plan(inputs, tokenizer, *, split, weights, component, part_size, max_do
         },
         "options": options,
         "inputs": [describe_input(s) for s in sources],
-        "parts": [asdict(p) for p in plan_parts(sources, part_size)],
+        "parts": [asdict(p) for p in cut_into_parts(sources, part_size)],
     }
     decisive = {**plan, "tokenizer": {k: v for k, v in plan["tokenizer"].items() if k != "path"}}
     plan["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]

@@ -117,6 +117,7 @@ class Size(click.ParamType):
     name = "size"
 
     def convert(self, value, param, ctx):
+        """The byte count of a value like 256M (a plain int passes through)."""
         if isinstance(value, int):
             return value
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(value), re.IGNORECASE)

@@ -108,6 +108,7 @@ class ShardWriter:
         self._sizes.append(np.asarray(sizes, np.int32))
 
     def close(self) -> None:
+        """Flush the .bin and write the .idx beside it."""
         self._bin.close()
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
         write_index(Path(f"{self.prefix}.idx"), sizes, self.dtype)

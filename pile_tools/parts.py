@@ -78,6 +78,7 @@ class PartWriter:
         self.stats: dict[str, dict] = {}
 
     def write(self, keys: list[tuple[str, str]], tokens: np.ndarray, sizes: np.ndarray, nbytes: list[int]):
+        """Route one encoded batch to the shard of each document's (split, component)."""
         uniq = sorted(set(keys))
         codes = np.array([uniq.index(k) for k in keys]) if len(uniq) > 1 else np.zeros(len(keys), int)
         token_codes = np.repeat(codes, sizes) if len(uniq) > 1 else None
@@ -110,6 +111,7 @@ class PartWriter:
         return self.writers[key]
 
     def close(self):
+        """Close every shard writer of the part."""
         for w in self.writers.values():
             w.close()
 

@@ -34,6 +34,7 @@ class Part:
     end: int | None = None
 
     def describe(self) -> str:
+        """The part as messages name it: the file, and its byte range when it is a slice."""
         return self.source if self.end is None else f"{self.source} [bytes {self.start}-{self.end})"
 
 
@@ -92,7 +93,7 @@ def part_bytes(part: Part) -> int:
     return (part.end or os.path.getsize(part.source)) - part.start
 
 
-def plan_parts(sources: list[str], part_size: int) -> list[Part]:
+def cut_into_parts(sources: list[str], part_size: int) -> list[Part]:
     """Cut sources into parts; only uncompressed JSON lines can be cut at byte offsets."""
     parts = []
     for source in sources:
@@ -114,6 +115,7 @@ class Skips:
         self.examples: list[str] = []
 
     def note(self, reason: str, where: str, detail: str = "") -> None:
+        """Count a skipped line (keeping the first examples of each reason); with --strict, stop instead."""
         message = f"{where}: {reason.replace('_', ' ')}{': ' + detail if detail else ''}"
         if self.strict:
             raise InputError(f"{message} (--strict makes every skipped line an error)")

@@ -40,6 +40,7 @@ class Audit:
             self.lines.append(f"{self.name}: {line}")
 
     def summary(self) -> list[str]:
+        """The problem lines kept, and a count of those left out per kind."""
         extra = [
             f"{self.name}: {n - MAX_LINES:,} more {kind} problems" for kind, n in self.counts.items() if n > MAX_LINES
         ]

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from trainer.model import GPTNeoX, ModelConfig
-from trainer.parallel import apply_tensor_parallel, partition_dim, vocab_parallel_cross_entropy
+from trainer.tensor_parallel import apply_tensor_parallel, partition_dim, vocab_parallel_cross_entropy
 
 
 def config(parallel: bool, tp: int) -> ModelConfig:

@@ -12,7 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from pile_tools.ground import InputError, check_writable, prefetch, save_figure, write_text
-from pile_tools.reader import Skips, batched_by_chars, discover, guard_sample, plan_parts, read_documents, report_skips
+from pile_tools.reader import (
+    Skips,
+    batched_by_chars,
+    cut_into_parts,
+    discover,
+    guard_sample,
+    read_documents,
+    report_skips,
+)
 from tokenizer.engine import BUILTIN, Encoder, choose_engine, load_reference, resolve_tokenizer
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
@@ -63,7 +71,7 @@ def name_tokenizers(specs: list[str], baseline: str) -> dict[str, Path]:
 
 def count(inputs: list[str], tokenizers: dict[str, Path], echo=print) -> dict:
     """documents, bytes, tokens and tokens without whitespace-only ones, per component and tokenizer."""
-    parts = plan_parts(discover(inputs), part_size=1 << 62)
+    parts = cut_into_parts(discover(inputs), part_size=1 << 62)
     sample = guard_sample(parts, None)
     encoders = {}
     for name, path in tokenizers.items():

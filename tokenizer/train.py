@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.ground import InputError, check_writable, prefetch, write_json, write_text
-from pile_tools.reader import Part, Skips, discover, plan_parts, read_documents, report_skips
+from pile_tools.reader import Part, Skips, cut_into_parts, discover, read_documents, report_skips
 from tokenizer.engine import SPECIALS, transformers_files
 
 CACHE_BYTES = 1 << 30  # inputs up to this much text are read once and kept, larger ones are read twice
@@ -44,7 +44,7 @@ class Component:
 
 
 @dataclass
-class TrainPlan:
+class TrainingText:
     """What the tokenizer trains on: the parts, per-component sizes and rates, the caps and skips."""
 
     parts: list[Part]
@@ -85,9 +85,9 @@ def take(c: Component, nbytes: int) -> int:
 
 def plan_sample(
     inputs: list[str], max_bytes: int | None, weights: str, seed: int, strict: bool, echo=print
-) -> TrainPlan:
+) -> TrainingText:
     """First pass: sizes per component, then each component's sampling rate under the byte budget."""
-    plan = TrainPlan(parts=plan_parts(discover(inputs), part_size=1 << 62))
+    plan = TrainingText(parts=cut_into_parts(discover(inputs), part_size=1 << 62))
     table, every = load_epochs(weights)
     sizes, skips, cache, cached = {}, Skips(strict), [], 0
     for component, text in read_documents(plan.parts, "sizing", skips):
@@ -114,7 +114,7 @@ def plan_sample(
     return plan
 
 
-def sample_batches(plan: TrainPlan, strict: bool, batch: int = 64):
+def sample_batches(plan: TrainingText, strict: bool, batch: int = 64):
     """Second pass: lists of sampled documents, capped in length, each as often as its copies say."""
     texts = []
     docs = plan.cache if plan.cache is not None else read_documents(plan.parts, "reading", Skips(strict))
@@ -133,7 +133,7 @@ def sample_batches(plan: TrainPlan, strict: bool, batch: int = 64):
         yield texts
 
 
-def sample_texts(plan: TrainPlan, strict: bool):
+def sample_texts(plan: TrainingText, strict: bool):
     """The sample one text at a time. The trainer's threads pull texts one by one while holding the GIL, so input
     that is not in memory is read and sampled ahead in a thread, not inside that pull."""
     if plan.cache is not None:  # in memory already: hand the trainer a list, the cheapest thing to pull from

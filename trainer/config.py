@@ -99,6 +99,7 @@ class PrecisionConfig:
 
     @property
     def mixed(self) -> bool:
+        """fp16 or bf16."""
         return self.fp16 or self.bf16
 
     def blocks(self) -> dict:
@@ -222,6 +223,7 @@ class NeoXConfig:
             )
 
     def data_parallel_size(self, world_size: int) -> int:
+        """DP for `world_size` processes, or a ConfigError when TP x PP does not divide it."""
         per_replica = self.parallel.model_parallel_size * self.parallel.pipe_parallel_size
         if world_size % per_replica:
             raise ConfigError(
@@ -235,6 +237,7 @@ class NeoXConfig:
         return given or int(os.environ.get("WORLD_SIZE", p.model_parallel_size * p.pipe_parallel_size))
 
     def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step: micro-batch x accumulation x DP (and train_batch_size, if set, must agree)."""
         t = self.training
         dp = self.data_parallel_size(world_size)
         batch = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * dp

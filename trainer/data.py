@@ -100,6 +100,7 @@ class GPTDataset:
         self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[n], mmap_mode="r") for n in paths)
 
     def build(self, seed: int) -> dict[str, np.ndarray]:
+        """doc_idx, sample_idx and shuffle_idx, drawn from one RandomState(seed) in gpt-neox's order."""
         rng = np.random.RandomState(seed)  # gpt-neox's generator (MT19937), drawn in its order
         sizes = np.asarray(self.shard.sizes)
         documents = np.arange(self.documents.start, self.documents.stop)

@@ -88,6 +88,7 @@ class Metrics:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=False)
 
     def record(self, entry: dict) -> None:
+        """Append an entry to metrics.jsonl (and TensorBoard), and print it at log steps."""
         if self.rank != 0:
             return
         if self.file:
@@ -112,10 +113,12 @@ class Metrics:
             )
 
     def echo(self, line: str) -> None:
+        """A line on the terminal, above the progress bar (rank 0 only)."""
         if self.rank == 0:
             (self.bar.write if self.bar else click.echo)(line)
 
     def close(self) -> None:
+        """Close the progress bar, metrics.jsonl and the TensorBoard writer."""
         for thing in (self.bar, self.file, self.writer):
             if thing is not None:
                 thing.close()

@@ -66,10 +66,12 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Channels per attention head."""
         return self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_dims(self) -> int:
+        """Channels of each head that rotary embeddings rotate (rotary_pct of head_dim)."""
         return int(self.head_dim * self.rotary_pct)
 
 
@@ -248,6 +250,7 @@ class KVCache:
         self.length = 0
 
     def update(self, attention, k, v):
+        """Append this step's keys and values for `attention`; the keys and values so far."""
         end = self.length + k.shape[2]
         self.k[attention][:, :, self.length : end] = k
         self.v[attention][:, :, self.length : end] = v

@@ -1,4 +1,4 @@
-"""Tensor x pipeline x data parallelism: the model cut by `parallel.py`, staged by DeepSpeed's PipelineModule.
+"""Tensor x pipeline x data parallelism: the model cut by `tensor_parallel.py`, staged by DeepSpeed's PipelineModule.
 
 The order of the steps matters:
 1. the topology (pipe, data, model axes, as gpt-neox) and DeepSpeed's grid of process groups over it;
@@ -15,7 +15,7 @@ import torch
 from trainer.config import NeoXConfig
 from trainer.layout import deepspeed_method, pipeline_parts
 from trainer.model import GPTNeoX, lm_loss
-from trainer.parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
+from trainer.tensor_parallel import apply_tensor_parallel, vocab_parallel_cross_entropy
 
 
 class LMLoss:

@@ -3,7 +3,7 @@
 A pipelined run's checkpoint holds one file per layer and TP rank, `layer_{i:02d}-model_{t:02d}-model_states.pt`,
 keyed within the layer (`attention.dense.weight`). Layer i is part i of `layout.pipeline_parts` (0 embed_in,
 1..L the blocks, L+1 final_layer_norm, L+2 embed_out); TP shards are joined along the dimension
-`parallel.PARTITION_DIM` names, and replicated tensors are taken from TP rank 0. The reverse cut gives a rank of
+`tensor_parallel.PARTITION_DIM` names, and replicated tensors are taken from TP rank 0. The reverse cut gives a rank of
 any layout its own tensors. Resuming in another layout restores weights, step, data position and learning-rate
 schedule; the optimizer's moments restart (DeepSpeed's ZeRO partitions are tied to the layout they were saved in).
 """
@@ -16,7 +16,7 @@ import torch
 
 from trainer.config import ConfigError, NeoXConfig, load_config
 from trainer.layout import pipeline_parts
-from trainer.parallel import partition_dim
+from trainer.tensor_parallel import partition_dim
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 

@@ -66,6 +66,7 @@ class RunLock:
         return self
 
     def try_create(self) -> bool:
+        """Create the lock file holding this process's identity; False when it exists."""
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -75,6 +76,7 @@ class RunLock:
         return True
 
     def read(self) -> dict | None:
+        """The holder recorded in the lock file; None when there is none."""
         try:
             return json.loads(self.path.read_text())
         except FileNotFoundError:

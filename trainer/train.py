@@ -149,6 +149,7 @@ class Trainer:
         return data
 
     def batch(self, split: str, step: int, micro_step: int) -> torch.Tensor:
+        """This rank's micro-batch `micro_step` of step `step` of a split, on the device."""
         t = self.config.training
         ids = micro_batch(
             self.data[split],
@@ -241,6 +242,7 @@ class Trainer:
         }
 
     def train_entry(self, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict:
+        """The metrics.jsonl entry of the step just taken."""
         t = self.config.training
         model_flops, hardware_flops = step_flops(self.config, self.global_batch)
         tflops = hardware_flops / seconds / self.world / 1e12
@@ -259,6 +261,7 @@ class Trainer:
         }
 
     def checkpoint(self) -> None:
+        """Save the engine, the position and the run's identity under --save (no-op without one)."""
         if self.save is not None:
             state = {"iteration": self.step, "consumed_samples": self.step * self.global_batch}
             save_training_checkpoint(
@@ -284,6 +287,7 @@ class Trainer:
             )
 
     def run(self) -> dict:
+        """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results."""
         t = self.config.training
         results = {"start_step": self.step}
         if self.step == 0 and t.eval_interval:
@@ -319,6 +323,7 @@ class Trainer:
         return results
 
     def record(self, entry: dict | None) -> dict | None:
+        """Record an evaluation's entry (None for a split without data) and return it."""
         if entry is not None:
             self.metrics.record(entry)
         return entry

@@ -8,7 +8,9 @@ shard written under benchmarks/.work/. Ours is the real command (`neox-data trai
 tokens/s, TFLOPS and MFU come from its metrics.jsonl. The baseline is the loop people write by hand: forward,
 fp32 cross-entropy, backward, clip, AdamW, LR schedule — on GPTNeoXForCausalLM (bf16 autocast when --bf16).
 Each runs in its own process, alternating, --rounds times; medians over the steps after --warmup are printed with
-the ratio (goal: ours / plain >= 1.0). Step time includes each side's data loading.
+the ratio (goal: ours / plain >= 1.0). Step time includes each side's data loading. Also printed: each side's peak
+memory (the CUDA allocator's peak, or the peak resident set on a CPU) and the share of our step spent waiting for
+data (read ahead in a thread).
 """
 
 import argparse
@@ -73,6 +75,7 @@ def plain(args) -> list[dict]:
     from trainer.config import DataConfig, load_config
     from trainer.hf import hf_config
     from trainer.samples import micro_batch, resolve_sources, split_dataset
+    from trainer.train import peak_memory_gib
 
     config = load_config(args.config, overrides(args))
     t = config.training
@@ -115,7 +118,12 @@ def plain(args) -> list[dict]:
         loss.item()
         times.append(time.perf_counter() - start)
     tokens = t.train_micro_batch_size_per_gpu * t.gradient_accumulation_steps * t.seq_length
-    return [{"tokens_per_s": tokens / s} for s in times[args.warmup :]]
+    peak = peak_memory_gib(torch.device(device) if device == "cuda" else None)
+    return [{"tokens_per_s": tokens / s, "peak_memory_gib": peak} for s in times[args.warmup :]]
+
+
+def tokens_per_step(args) -> int:
+    return args.micro * args.accumulation * args.seq
 
 
 def overrides(args) -> list[str]:
@@ -190,8 +198,16 @@ def main():
             f"ours   {statistics.median(x['tflops_per_gpu'] for x in ours_rows):.1f} TFLOPS/GPU (hardware), "
             f"MFU {statistics.median(x['mfu'] or 0 for x in ours_rows):.1%}"
         )
+    if ours_rows:
+        wait = statistics.median(x["data_wait_s"] * x["tokens_per_s"] / tokens_per_step(args) for x in ours_rows)
+        print(f"ours   data wait {wait:.2%} of step time (goal <= 1%)")
     if "plain" in summary:
         print(f"ours / plain: {summary['ours'] / summary['plain']:.2f} (goal >= 1.0)")
+        peak = {name: max(x["peak_memory_gib"] for rows in runs for x in rows) for name, runs in results.items()}
+        print(
+            f"peak memory: ours {peak['ours']:.2f} GiB, plain {peak['plain']:.2f} GiB, ours / plain "
+            f"{peak['ours'] / peak['plain']:.2f} (goal <= 0.75 on CUDA; on a CPU, the process's peak resident set)"
+        )
 
 
 if __name__ == "__main__":

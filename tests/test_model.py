@@ -6,14 +6,18 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import assert_clean_error
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import GPTNeoXForCausalLM
 
+import trainer.model as model_module
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.config import ConfigError, NeoXConfig, build, load_config
 from trainer.generate import generate
 from trainer.hf import export_hf, hf_config, import_hf
-from trainer.model import GPTNeoX, ModelConfig, checkpoint_blocks
+from trainer.model import GPTNeoX, ModelConfig, checkpoint_blocks, lm_loss
 from trainer.plan import count_parameters
 
 VARIANTS = [(parallel, pct) for parallel in (True, False) for pct in (0.25, 1.0)]
@@ -170,3 +174,37 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+class LargestFloat32(TorchDispatchMode):
+    """Records the largest float32 tensor any operation creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_the_loss_never_holds_fp32_logits_of_the_whole_batch(monkeypatch):
+    """Chunked cross-entropy: the plain loss to 1e-6, the same gradients, and no fp32 batch x seq x vocab tensor,
+    forward or backward (the chunks are recomputed in the backward pass)."""
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_TOKENS", 64)
+    torch.manual_seed(0)
+    logits = torch.randn(4, 128, 1000, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 1000, (4, 128))
+    plain = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    (want,) = torch.autograd.grad(plain, logits)
+    with LargestFloat32() as mode:
+        loss = lm_loss(logits, targets)
+        (got,) = torch.autograd.grad(loss, logits)
+    assert mode.largest <= 64 * 1000 < logits.numel()
+    torch.testing.assert_close(loss, plain, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got, want)
+    per_token = lm_loss(logits.detach(), targets, reduction="none")
+    torch.testing.assert_close(per_token.mean(), plain.detach(), rtol=1e-6, atol=0)

@@ -240,16 +240,15 @@ def test_other_layouts_match_one_process(shards, straight, tmp_path, tp, pp, dp)
 RECORD_BATCHES = """
 import json, os, sys
 import trainer.train
-real = trainer.train.Trainer.batch
+real = trainer.train.Trainer.step_batches
 seen = {}
-def batch(self, split, step, micro_step):
-    ids = real(self, split, step, micro_step)
-    if split == "train":
-        seen.setdefault(step + 1, []).extend(ids.tolist())  # logged as step + 1
-        with open(os.environ["BATCHES"], "w") as f:
-            json.dump(seen, f)
-    return ids
-trainer.train.Trainer.batch = batch
+def step_batches(self):
+    batches = real(self)
+    seen[self.step + 1] = [row for ids in batches for row in ids.tolist()]  # logged as step + 1
+    with open(os.environ["BATCHES"], "w") as f:
+        json.dump(seen, f)
+    return batches
+trainer.train.Trainer.step_batches = step_batches
 import cli
 cli.main(sys.argv[1:])
 """

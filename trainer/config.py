@@ -134,7 +134,7 @@ class TrainingConfig:
     train_batch_size: int | None = None  # optional: when given, must equal micro x accumulation x DP
     exit_interval: int | None = None  # save and stop once the step is a multiple of this (gpt-neox, Megatron)
     keep_last_n_checkpoints: int | None = None  # older complete checkpoints are deleted (None: keep all)
-    compile: bool = False  # torch.compile each block (ours; fuses LayerNorm, GELU, rotary and the residual adds)
+    compile: bool | None = None  # torch.compile each block (ours): None is on with CUDA, off on a CPU
     stop_after_nonfinite_steps: int = 3  # ours: this many optimizer steps in a row with a nan/inf loss end the run
 
     def __post_init__(self):

@@ -8,9 +8,11 @@ group, the model or any index is built, so a bad config costs nothing.
 import contextlib
 import math
 import os
+import resource
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -42,6 +44,13 @@ from trainer.samples import (
     sample_positions,
     shards_manifest,
 )
+
+
+def peak_memory_gib(device) -> float:
+    """The most memory this process has held: the CUDA allocator's peak, or on a CPU the peak resident set."""
+    if device is not None:
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def check_save(save: str | None, load: str | None) -> None:
@@ -105,8 +114,10 @@ class Trainer:
             model, self.dp_rank, self.tp_rank = GPTNeoX(config.model), self.rank, 0
             if config.model.checkpoint_activations:  # the pipeline engine checkpoints its own layers
                 checkpoint_blocks(model)
-        if config.training.compile:
-            for block in (m for m in model.modules() if isinstance(m, Block)):  # regional: one graph, reused
+        compile_blocks = config.training.compile if config.training.compile is not None else self.device is not None
+        if compile_blocks:  # default on CUDA; regional: one graph per block shape, reused by every block
+            blocks = [m for m in model.modules() if isinstance(m, Block)]
+            for block in blocks:
                 block.compile()
         optimizer = make_optimizer(model, config)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -138,6 +149,14 @@ class Trainer:
         )
         name = torch.cuda.get_device_name() if self.device is not None else ""
         self.peak = peak_flops(name) if config.precision.mixed else None
+        if compile_blocks:
+            self.metrics.echo(
+                f"torch.compile: {len(blocks)} blocks, compiled on their first call (step "
+                f"{self.step + 1}'s time includes it; compile: false turns it off)"
+            )
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="next-batch")
+        self.ahead = None  # (step, future): the next step's micro-batches, read while this step computes
+        self.data_wait = 0.0
 
     def build_data(self, sources: dict) -> dict:
         """Rank 0 builds (and caches) the sample indices first; the others then read them."""
@@ -162,6 +181,28 @@ class Trainer:
         )
         return ids.to(self.device, non_blocking=True) if self.device is not None else ids
 
+    def read_step(self, step: int) -> list[torch.Tensor]:
+        """This rank's micro-batches of train step `step`, on the host (pinned for an asynchronous copy on CUDA)."""
+        t = self.config.training
+        batches = [
+            micro_batch(
+                self.data["train"], step, m, t.train_micro_batch_size_per_gpu, self.dp, self.dp_rank, self.global_batch
+            )
+            for m in range(t.gradient_accumulation_steps)
+        ]
+        return [ids.pin_memory() for ids in batches] if self.device is not None else batches
+
+    def step_batches(self) -> list[torch.Tensor]:
+        """The current step's micro-batches, read ahead in a thread while the previous step ran; the time this
+        step still waited for them is kept for metrics.jsonl (data_wait_s). The next step's read starts here."""
+        start = time.perf_counter()
+        ahead, self.ahead = self.ahead, None
+        batches = ahead[1].result() if ahead is not None and ahead[0] == self.step else self.read_step(self.step)
+        self.data_wait = time.perf_counter() - start
+        if self.step + 1 < self.config.training.train_iters:
+            self.ahead = (self.step + 1, self.reader.submit(self.read_step, self.step + 1))
+        return [ids.to(self.device, non_blocking=True) for ids in batches] if self.device is not None else batches
+
     def pairs(self, split: str, step: int):
         """The pipeline engine's micro-batches: (inputs, targets) for each accumulation step."""
         for m in range(self.config.training.gradient_accumulation_steps):
@@ -172,12 +213,12 @@ class Trainer:
         """One optimizer step over the global batch: (loss averaged over it on all ranks, lr, gradient norm)."""
         steps = self.config.training.gradient_accumulation_steps
         lr, norm, losses = self.engine.get_lr()[0], None, []
+        batches = self.step_batches()
         if self.pipelined:  # 1F1B over the micro-batches; the loss comes back averaged over DP, on every rank
-            loss = self.engine.train_batch(data_iter=self.pairs("train", self.step))
+            loss = self.engine.train_batch(data_iter=iter([(ids[:, :-1], ids[:, 1:]) for ids in batches]))
             norm = self.engine.get_global_grad_norm()
             return loss.item(), lr, float(norm) if norm is not None else None
-        for m in range(steps):
-            ids = self.batch("train", self.step, m)
+        for m, ids in enumerate(batches):
             loss = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:])
             self.engine.backward(loss)
             if m == steps - 1 and self.plain_fp32:  # the reduced gradients, before the step (see plain_fp32)
@@ -257,6 +298,8 @@ class Trainer:
             "tflops_per_gpu": tflops if self.device is not None else None,
             "mfu": model_flops / seconds / self.world / self.peak if self.peak else None,
             "consumed_samples": self.step * self.global_batch,
+            "data_wait_s": self.data_wait,
+            "peak_memory_gib": peak_memory_gib(self.device),
             "elapsed_s": seconds,
         }
 
@@ -312,6 +355,7 @@ class Trainer:
                 results["valid"] = self.record(final and {**final, "final": True})
             results["test"] = self.record(self.evaluate("test"))
         results["step"] = self.step
+        self.reader.shutdown(wait=True, cancel_futures=True)
         self.metrics.close()
         if self.rank == 0 and self.metrics_dir is not None and (self.metrics_dir / "metrics.jsonl").is_file():
             m, t = self.config.model, self.config.training

@@ -237,30 +237,24 @@ def _summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32, over LOSS_CHUNK_TOKENS tokens at a time: the fp32 copy of batch x seq x
-    vocab logits (3.3 GB for 8 x 2,048 x 50k) never exists at once. In training each chunk is recomputed in the
-    backward pass instead of kept, so only the logits themselves stay. (batch, seq) per token when reduction is
-    'none'."""
+    """Next-token cross-entropy in fp32; (batch, seq) per token when reduction is 'none'.
+
+    Logits in bf16/fp16 are upcast LOSS_CHUNK_TOKENS tokens at a time: their fp32 copy (3.3 GB for 8 x 2,048 x
+    50k) never exists at once, and in training each chunk is recomputed in the backward pass instead of kept, so
+    only the logits themselves stay. fp32 logits (a CPU run) take the plain path: there is no copy to save."""
     flat, labels = logits.flatten(0, 1), targets.flatten()
-    chunks = range(0, len(labels), LOSS_CHUNK_TOKENS)
+    if flat.dtype == torch.float32:
+        loss = F.cross_entropy(flat, labels, reduction=reduction)
+        return loss if reduction == "mean" else loss.view(targets.shape)
+    chunks = [
+        (flat[i : i + LOSS_CHUNK_TOKENS], labels[i : i + LOSS_CHUNK_TOKENS])
+        for i in range(0, len(labels), LOSS_CHUNK_TOKENS)
+    ]
     if reduction == "none":
-        pieces = [
-            F.cross_entropy(
-                flat[i : i + LOSS_CHUNK_TOKENS].float(), labels[i : i + LOSS_CHUNK_TOKENS], reduction="none"
-            )
-            for i in chunks
-        ]
-        return torch.cat(pieces).view(targets.shape)
-    keep = not (flat.requires_grad and torch.is_grad_enabled())
-    total = sum(
-        _summed_loss(flat[i : i + LOSS_CHUNK_TOKENS], labels[i : i + LOSS_CHUNK_TOKENS])
-        if keep
-        else checkpoint(
-            _summed_loss, flat[i : i + LOSS_CHUNK_TOKENS], labels[i : i + LOSS_CHUNK_TOKENS], use_reentrant=False
-        )
-        for i in chunks
-    )
-    return total / len(labels)
+        return torch.cat([F.cross_entropy(x.float(), y, reduction="none") for x, y in chunks]).view(targets.shape)
+    if flat.requires_grad and torch.is_grad_enabled():
+        return sum(checkpoint(_summed_loss, x, y, use_reentrant=False) for x, y in chunks) / len(labels)
+    return sum(_summed_loss(x, y) for x, y in chunks) / len(labels)
 
 
 class KVCache:

@@ -1,10 +1,14 @@
 """build-shards against its ceiling and against gpt-neox, side by side, on N copies of the mini-Pile.
 
-    .venv/bin/python benchmarks/shards.py [--copies 10] [--corpus ../shared/corpus/mini-pile] [--skip-neox]
+    .venv/bin/python benchmarks/shards.py [--copies 10] [--workers 2] [--corpus ../shared/corpus/mini-pile]
+        [--skip-neox]
 
 Three runs on the same input, each in its own process, timed and with peak RSS (the process tree, sampled):
   ceiling   one process: read + orjson + gigatoken encode_batch(parallel=True) + EOD + one uint16 write per file
-  ours      neox-data build-shards --workers 2 (and once more on 1 copy, for the memory ratio)
+  ours      neox-data build-shards --workers N (and once more on 1 copy, for the memory ratio), with where its
+            time went (manifest.json's timings: planning the parts, starting the workers and checking the engine,
+            encoding the parts, joining and hashing the final shards, blend; and the parts' read / encode / write
+            seconds summed over the workers), so the serial share is visible
   gpt-neox  tools/datasets/preprocess_data.py --workers 2, HFTokenizer, --append-eod (its own venv, set up here
             from the workplace's gpt-neox mirror or GPT_NEOX_DIR; needs the package registry the first time)
 Goals (issue 2): ours >= 0.8 x the ceiling's throughput; peak RSS at N copies <= 1.2 x at 1 copy;
@@ -13,6 +17,7 @@ gpt-neox >= 30 x slower than ours.
 
 import argparse
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -130,6 +135,7 @@ def main():
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "mini-pile")
     parser.add_argument("--skip-neox", action="store_true")
+    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ceiling", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ceiling:
@@ -150,7 +156,7 @@ def main():
                 "--tokenizer",
                 str(TOKENIZER),
                 "--workers",
-                "2",
+                str(args.workers),
                 "--output",
                 str(out),
                 "--weights",
@@ -160,6 +166,7 @@ def main():
 
     rows["ceiling"] = measure([sys.executable, __file__, "--ceiling", str(many), str(WORK / "ceiling.bin")])
     rows["ours"] = ours(many)
+    manifest = json.loads((out / "manifest.json").read_text())
     rows["ours, 1 copy"] = ours(one)
     if not args.skip_neox:
         tree, python = neox_python()
@@ -185,6 +192,17 @@ def main():
     for name, (seconds, rss) in rows.items():
         size = mb / args.copies if "1 copy" in name else mb
         print(f"{name:<14} {seconds:>8.1f} {size / seconds:>7.1f} {rss / 2**20:>12.0f}")
+    timings = manifest.get("timings", {})
+    parts_cpu = timings.pop("parts_cpu_seconds", {})
+    wall = rows["ours"][0]
+    print(f"ours, {args.copies} copies, --workers {args.workers}: where the {wall:.1f} s went (wall seconds)")
+    for phase, seconds in timings.items():
+        print(f"  {phase:<34} {seconds:>7.2f}  {seconds / wall:>6.1%}")
+    rest = wall - sum(timings.values())
+    print(f"  {'process start-up, imports, exit':<34} {rest:>7.2f}  {rest / wall:>6.1%}")
+    print("  in the parts, summed over workers: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts_cpu.items()))
+    serial = wall - timings.get("encode_parts", 0.0)
+    print(f"  serial share (all but encoding the parts): {serial:.1f} s, {serial / wall:.1%}")
     speed = rows["ceiling"][0] / rows["ours"][0]
     print(f"ours / ceiling throughput: {speed:.2f}  (goal >= 0.8)")
     print(f"peak RSS, {args.copies} copies / 1 copy: {rows['ours'][1] / rows['ours, 1 copy'][1]:.2f}  (goal <= 1.2)")

@@ -10,6 +10,7 @@ import shutil
 import time
 import zlib
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +44,26 @@ def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
 
 
 def append_file(out, src: Path) -> None:
-    """Append src to the open file `out`, in the kernel where it can (no copy through Python's buffers)."""
-    out.flush()  # sendfile writes at the descriptor's offset, past anything still in Python's buffer
+    """Append src to the open file `out` in the kernel (no copy through Python's buffers): copy_file_range, which
+    shares the blocks on filesystems that can (XFS, Btrfs), else sendfile, else a plain copy."""
+    out.flush()  # the kernel writes at the descriptor's offset, past anything still in Python's buffer
     with open(src, "rb") as f:
         remaining = os.fstat(f.fileno()).st_size
-        try:
-            while remaining:
-                sent = os.sendfile(out.fileno(), f.fileno(), None, remaining)
-                if sent == 0:
-                    raise OSError("sendfile made no progress")
-                remaining -= sent
-        except (AttributeError, OSError):
-            f.seek(os.fstat(f.fileno()).st_size - remaining)
-            shutil.copyfileobj(f, out, 16 << 20)
+        for kernel_copy in (
+            lambda n: os.copy_file_range(f.fileno(), out.fileno(), n),
+            lambda n: os.sendfile(out.fileno(), f.fileno(), None, n),
+        ):
+            try:
+                while remaining:
+                    sent = kernel_copy(remaining)
+                    if sent == 0:
+                        raise OSError("no progress")
+                    remaining -= sent
+                return
+            except (AttributeError, OSError):
+                continue
+        f.seek(os.fstat(f.fileno()).st_size - remaining)
+        shutil.copyfileobj(f, out, 16 << 20)
 
 
 def concatenate(prefix: Path, sources: list[Path], dtype: np.dtype) -> None:
@@ -185,7 +193,7 @@ def manifest_entries(manifest: dict) -> dict[str, dict]:
     return {e["prefix"]: e for c in manifest.get("components", {}).values() for e in c.get("splits", {}).values()}
 
 
-def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start) -> dict:
+def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, timings: dict) -> dict:
     """manifest.json: the run's plan, inputs, per-shard counts, max_id and xxh3, skips and timing."""
     skipped, examples = defaultdict(int), []
     for _, r in receipts:
@@ -216,13 +224,23 @@ def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start) -
         "parts": len(receipts),
         "part_seconds": round(sum(r["seconds"] for _, r in receipts), 3),
         "wall_seconds": round(time.time() - start, 3),
+        "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},  # wall, by phase
     }
     write_json(out / "manifest.json", manifest)
     return manifest
 
 
-def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print) -> dict:
-    """Join the parts found in `dirs` into `out`; returns the manifest."""
+def join_shard(out: Path, prefix: str, shard: dict, dtype: np.dtype) -> None:
+    """One final shard from its parts, and the xxh3 of its .bin (the content `neox-data verify` checks)."""
+    (out / prefix).parent.mkdir(parents=True, exist_ok=True)
+    concatenate(out / prefix, shard["sources"], dtype)
+    shard["xxh3_128"] = file_hash(Path(f"{out / prefix}.bin"))
+
+
+def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print, timings: dict | None = None) -> dict:
+    """Join the parts found in `dirs` into `out`; returns the manifest. Shards are joined and hashed in threads
+    (the copies run in the kernel and xxhash releases the GIL), one per core."""
+    timings = timings if timings is not None else {}
     receipts = load_receipts(plan, dirs)
     shards = collect_shards(receipts)
     if not shards:
@@ -235,15 +253,24 @@ def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print) 
         echo(f"warning: not in the Pile's table, weighted 1.0 epoch: {', '.join(sorted(unknown))}")
     warn_premixed(receipts, plan["options"]["weights"], echo)
     dtype = np.dtype(plan["tokenizer"]["dtype"])
-    for prefix, s in sorted(shards.items()):
-        (out / prefix).parent.mkdir(parents=True, exist_ok=True)
-        concatenate(out / prefix, s["sources"], dtype)
-        s["xxh3_128"] = file_hash(Path(f"{out / prefix}.bin"))  # the content `neox-data verify` checks
+    mark = time.time()
+    biggest_first = sorted(shards.items(), key=lambda kv: -kv[1]["tokens"])
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for done in [pool.submit(join_shard, out, prefix, s, dtype) for prefix, s in biggest_first]:
+            done.result()
+    timings["join_and_hash_shards"] = time.time() - mark
+    mark = time.time()
     blend = build_blend(out, shards, epochs, plan["options"]["weights"])
     if plan["options"]["materialize"]:
         blend["materialized"] = materialize(out, shards, epochs, plan["options"]["seed"], dtype)
     write_json(out / "blend.json", blend)
-    manifest = write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start)
+    timings["blend_and_materialize"] = time.time() - mark
+    phases = defaultdict(float)
+    for _, r in receipts:
+        for phase, seconds in r.get("phase_seconds", {}).items():
+            phases[phase] += seconds
+    timings["parts_cpu_seconds"] = {k: round(v, 3) for k, v in phases.items()}  # summed over the workers
+    manifest = write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, timings)
     report_skips(manifest["skipped"], manifest["skip_examples"], echo)
     shutil.rmtree(out / ".parts", ignore_errors=True)
     (out / "plan.json").unlink(missing_ok=True)

@@ -179,11 +179,16 @@ class Workers:
                 progress.parts += 1
 
 
-def encode_parts(todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *, workers: int, strict: bool, echo):
+def encode_parts(
+    todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *, workers: int, strict: bool, echo, timings: dict
+):
     """Check the fast engine on a sample of these parts, then encode them on `workers` processes."""
     options, tokenizer = plan["options"], plan["tokenizer"]
+    mark = time.time()
     with Workers(workers, tokenizer["path"]) as pool:
         engine = choose_engine(Path(tokenizer["path"]), guard_sample(todo, options["component"]), echo)
+        timings["start_workers_and_check_engine"] = time.time() - mark
+        mark = time.time()
         echo(f"encoding {len(todo)} of {n_parts} parts with {engine} on {workers} worker(s)")
         config = PartConfig(
             tokenizer=tokenizer["path"],
@@ -201,12 +206,14 @@ def encode_parts(todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *,
             pool.run(todo, config, parts_dir, progress)
         finally:
             progress.bar.close()
+        timings["encode_parts"] = time.time() - mark
 
 
 def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts):
     """Run build-shards; returns the output directory once final shards are there, else None (a rank's share)."""
     start = time.time()
     plan = work_plan(inputs, tokenizer, **opts)
+    timings = {"plan_parts": time.time() - start}
     out = Path(output)
     if claim_output(out, plan):
         echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
@@ -222,14 +229,14 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
         if p.index % world_size == rank and not (parts_dir / f"{p.index:05d}" / "receipt.json").is_file()
     ]
     if todo:
-        encode_parts(todo, len(parts), plan, parts_dir, workers=workers, strict=strict, echo=echo)
+        encode_parts(todo, len(parts), plan, parts_dir, workers=workers, strict=strict, echo=echo, timings=timings)
     if world_size > 1:
         echo(
             f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "
             f"neox-data merge-shards DIR... --output DIR"
         )
         return None
-    assemble(out, plan, [out], start=start, echo=echo)
+    assemble(out, plan, [out], start=start, echo=echo, timings=timings)
     return out
 
 

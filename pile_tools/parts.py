@@ -147,15 +147,29 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
     reader = PartReader(part, config.component, skips, config.max_doc_bytes)
     writer, reported = PartWriter(tmp, config.dtype), 0
     docs = batches(reader, config.split_thresholds)
+    docs = iter(prefetch(docs) if config.threaded else docs)
+    phases = {"read": 0.0, "encode": 0.0, "write": 0.0}  # read: decompress, parse, split (or the wait for it)
     with writing(tmp):
-        for batch, consumed in prefetch(docs) if config.threaded else docs:
+        while True:
+            mark = time.perf_counter()
+            item = next(docs, None)
+            phases["read"] += time.perf_counter() - mark
+            if item is None:
+                break
+            batch, consumed = item
+            mark = time.perf_counter()
             ids, counts = encoder.encode([text for _, text, _ in batch])
+            phases["encode"] += time.perf_counter() - mark
+            mark = time.perf_counter()
             tokens, sizes = append_eod(ids, counts, config.eod)
             writer.write([key for key, _, _ in batch], tokens, sizes, [n for _, _, n in batch])
+            phases["write"] += time.perf_counter() - mark
             if report:
                 report(consumed - reported, len(batch), len(tokens), sum(n for _, _, n in batch))
                 reported = consumed
+        mark = time.perf_counter()
         writer.close()
+        phases["write"] += time.perf_counter() - mark
     receipt = {
         "part": part.index,
         "source": part.source,
@@ -167,6 +181,7 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
         "skip_examples": skips.examples,
         "components_seen": sorted(reader.components_seen),
         "seconds": round(time.time() - start, 3),
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
     with writing(tmp):
         tmp.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 import pile_tools
 from pile_tools.checksums import file_hash
-from pile_tools.components import epochs_for, load_epochs
+from pile_tools.components import SPLITS, epochs_for, load_epochs
 from pile_tools.ground import InputError, write_json, writing
 from pile_tools.indexed import Shard, read_index, write_index
 from pile_tools.reader import report_skips
@@ -117,7 +117,7 @@ def materialize(out: Path, shards: dict, epochs: dict, seed: int, dtype: np.dtyp
 def build_blend(out: Path, shards: dict, epochs: dict, weights: str) -> dict:
     """Per split, each shard's sampling weight ∝ epochs x tokens, also as Megatron and gpt-neox settings."""
     blend = {"weights": weights, "splits": {}, "gpt_neox": {}}
-    for split in ("train", "valid", "test"):
+    for split in SPLITS:
         names = sorted(k for k in shards if k.startswith(f"{split}/"))
         mass = [epochs[shards[n]["component"]] * shards[n]["tokens"] for n in names]
         total = sum(mass) or 1.0

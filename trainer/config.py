@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pile_tools.components import SPLITS
 from trainer.config_keys import (
     FIXED,
     NESTED,
@@ -173,7 +174,7 @@ class DataConfig:
     tokenizer_type: str | None = None  # gpt-neox's; only HFTokenizer's vocab_file is a tokenizer.json
 
     def __post_init__(self):
-        for split in ("train", "valid", "test"):
+        for split in SPLITS:
             paths, weights = getattr(self, f"{split}_data_paths"), getattr(self, f"{split}_data_weights")
             if weights is not None and len(weights) != len(paths or []):
                 raise ConfigError(f"{split}_data_weights: {len(weights)} weights for {len(paths or [])} paths")

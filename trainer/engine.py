@@ -8,7 +8,7 @@ import socket
 import torch
 from torch import nn
 
-from trainer.config import NeoXConfig
+from trainer.config import NeoXConfig, OptimizerConfig
 
 
 def free_port() -> int:
@@ -71,19 +71,16 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, config: NeoXConfig) -> torch.optim.Optimizer:
-    """torch's AdamW (fused, one kernel over all tensors) with gpt-neox's parameter groups."""
-    o = config.optimizer
-    # torch's fused AdamW (one kernel over all tensors, CPU and CUDA); fp16 keeps the path measured on a GPU
-    fused = not config.precision.fp16
+def make_optimizer(model: nn.Module, o: OptimizerConfig, fp16: bool) -> torch.optim.Optimizer:
+    """torch's AdamW with gpt-neox's parameter groups: fused (one kernel over all tensors, CPU and CUDA), except
+    with fp16, which keeps the path measured on a GPU."""
     return torch.optim.AdamW(
-        parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=fused or None
+        parameter_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=None if fp16 else True
     )
 
 
-def learning_rate(config: NeoXConfig, step: int) -> float:
+def learning_rate(o: OptimizerConfig, step: int) -> float:
     """The rate of optimizer step `step` (0-based): linear warmup, then cosine (or linear) decay to min_lr."""
-    o = config.optimizer
     warmup = int(o.warmup * o.lr_decay_iters)
     if step < warmup:
         return o.lr * (step + 1) / warmup
@@ -94,7 +91,6 @@ def learning_rate(config: NeoXConfig, step: int) -> float:
     return o.min_lr + (o.lr - o.min_lr) * shape
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: NeoXConfig):
+def make_scheduler(optimizer: torch.optim.Optimizer, o: OptimizerConfig):
     """The learning_rate() schedule as a torch LambdaLR (DeepSpeed steps it with the optimizer)."""
-    base = config.optimizer.lr
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(config, step) / base)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate(o, step) / o.lr if o.lr else 0.0)

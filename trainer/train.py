@@ -119,11 +119,11 @@ class Trainer:
             blocks = [m for m in model.modules() if isinstance(m, Block)]
             for block in blocks:
                 block.compile()
-        optimizer = make_optimizer(model, config)
+        optimizer = make_optimizer(model, config.optimizer, config.precision.fp16)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            lr_scheduler=make_scheduler(optimizer, config),
+            lr_scheduler=make_scheduler(optimizer, config.optimizer),
             config=deepspeed_config(config, self.world),
         )
         self.plain_fp32 = plain_fp32(config)

@@ -74,8 +74,8 @@ def plain(args) -> list[dict]:
 
     from trainer.config import DataConfig, load_config
     from trainer.hf import hf_config
+    from trainer.metrics import peak_memory_gib
     from trainer.samples import micro_batch, resolve_sources, split_dataset
-    from trainer.train import peak_memory_gib
 
     config = load_config(args.config, overrides(args))
     t = config.training

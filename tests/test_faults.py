@@ -353,3 +353,26 @@ def test_checkpoints_written_before_checksums_still_load_with_a_note(shards, str
     resumed = train("--data", shards, "--save", run, "--load", run, *SMALL, "--set", "train_iters=7")
     assert "written before checkpoints carried checksums: loaded unverified" in resumed.stderr
     assert losses(run)[-1][0] == 7 and latest_verifies(run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_saves_the_current_step_and_stops(shards, tmp_path, signum):
+    """Slurm's SIGTERM (preemption, time limit) or SIGUSR1 (--signal warning): the step finishes, is saved even
+    off the save interval, and the run stops with one line naming the checkpoint; --load goes on from there."""
+    run = tmp_path / "run"
+    steps = [*SMALL, "--set", "train_iters=400", "--set", "save_interval=1000", "--set", "eval_interval=0"]
+    args = ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *steps]
+    proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or len(losses(run)) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    step = losses(run)[-1][0]
+    assert proc.returncode == 1 and 3 <= step < 400
+    assert_clean_error(out + err, f"stopped by {signal.Signals(signum).name} after step {step}", f"--load {run}")
+    assert (run / "latest").read_text() == f"global_step{step}" and latest_verifies(run)
+    resumed = train("--data", shards, "--save", run, "--load", run, *steps[:-6], "--set", f"train_iters={step + 2}")
+    assert resumed.returncode == 0 and [s for s, _ in losses(run)][-3:] == [step, step + 1, step + 2]

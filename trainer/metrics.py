@@ -10,6 +10,7 @@ when it is a multiple of eval_interval), then test. On resume the lines past the
 """
 
 import json
+import resource
 from pathlib import Path
 
 import click
@@ -29,6 +30,15 @@ PEAK_FLOPS = {
     "B200": 2250e12,
     "GH200": 989e12,
 }
+
+
+def peak_memory_gib(device) -> float:
+    """The most memory this process has held: the CUDA allocator's peak, or on a CPU the peak resident set."""
+    if device is not None:
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def peak_flops(device_name: str) -> float | None:

@@ -8,10 +8,9 @@ group, the model or any index is built, so a bad config costs nothing.
 import contextlib
 import math
 import os
-import resource
+import signal
 import time
 import uuid
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 from pile_tools.ground import check_writable
-from trainer.checkpoint import has_run, load_training_checkpoint, read_latest, save_training_checkpoint, step_of
-from trainer.config import ConfigError, NeoXConfig
+from trainer.checkpoint import load_training_checkpoint, read_latest, save_training_checkpoint
+from trainer.config import NeoXConfig
 from trainer.config_keys import RunError
 from trainer.engine import (
     deepspeed_config,
@@ -29,68 +28,18 @@ from trainer.engine import (
     make_scheduler,
     plain_fp32,
 )
-from trainer.metrics import Metrics, peak_flops, plot_losses
+from trainer.metrics import Metrics, peak_flops, peak_memory_gib, plot_losses
 from trainer.model import Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
+from trainer.preflight import check_run
 from trainer.runlock import RunLock
 from trainer.samples import (
     build_datasets,
-    check_shards,
-    data_directory,
     fallback_cache_dir,
     micro_batch,
-    resolve_sources,
     sample_positions,
-    shards_manifest,
 )
-
-
-def peak_memory_gib(device) -> float:
-    """The most memory this process has held: the CUDA allocator's peak, or on a CPU the peak resident set."""
-    if device is not None:
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def check_save(save: str | None, load: str | None) -> None:
-    """Refuse a --save that holds a run unless this run continues it (--load of the same directory)."""
-    latest = has_run(Path(save)) if save is not None else None
-    if latest is not None and (load is None or Path(load).resolve() != Path(save).resolve()):
-        raise ConfigError(
-            f"--save {save} holds a run at step {step_of(latest)}: add --load {save} to continue it, "
-            "or choose another directory"
-        )
-
-
-def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
-    """Every check that needs no process group: sources, shards, vocabulary, layout, batch, --save, --load.
-
-    Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
-    if config.training.seq_length > config.model.max_position_embeddings:  # rotary would run past its table
-        raise ConfigError(
-            f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
-            f"{config.model.max_position_embeddings}"
-        )
-    config.global_batch(config.world_size())  # DP, and train_batch_size against micro x accumulation x DP
-    save, load = config.paths.save, config.paths.load
-    check_save(save, load)
-    if load is not None and not has_run(Path(load)):  # as Megatron and gpt-neox: start afresh
-        warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
-        load = None
-    sources = resolve_sources(config.data)
-    shards = shards_manifest(data_directory(config.data)).get("tokenizer", {})
-    if shards.get("vocab_size", 0) > config.model.vocab_size:
-        raise ConfigError(
-            f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model {config.model.vocab_size:,}"
-        )
-    check_shards(sources, config.model.vocab_size)
-    tokenizer = config.data.tokenizer_file
-    if tokenizer is None and shards.get("path") and Path(shards["path"]).is_file():
-        tokenizer = shards["path"]
-    if save is None:
-        warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
-    return sources, tokenizer, load
 
 
 class Trainer:
@@ -329,8 +278,23 @@ class Trainer:
                 "from an earlier checkpoint"
             )
 
+    def on_signal(self, signum, frame) -> None:
+        """SIGTERM or SIGUSR1 (Slurm's preemption and time-limit warnings): finish the step, save, stop."""
+        self.signalled = signal.Signals(signum).name
+
+    def signalled_on_any_rank(self) -> bool:
+        """Whether any rank was signalled: all ranks then save the same step and stop together."""
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
     def run(self) -> dict:
-        """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results."""
+        """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results. SIGTERM
+        or SIGUSR1 saves after the current step and stops with an error naming the checkpoint."""
+        self.signalled = None
+        for signum in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(signum, self.on_signal)
         t = self.config.training
         results = {"start_step": self.step}
         if self.step == 0 and t.eval_interval:
@@ -343,8 +307,16 @@ class Trainer:
             self.check_finite(loss, grad_norm, getattr(self.engine, "skipped_steps", 0) > skipped)
             results["train_loss"] = loss
             stop = bool(t.exit_interval) and self.step % t.exit_interval == 0
-            if t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop:
+            signalled = self.signalled_on_any_rank()
+            if t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop or signalled:
                 self.checkpoint()
+            if signalled:
+                self.reader.shutdown(wait=True, cancel_futures=True)
+                self.metrics.close()
+                kept = f"checkpoint saved in {self.save}; resume with --load {self.save}" if self.save else "no --save"
+                raise RunError(
+                    f"stopped by {self.signalled or 'a signal to another rank'} after step {self.step}: {kept}"
+                )
             if t.eval_interval and self.step % t.eval_interval == 0:
                 results["valid"] = self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
             if stop:

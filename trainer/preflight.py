@@ -1,0 +1,50 @@
+"""Every check a training run needs before any process group, model or index exists, so a bad config, missing
+data or a --save that holds another run costs nothing: the shards against the vocabulary, the layout and batch,
+--save and --load."""
+
+import warnings
+from pathlib import Path
+
+from trainer.checkpoint import has_run, step_of
+from trainer.config import ConfigError, NeoXConfig
+from trainer.samples import check_shards, data_directory, resolve_sources, shards_manifest
+
+
+def check_save(save: str | None, load: str | None) -> None:
+    """Refuse a --save that holds a run unless this run continues it (--load of the same directory)."""
+    latest = has_run(Path(save)) if save is not None else None
+    if latest is not None and (load is None or Path(load).resolve() != Path(save).resolve()):
+        raise ConfigError(
+            f"--save {save} holds a run at step {step_of(latest)}: add --load {save} to continue it, "
+            "or choose another directory"
+        )
+
+
+def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
+    """Every check that needs no process group: sources, shards, vocabulary, layout, batch, --save, --load.
+
+    Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
+    if config.training.seq_length > config.model.max_position_embeddings:  # rotary would run past its table
+        raise ConfigError(
+            f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
+            f"{config.model.max_position_embeddings}"
+        )
+    config.global_batch(config.world_size())  # DP, and train_batch_size against micro x accumulation x DP
+    save, load = config.paths.save, config.paths.load
+    check_save(save, load)
+    if load is not None and not has_run(Path(load)):  # as Megatron and gpt-neox: start afresh
+        warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
+        load = None
+    sources = resolve_sources(config.data)
+    shards = shards_manifest(data_directory(config.data)).get("tokenizer", {})
+    if shards.get("vocab_size", 0) > config.model.vocab_size:
+        raise ConfigError(
+            f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model {config.model.vocab_size:,}"
+        )
+    check_shards(sources, config.model.vocab_size)
+    tokenizer = config.data.tokenizer_file
+    if tokenizer is None and shards.get("path") and Path(shards["path"]).is_file():
+        tokenizer = shards["path"]
+    if save is None:
+        warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
+    return sources, tokenizer, load

@@ -6,6 +6,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -376,3 +377,30 @@ def test_a_preemption_signal_saves_the_current_step_and_stops(shards, tmp_path, 
     assert (run / "latest").read_text() == f"global_step{step}" and latest_verifies(run)
     resumed = train("--data", shards, "--save", run, "--load", run, *steps[:-6], "--set", f"train_iters={step + 2}")
     assert resumed.returncode == 0 and [s for s, _ in losses(run)][-3:] == [step, step + 1, step + 2]
+
+
+TAKE_OVER = """
+import sys, time
+import trainer.runlock as runlock
+from pathlib import Path
+alive = runlock.holder_alive
+runlock.holder_alive = lambda holder: time.sleep(1.0) or alive(holder)  # widen the window between read and unlink
+try:
+    with runlock.RunLock(Path(sys.argv[1])):
+        time.sleep(2.0)
+    print("held")
+except runlock.ConfigError as e:
+    print("refused:", e)
+"""
+
+
+def test_two_runs_taking_over_one_stale_lock_at_once_do_not_both_win(tmp_path):
+    """A dead run's lock found by two new runs at the same moment: one takes it over, the other is refused."""
+    stale = {"host": socket.gethostname(), "pid": 999999999, "create_time": 0}
+    (tmp_path / ".lock").write_text(json.dumps(stale))
+    procs = [
+        subprocess.Popen([sys.executable, "-c", TAKE_OVER, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outcomes = sorted(p.communicate(timeout=60)[0].strip().split(":")[0] for p in procs)
+    assert outcomes == ["held", "refused"]

@@ -5,6 +5,7 @@ The file holds {"host", "pid", "started", "create_time"} of its holder. A lock l
 pid from the holder. A lock held on another host cannot be checked from here: the message says how to remove it.
 """
 
+import fcntl
 import json
 import os
 import socket
@@ -47,22 +48,26 @@ class RunLock:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while not self.try_create():
-            holder = self.read()
-            if holder is None:
-                continue  # removed between our attempt and the read: try again
-            if holder.get("host") != self.me["host"]:
-                raise ConfigError(
-                    f"{self.path.parent} is in use by the run of {describe(holder)}; if that run is "
-                    f"over (its node died), remove {self.path} and start again"
+        # Deciding and taking over happen under an flock of a guard file: two runs that find the same stale
+        # lock at the same moment are serialised, so the second sees the first's live lock, not the stale one.
+        with open(self.path.with_name(NAME + ".guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            while not self.try_create():
+                holder = self.read()
+                if holder is None:
+                    continue  # removed between our attempt and the read: try again
+                if holder.get("host") != self.me["host"]:
+                    raise ConfigError(
+                        f"{self.path.parent} is in use by the run of {describe(holder)}; if that run is "
+                        f"over (its node died), remove {self.path} and start again"
+                    )
+                if holder_alive(holder):
+                    raise ConfigError(f"{self.path.parent} is in use by another run: {describe(holder)}")
+                warnings.warn(
+                    f"{self.path}: taking over the lock of a run that ended without releasing it ({describe(holder)})",
+                    stacklevel=2,
                 )
-            if holder_alive(holder):
-                raise ConfigError(f"{self.path.parent} is in use by another run: {describe(holder)}")
-            warnings.warn(
-                f"{self.path}: taking over the lock of a run that ended without releasing it ({describe(holder)})",
-                stacklevel=2,
-            )
-            self.path.unlink(missing_ok=True)
+                self.path.unlink(missing_ok=True)
         return self
 
     def try_create(self) -> bool:

@@ -283,16 +283,20 @@ class Trainer:
         self.signalled = signal.Signals(signum).name
 
     def signalled_on_any_rank(self) -> bool:
-        """Whether any rank was signalled: all ranks then save the same step and stop together."""
-        flag = torch.tensor([1.0 if self.signalled else 0.0], device=self.device)
-        if self.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        """Whether any rank was signalled: all ranks then save the same step and stop together. The flag goes
+        through a CPU (gloo) group, so the check never waits for the GPU."""
+        if self.world == 1:
+            return self.signalled is not None
+        if self.flags is None:
+            self.flags = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        flag = torch.tensor([1 if self.signalled else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flags)
         return bool(flag.item())
 
     def run(self) -> dict:
         """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results. SIGTERM
         or SIGUSR1 saves after the current step and stops with an error naming the checkpoint."""
-        self.signalled = None
+        self.signalled, self.flags = None, None
         for signum in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(signum, self.on_signal)
         t = self.config.training

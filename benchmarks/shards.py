@@ -130,6 +130,20 @@ def text_bytes(src: Path) -> int:
     return total
 
 
+def print_breakdown(timings: dict, wall: float, args) -> None:
+    """Where our run's wall time went, from its manifest.json, and the serial share (all but the parts' encoding)."""
+    timings = dict(timings)
+    parts_cpu = timings.pop("parts_cpu_seconds", {})
+    print(f"ours, {args.copies} copies, --workers {args.workers}: where the {wall:.1f} s went (wall seconds)")
+    for phase, seconds in timings.items():
+        print(f"  {phase:<34} {seconds:>7.2f}  {seconds / wall:>6.1%}")
+    rest = wall - sum(timings.values())
+    print(f"  {'process start-up, imports, exit':<34} {rest:>7.2f}  {rest / wall:>6.1%}")
+    print("  in the parts, summed over workers: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts_cpu.items()))
+    serial = wall - timings.get("encode_parts", 0.0)
+    print(f"  serial share (all but encoding the parts): {serial:.1f} s, {serial / wall:.1%}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=10)
@@ -192,17 +206,7 @@ def main():
     for name, (seconds, rss) in rows.items():
         size = mb / args.copies if "1 copy" in name else mb
         print(f"{name:<14} {seconds:>8.1f} {size / seconds:>7.1f} {rss / 2**20:>12.0f}")
-    timings = manifest.get("timings", {})
-    parts_cpu = timings.pop("parts_cpu_seconds", {})
-    wall = rows["ours"][0]
-    print(f"ours, {args.copies} copies, --workers {args.workers}: where the {wall:.1f} s went (wall seconds)")
-    for phase, seconds in timings.items():
-        print(f"  {phase:<34} {seconds:>7.2f}  {seconds / wall:>6.1%}")
-    rest = wall - sum(timings.values())
-    print(f"  {'process start-up, imports, exit':<34} {rest:>7.2f}  {rest / wall:>6.1%}")
-    print("  in the parts, summed over workers: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts_cpu.items()))
-    serial = wall - timings.get("encode_parts", 0.0)
-    print(f"  serial share (all but encoding the parts): {serial:.1f} s, {serial / wall:.1%}")
+    print_breakdown(manifest.get("timings", {}), rows["ours"][0], args)
     speed = rows["ceiling"][0] / rows["ours"][0]
     print(f"ours / ceiling throughput: {speed:.2f}  (goal >= 0.8)")
     print(f"peak RSS, {args.copies} copies / 1 copy: {rows['ours'][1] / rows['ours, 1 copy'][1]:.2f}  (goal <= 1.2)")

@@ -3,11 +3,12 @@ checkpoint-factor, precision, several files merged left to right, and other arch
 
 import dataclasses
 import re
+import warnings
 
 import pytest
 from helpers import ROOT, assert_clean_error
 
-from trainer.config import FIXED, FLAT, SWITCHES, ConfigError, build, load_config
+from trainer.config import ELSEWHERE, FIXED, FLAT, SWITCHES, ConfigError, build, load_config
 
 NEOX_STYLE = """
 {
@@ -106,30 +107,20 @@ def test_a_key_this_model_cannot_honour_is_refused_unless_it_has_gpt_neox_value(
         build({"num_layers": 2, key: other})
 
 
-def test_switches_are_only_kernel_memory_and_logging_choices():
-    """The keys accepted with no effect are exactly these (adding one is a decision: README's list, here)."""
-    assert SWITCHES == {
-        "scaled_upper_triang_masked_softmax_fusion",
-        "rope_fusion",
-        "partition_activations",
-        "layernorm_fusion",
-        "synchronize_each_layer",
-        "sparsity_config",
-        "gradient_predivide_factor",
-        "steps_per_print",
-        "wall_clock_breakdown",
-        "distributed_backend",
-        "contiguous_checkpointing",
-        "zero_allow_untested_optimizer",
-        "attention_softmax_in_fp32",
-        "apply_query_key_layer_scaling",
+def test_every_switch_accepted_with_no_effect_is_named_in_the_readme():
+    """The keys accepted with no effect are a decision the README states: each is listed there by name (the
+    architecture keys among them are refused unless they describe a dense GPT-NeoX)."""
+    readme = (ROOT / "README.md").read_text()
+    architecture = {
         "moe_num_experts",
         "num_kv_heads",
         "attention_config",
         "use_bias_in_norms",
         "use_bias_in_attn_linear",
         "use_bias_in_mlp",
-    }  # the last six are refused by refuse_other_architectures unless they describe a dense GPT-NeoX
+    }
+    assert architecture < SWITCHES
+    assert [key for key in sorted(SWITCHES - architecture) if f"`{key}`" not in readme] == []
 
 
 def test_the_config_is_built_once_and_never_changed(tmp_path):
@@ -148,3 +139,13 @@ def test_save_load_and_log_dirs_in_the_config_act(tmp_path):
     config = load_config(write(tmp_path, "paths.yml", text), flags={"save": str(tmp_path / "b"), "load": None})
     assert (config.paths.save, config.paths.load) == (str(tmp_path / "b"), str(tmp_path / "a"))  # flags win
     assert config.paths.log_dir == str(tmp_path / "logs")
+
+
+@pytest.mark.parametrize("key", sorted(ELSEWHERE))
+def test_a_reporting_destination_not_provided_is_ignored_with_a_warning_naming_it(key):
+    """gpt-neox's local_setup_wandb.yml loads: its W&B keys change nothing in training and say so."""
+    with pytest.warns(UserWarning, match=f"^{key}: ignored"):
+        build({"num_layers": 2, key: True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build({"num_layers": 2, key: False})  # unset: nothing to say

@@ -121,17 +121,21 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
     click.echo(json.dumps(result, ensure_ascii=False) if as_json else result["prompt"] + result["text"])
 
 
-@click.command("train")
-@click.option(
+config_option = click.option(
     "--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False), help=CONFIG_HELP
 )
-@click.option(
+data_option = click.option(
     "--data",
     "data_dir",
     default=None,
     type=click.Path(file_okay=False),
     help="A build-shards output directory (default: the config's data keys).",
 )
+
+
+@click.command("train")
+@config_option
+@data_option
 @click.option("--save", default=None, type=click.Path(file_okay=False), help="Checkpoints and metrics go here.")
 @click.option(
     "--load", default=None, type=click.Path(file_okay=False), help="Resume from this run's latest checkpoint."
@@ -174,16 +178,8 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 
 
 @click.command("batch")
-@click.option(
-    "--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False), help=CONFIG_HELP
-)
-@click.option(
-    "--data",
-    "data_dir",
-    default=None,
-    type=click.Path(file_okay=False),
-    help="A build-shards output directory (default: the config's data keys).",
-)
+@config_option
+@data_option
 @click.option("--step", type=click.IntRange(min=1), required=True, help="The step, numbered as train logs it (from 1).")
 @click.option(
     "--world-size",

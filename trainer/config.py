@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pile_tools.components import SPLITS
 from trainer.config_keys import (
+    ELSEWHERE,
     FIXED,
     NESTED,
     SWITCHES,
@@ -274,7 +275,10 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
     flat = flatten(raw)
     refuse_other_architectures(flat)
     for key, value in flat.items():
-        if key in FIXED:
+        if key in ELSEWHERE:
+            if value:
+                warnings.warn(f"{key}: ignored ({ELSEWHERE[key]})", stacklevel=3)
+        elif key in FIXED:
             if not accepted(key, value):
                 why = WHY_FIXED.get(key, "GPT-NeoX's choice")
                 raise ConfigError(f"{key}: only {FIXED[key]!r} is supported ({why}), got {value!r}")
@@ -305,7 +309,9 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
     return NeoXConfig(**parts)
 
 
-KNOWN = set(FLAT) | SWITCHES | set(FIXED) | NESTED | {"bias_gelu_fusion", "checkpoint_factor", "precision"}
+KNOWN = (
+    set(FLAT) | SWITCHES | set(FIXED) | set(ELSEWHERE) | NESTED | {"bias_gelu_fusion", "checkpoint_factor", "precision"}
+)
 
 
 def load_config(

@@ -54,20 +54,21 @@ FIXED = {
     "checkpoint_num_layers": 1,
     "output_layer_parallelism": "column",
     "data_impl": "mmap",
-    "use_wandb": False,
-    "eval_tasks": None,
-    "wandb_project": None,
-    "wandb_group": None,
 }
 WHY_FIXED = {
     "hidden_dropout": "no dropout here (GPT-NeoX-20B and Pythia train without it)",
     "attention_dropout": "no dropout here (GPT-NeoX-20B and Pythia train without it)",
     "checkpoint_num_layers": "activation checkpointing keeps each block's input (1)",
     "data_impl": "shards are Megatron's mmap format",
-    "use_wandb": "metrics go to metrics.jsonl and TensorBoard",
-    "eval_tasks": "run neox-data evaluate on a checkpoint",
-    "wandb_project": "no Weights & Biases here",
-    "wandb_group": "no Weights & Biases here",
+}
+# gpt-neox's destinations for what a run reports, not provided here: a run that sets one is told, in one warning
+# line, where its metrics go instead (its training is the same).
+ELSEWHERE = {
+    "use_wandb": "no Weights & Biases here: metrics go to metrics.jsonl and TensorBoard",
+    "wandb_project": "no Weights & Biases here: metrics go to metrics.jsonl and TensorBoard",
+    "wandb_group": "no Weights & Biases here: metrics go to metrics.jsonl and TensorBoard",
+    "wandb_host": "no Weights & Biases here: metrics go to metrics.jsonl and TensorBoard",
+    "eval_tasks": "no evaluation during training here: run neox-data evaluate on a checkpoint",
 }
 
 
@@ -168,9 +169,8 @@ def refuse_other_architectures(flat: dict) -> None:
 
 
 def accepted(key: str, value) -> bool:
-    """A FIXED key's value is GPT-NeoX's (an unset switch, like use_wandb: false or eval_tasks: [], is too)."""
-    want = FIXED[key]
-    return value == want or (want in (None, False) and not value)
+    """A FIXED key's value is GPT-NeoX's."""
+    return value == FIXED[key]
 
 
 NESTED = {"optimizer", "fp16", "bf16", "zero_optimization"}  # gpt-neox's mappings, flattened by flatten()

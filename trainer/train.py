@@ -55,19 +55,7 @@ class Trainer:
         self.data = self.build_data(sources)
         p = config.parallel
         self.pipelined = p.pipelined
-        if self.pipelined:  # tensor x pipeline x data: trainer/pipeline.py
-            model, grid = build_pipeline(config, self.world)
-            self.dp_rank, self.tp_rank = grid.get_data_parallel_id(), grid.get_slice_parallel_rank()
-        else:
-            torch.manual_seed(config.training.seed)
-            model, self.dp_rank, self.tp_rank = GPTNeoX(config.model), self.rank, 0
-            if config.model.checkpoint_activations:  # the pipeline engine checkpoints its own layers
-                checkpoint_blocks(model)
-        compile_blocks = config.training.compile if config.training.compile is not None else self.device is not None
-        if compile_blocks:  # default on CUDA; regional: one graph per block shape, reused by every block
-            blocks = [m for m in model.modules() if isinstance(m, Block)]
-            for block in blocks:
-                block.compile()
+        model, compiled = self.build_model()
         optimizer = make_optimizer(model, config.optimizer, config.precision.fp16)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -98,14 +86,32 @@ class Trainer:
         )
         name = torch.cuda.get_device_name() if self.device is not None else ""
         self.peak = peak_flops(name) if config.precision.mixed else None
-        if compile_blocks:
+        if compiled:
             self.metrics.echo(
-                f"torch.compile: {len(blocks)} blocks, compiled on their first call (step "
+                f"torch.compile: {compiled} blocks, compiled on their first call (step "
                 f"{self.step + 1}'s time includes it; compile: false turns it off)"
             )
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="next-batch")
         self.ahead = None  # (step, future): the next step's micro-batches, read while this step computes
         self.data_wait = 0.0
+
+    def build_model(self):
+        """(this rank's model, the number of blocks compiled): the pipeline's stage and TP slice, or the whole
+        model; activation checkpointing and compile applied from outside the model."""
+        config = self.config
+        if self.pipelined:  # tensor x pipeline x data: trainer/pipeline.py
+            model, grid = build_pipeline(config, self.world)
+            self.dp_rank, self.tp_rank = grid.get_data_parallel_id(), grid.get_slice_parallel_rank()
+        else:
+            torch.manual_seed(config.training.seed)
+            model, self.dp_rank, self.tp_rank = GPTNeoX(config.model), self.rank, 0
+            if config.model.checkpoint_activations:  # the pipeline engine checkpoints its own layers
+                checkpoint_blocks(model)
+        compile_blocks = config.training.compile if config.training.compile is not None else self.device is not None
+        blocks = [m for m in model.modules() if isinstance(m, Block)] if compile_blocks else []
+        for block in blocks:  # default on CUDA; regional: one graph per block shape, reused by every block
+            block.compile()
+        return model, len(blocks)
 
     def build_data(self, sources: dict) -> dict:
         """Rank 0 builds (and caches) the sample indices first; the others then read them."""
@@ -194,15 +200,7 @@ class Trainer:
         steps = range(part * t.eval_iters, (part + 1) * t.eval_iters)
         if self.pipelined:  # the pipeline engine gives the mean loss only: no per-component split
             losses = [self.engine.eval_batch(self.pairs(split, it)).item() for it in steps]
-            loss = sum(losses) / len(losses)
-            return {
-                "kind": split,
-                "step": self.step,
-                "part": part,
-                "loss": loss,
-                "ppl": math.exp(loss),
-                "components": {},
-            }
+            return self.eval_entry(split, part, sum(losses) / len(losses), {})
         self.engine.eval()
         sums = torch.zeros(len(dataset.sources), dtype=torch.float64)
         counts = torch.zeros_like(sums)
@@ -220,8 +218,11 @@ class Trainer:
         if self.world > 1:
             for x in (sums, counts):
                 dist.all_reduce(x)
-        loss = (sums.sum() / counts.sum()).item()
         components = {n: (s / c).item() for n, s, c in zip(dataset.names, sums, counts) if c > 0}
+        return self.eval_entry(split, part, (sums.sum() / counts.sum()).item(), components)
+
+    def eval_entry(self, split: str, part: int, loss: float, components: dict) -> dict:
+        """An evaluation's metrics.jsonl entry."""
         return {
             "kind": split,
             "step": self.step,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pile_tools.components import SPLITS
 from trainer.config_keys import (
+    ARCHITECTURE,
     ELSEWHERE,
     FIXED,
     NESTED,
@@ -287,7 +288,7 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
         elif key in FLAT:
             cls = SECTIONS[FLAT[key]]
             sections[FLAT[key]][key] = check_type(key, value, {f.name: f.type for f in dataclasses.fields(cls)}[key])
-        elif key not in SWITCHES:
+        elif key not in SWITCHES | ARCHITECTURE:
             unknown.append(key)
     if unknown:
         warnings.warn(f"unknown config keys, ignored: {', '.join(sorted(unknown))}", stacklevel=3)
@@ -310,7 +311,13 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
 
 
 KNOWN = (
-    set(FLAT) | SWITCHES | set(FIXED) | set(ELSEWHERE) | NESTED | {"bias_gelu_fusion", "checkpoint_factor", "precision"}
+    set(FLAT)
+    | SWITCHES
+    | ARCHITECTURE
+    | set(FIXED)
+    | set(ELSEWHERE)
+    | NESTED
+    | {"bias_gelu_fusion", "checkpoint_factor", "precision"}
 )
 
 

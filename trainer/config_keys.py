@@ -36,6 +36,9 @@ SWITCHES = {
     "zero_allow_untested_optimizer",
     "attention_softmax_in_fp32",
     "apply_query_key_layer_scaling",
+}
+# Architecture keys: accepted when they describe a dense GPT-NeoX, refused otherwise (refuse_other_architectures).
+ARCHITECTURE = {
     "moe_num_experts",
     "num_kv_heads",
     "attention_config",

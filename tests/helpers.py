@@ -113,9 +113,12 @@ def neox(*args, env=None, check=True) -> subprocess.CompletedProcess:
     return result
 
 
+TINY = ["train", "--config", ROOT / "configs" / "tiny.yml"]  # the CPU toy's train command, before its args
+
+
 def train(*args, env=None, check=True) -> subprocess.CompletedProcess:
     """`neox-data train --config configs/tiny.yml ARGS` in a process of its own."""
-    return neox("train", "--config", ROOT / "configs" / "tiny.yml", *args, env=env, check=check)
+    return neox(*TINY, *args, env=env, check=check)
 
 
 def losses(run: Path) -> list[tuple[int, float]]:

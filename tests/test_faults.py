@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import ROOT, SAMPLE, SMALL, Cli, assert_clean_error, losses, neox, train
+from helpers import ROOT, SAMPLE, SMALL, TINY, Cli, assert_clean_error, losses, neox, train
 
 from pile_tools.checksums import verify_directory
 
@@ -50,9 +50,7 @@ def test_reusing_a_save_without_load_is_refused_and_loses_nothing(shards, straig
 def test_a_second_run_on_the_same_save_is_refused_and_a_dead_ones_lock_is_taken_over(shards, tmp_path):
     run = tmp_path / "run"
     args = [
-        "train",
-        "--config",
-        ROOT / "configs" / "tiny.yml",
+        *TINY,
         "--data",
         shards,
         "--save",
@@ -230,7 +228,7 @@ def test_read_only_outputs_fail_before_the_work(shards, straight, tmp_path, moun
         ["export-hf", straight, "--output", ro / "hf"],
         ["train-tokenizer", SAMPLE, "--output", ro / "tok", "--vocab-size", "1000"],
         ["build-shards", SAMPLE, "--tokenizer", "gpt2", "--output", ro / "shards"],
-        ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", ro / "run", *SMALL],
+        [*TINY, "--data", shards, "--save", ro / "run", *SMALL],
     ):
         fails(neox(*args, check=False), "read-only file system while writing", str(ro))
 
@@ -317,7 +315,7 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resumes_exactly(
     reference = tmp_path / "reference"
     train("--data", shards, "--save", reference, *LONG)
     run, rng = tmp_path / "run", random.Random(11)
-    args = ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, "--load", run, *LONG]
+    args = [*TINY, "--data", shards, "--save", run, "--load", run, *LONG]
     kills = 0
     for moment in range(10):
         if moment % 2:  # inside a save
@@ -363,7 +361,7 @@ def test_a_preemption_signal_saves_the_current_step_and_stops(shards, tmp_path, 
     off the save interval, and the run stops with one line naming the checkpoint; --load goes on from there."""
     run = tmp_path / "run"
     steps = [*SMALL, "--set", "train_iters=400", "--set", "save_interval=1000", "--set", "eval_interval=0"]
-    args = ["train", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--save", run, *steps]
+    args = [*TINY, "--data", shards, "--save", run, *steps]
     proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "metrics.jsonl").is_file() or len(losses(run)) < 3:

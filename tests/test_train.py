@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, SMALL, Cli, assert_clean_error, losses, train
+from helpers import ROOT, SMALL, TINY, Cli, assert_clean_error, losses, train
 
 
 def weights(run: Path, tag: str) -> dict:
@@ -51,9 +51,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_latest(shards, str
         sys.executable,
         "-c",
         KILL_DURING_SAVE,
-        "train",
-        "--config",
-        ROOT / "configs" / "tiny.yml",
+        *TINY,
         "--data",
         shards,
         "--save",
@@ -81,9 +79,7 @@ def launch(processes: int, *args) -> None:
         "--master_port",
         free_port(),
         bin_dir / "neox-data",
-        "train",
-        "--config",
-        ROOT / "configs" / "tiny.yml",
+        *TINY,
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -258,9 +254,7 @@ def test_batch_shows_what_train_read_at_a_step(shards, tmp_path):
     """neox-data batch --step N equals the global batch train fed at step N (2 micro-batches a step here)."""
     accumulate = [*SMALL, "--set", "train_micro_batch_size_per_gpu=2", "--set", "gradient_accumulation_steps=2"]
     args = [
-        "train",
-        "--config",
-        ROOT / "configs" / "tiny.yml",
+        *TINY,
         "--data",
         shards,
         "--save",

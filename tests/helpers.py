@@ -125,3 +125,45 @@ def losses(run: Path) -> list[tuple[int, float]]:
     """(step, loss) of every training step in a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+def launch(processes: int, *args) -> subprocess.CompletedProcess:
+    """`neox-data train --config configs/tiny.yml ARGS` on `processes` gloo ranks under the deepspeed launcher."""
+    from trainer.engine import free_port
+
+    bin_dir = Path(sys.executable).parent
+    cmd = [
+        bin_dir / "deepspeed",
+        "--num_gpus",
+        processes,
+        "--master_port",
+        free_port(),
+        bin_dir / "neox-data",
+        *TINY,
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def layout(tp: int, pp: int, dp: int) -> list[str]:
+    """Overrides for TP x PP x DP with the straight run's global batch (4) and padded vocabulary (128 x TP 1)."""
+    return [
+        "--set",
+        f"train_micro_batch_size_per_gpu={4 // dp}",
+        "--set",
+        f"model_parallel_size={tp}",
+        "--set",
+        f"pipe_parallel_size={pp}",
+        "--set",
+        f"make_vocab_size_divisible_by={128 // tp}",
+    ]
+
+
+def assert_same_losses(reference: Path, run: Path, rtol: float) -> None:
+    """Every step's loss of `run` within `rtol` (relative) of `reference`'s."""
+    one, other = losses(reference), losses(run)
+    assert [s for s, _ in one] == [s for s, _ in other]
+    assert all(abs(a - b) <= rtol * abs(a) for (_, a), (_, b) in zip(one, other)), (one, other)

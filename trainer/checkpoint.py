@@ -6,6 +6,7 @@ weights: `model.safetensors` (import-hf, or a standalone save), or DeepSpeed's f
     <save>/global_step<N>/mp_rank_00_model_states.pt   weights ("module"), our client state, scheduler
     <save>/global_step<N>/*optim_states.pt         optimizer states (per ZeRO partition)
     <save>/global_step<N>/rng_state_<rank>.pt      each rank's RNG states
+    <save>/global_step<N>/universal/<part>/        weights and Adam's state by full name, for any layout (universal.py)
 A training run's save directory stands for its latest checkpoint. The state dict keys are HF's, so converting is
 a rename of the output layer at most: `embed_out` here and in transformers 4 and the released checkpoints,
 `lm_head` inside transformers 5, which reads `embed_out` files too.
@@ -32,6 +33,7 @@ from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
 from trainer.model import GPTNeoX
 from trainer.reshard import checkpoint_layout, load_other_layout, load_state_dict
+from trainer.universal import save_universal
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:
@@ -206,6 +208,8 @@ def save_training_checkpoint(
     try:
         with writing(where):
             engine.save_checkpoint(str(save), tag=tag, client_state=state, save_latest=False)
+            if config.training.universal_checkpoint:
+                save_universal(engine, config, where)
             tmp = where / f"rng_state_{rank}.pt.tmp"
             torch.save(rng_states(), tmp)
             tmp.replace(where / f"rng_state_{rank}.pt")

@@ -139,6 +139,7 @@ class TrainingConfig:
     keep_last_n_checkpoints: int | None = None  # older complete checkpoints are deleted (None: keep all)
     compile: bool | None = None  # torch.compile each block (ours): None is on with CUDA, off on a CPU
     stop_after_nonfinite_steps: int = 3  # ours: this many optimizer steps in a row with a nan/inf loss end the run
+    universal_checkpoint: bool = True  # ours: each checkpoint also in DCP form, so another layout keeps Adam's state
 
     def __post_init__(self):
         check_at_least(

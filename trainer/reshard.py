@@ -5,7 +5,9 @@ keyed within the layer (`attention.dense.weight`). Layer i is part i of `layout.
 1..L the blocks, L+1 final_layer_norm, L+2 embed_out); TP shards are joined along the dimension
 `tensor_parallel.PARTITION_DIM` names, and replicated tensors are taken from TP rank 0. The reverse cut gives a rank of
 any layout its own tensors. Resuming in another layout restores weights, step, data position and learning-rate
-schedule; the optimizer's moments restart (DeepSpeed's ZeRO partitions are tied to the layout they were saved in).
+schedule, and Adam's moments from the checkpoint's universal copy (trainer/universal.py: DeepSpeed's own files tie
+them to the layout they were saved in); without one (universal_checkpoint: false, fp16 without ZeRO, a checkpoint
+from before it) the moments restart, with a warning.
 """
 
 import re
@@ -17,6 +19,7 @@ import torch
 from trainer.config import ConfigError, NeoXConfig, load_config
 from trainer.layout import pipeline_parts
 from trainer.tensor_parallel import partition_dim
+from trainer.universal import UNIVERSAL, load_universal
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 
@@ -100,7 +103,8 @@ def load_state_dict(path: Path) -> dict:
 
 
 def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipelined: bool) -> dict:
-    """Weights (resharded), step, data position and schedule of a checkpoint saved in another layout."""
+    """Weights and Adam's state (resharded), step, data position and schedule of a checkpoint saved in another
+    layout; the moments restart when it has no universal copy."""
     saved, layout = checkpoint_layout(path)
     if saved.model.padded_vocab_size != config.model.padded_vocab_size:
         raise ConfigError(
@@ -108,20 +112,30 @@ def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipe
             f" rows, this run's to {config.model.padded_vocab_size:,}; choose make_vocab_size_divisible_by so that "
             f"it x model_parallel_size divides {saved.model.padded_vocab_size:,}"
         )
-    full = load_state_dict(path)
-    tp = config.parallel.model_parallel_size
-    module = engine.module
-    module.load_state_dict(local_state(full, module, tp_rank, tp, pipelined, config.model.num_layers))
-    if hasattr(engine.optimizer, "refresh_fp32_params"):  # fp16/bf16/ZeRO: the fp32 masters follow the weights
-        engine.optimizer.refresh_fp32_params()
+    universal = (path / UNIVERSAL).is_dir()
+    if universal:
+        load_universal(engine, config, path)
+    else:
+        full = load_state_dict(path)
+        tp = config.parallel.model_parallel_size
+        module = engine.module
+        module.load_state_dict(local_state(full, module, tp_rank, tp, pipelined, config.model.num_layers))
+        if hasattr(engine.optimizer, "refresh_fp32_params"):  # fp16/bf16/ZeRO: the fp32 masters follow the weights
+            engine.optimizer.refresh_fp32_params()
     states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     step = int(states["iteration"])
     engine.lr_scheduler.last_epoch = step - 1
-    engine.lr_scheduler.step()  # the rate of step `step`
+    with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer: set on purpose here
+        warnings.simplefilter("ignore", UserWarning)
+        engine.lr_scheduler.step()  # the rate of step `step`
     engine.global_steps, engine.global_samples = step, int(states["consumed_samples"])
-    warnings.warn(
-        f"{path} was saved with TP x PP x DP = {' x '.join(map(str, layout))}: weights, step and data "
-        "position restored; the optimizer's moments restart",
-        stacklevel=2,
-    )
-    return {"iteration": step, "consumed_samples": int(states["consumed_samples"])}
+    saved_as = f"{path} was saved with TP x PP x DP = {' x '.join(map(str, layout))}"
+    note = f"{saved_as}: weights, Adam's moments, step and data position restored from its universal copy"
+    if not universal:
+        note = None
+        warnings.warn(
+            f"{saved_as} and has no universal copy: weights, step and data position restored; the optimizer's "
+            "moments restart",
+            stacklevel=2,
+        )
+    return {"iteration": step, "consumed_samples": int(states["consumed_samples"]), "note": note}

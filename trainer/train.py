@@ -66,11 +66,11 @@ class Trainer:
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
-        self.step, self.run_id, self.protected = 0, uuid.uuid4().hex, set()
+        self.step, self.run_id, self.protected, note = 0, uuid.uuid4().hex, set(), None
         if load is not None:
             layout = (p.model_parallel_size, p.pipe_parallel_size, self.dp)
             state = load_training_checkpoint(self.engine, Path(load), config, layout, self.tp_rank, self.pipelined)
-            self.step, self.run_id = state["iteration"], state["run_id"] or self.run_id
+            self.step, self.run_id, note = state["iteration"], state["run_id"] or self.run_id, state.get("note")
             if state["fallback"]:  # the newest checkpoint that verifies is never pruned by this run
                 self.protected.add(state["tag"])
         self.nonfinite = []  # the steps, in a row, whose loss or gradient norm was nan or inf
@@ -86,6 +86,8 @@ class Trainer:
         )
         name = torch.cuda.get_device_name() if self.device is not None else ""
         self.peak = peak_flops(name) if config.precision.mixed else None
+        if note:
+            self.metrics.echo(note)
         if compiled:
             self.metrics.echo(
                 f"torch.compile: {compiled} blocks, compiled on their first call (step "

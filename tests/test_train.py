@@ -219,3 +219,53 @@ def test_batch_shows_what_train_read_at_a_step(shards, tmp_path):
         assert json.loads(shown.output) == {"step": step, "tokens": seen[str(step)]}
     text = Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", 2, *accumulate)
     assert text.output.count("--- step 2 sample") == 4
+
+
+COUNT_READS = """
+import json, os, sys, torch
+import trainer.train
+reads, flushes, real_flush = [], [], trainer.train.Trainer.flush
+def flush(self):
+    flushes.append(self.step)
+    return real_flush(self)
+def spy(real):
+    def read(tensor, *args):  # a read of a tensor's value by the trainer: on a GPU, a wait for it
+        caller = sys._getframe(1).f_code
+        if caller.co_filename.endswith(os.path.join("trainer", "train.py")) and caller.co_name != "flush":
+            reads.append(caller.co_name)
+        return real(tensor, *args)
+    return read
+torch.Tensor.item, torch.Tensor.__float__ = spy(torch.Tensor.item), spy(torch.Tensor.__float__)
+trainer.train.Trainer.flush = flush
+import cli
+try:
+    cli.main(sys.argv[1:])
+finally:
+    with open(os.environ["READS"], "w") as f:
+        json.dump({"reads": reads, "flushes": flushes}, f)
+"""
+
+
+def test_the_loss_and_norm_are_read_only_at_log_steps(shards, tmp_path):
+    """Between log steps the trainer reads no tensor's value (each read waits for the GPU): the losses and norms
+    of the steps since the last report are read together, at log_interval, a save or an evaluation."""
+    args = [*TINY, "--data", shards, "--save", tmp_path / "run", *SMALL]
+    args += [
+        "--set",
+        "log_interval=4",
+        "--set",
+        "train_iters=10",
+        "--set",
+        "save_interval=0",
+        "--set",
+        "eval_interval=0",
+    ]
+    env = {**os.environ, "READS": str(tmp_path / "reads.json")}
+    done = subprocess.run(
+        [sys.executable, "-c", COUNT_READS, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads((tmp_path / "reads.json").read_text())
+    assert seen["flushes"] == [4, 8, 10]  # 10: the last step, saved
+    assert set(seen["reads"]) == {"evaluate", "<dictcomp>"}  # only the evaluations after the last step read values
+    assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 11))

@@ -11,6 +11,7 @@ when it is a multiple of eval_interval), then test. On resume the lines past the
 
 import json
 import resource
+import time
 from pathlib import Path
 
 import click
@@ -173,3 +174,34 @@ def plot_losses(metrics_path: Path, png: Path, title: str = "") -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return save_figure(fig, png)
+
+
+class Timeline:
+    """Step times without waiting for the GPU at each step: a CUDA event recorded at the end of each step (the
+    clock on a CPU, where every step ends before the next starts), read when the steps are reported."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.last = self.mark()
+
+    def mark(self):
+        """A point of the run's timeline, now."""
+        if not self.cuda:
+            return time.perf_counter()
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def restart(self) -> None:
+        """Start the next step's time now (after an evaluation or a save, which no step's time counts)."""
+        self.last = self.mark()
+
+    def seconds(self, marks: list) -> list[float]:
+        """The time of each step ending at `marks` (in order, after the GPU has reached the last one)."""
+        out = []
+        for mark in marks:
+            out.append(self.last.elapsed_time(mark) / 1000 if self.cuda else mark - self.last)
+            self.last = mark
+        return out

@@ -28,7 +28,7 @@ from trainer.engine import (
     make_scheduler,
     plain_fp32,
 )
-from trainer.metrics import Metrics, peak_flops, peak_memory_gib, plot_losses
+from trainer.metrics import Metrics, Timeline, peak_flops, peak_memory_gib, plot_losses
 from trainer.model import Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
@@ -166,30 +166,28 @@ class Trainer:
             ids = self.batch(split, step, m)
             yield ids[:, :-1], ids[:, 1:]
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over the global batch: (loss averaged over it on all ranks, lr, gradient norm)."""
+    def train_step(self) -> tuple:
+        """One optimizer step over the global batch: (loss averaged over it on all ranks, lr, gradient norm), the
+        loss and norm left where they are (a tensor on the GPU: reading them waits for it; see flush)."""
         steps = self.config.training.gradient_accumulation_steps
         lr, norm, losses = self.engine.get_lr()[0], None, []
         batches = self.step_batches()
         if self.pipelined:  # 1F1B over the micro-batches; the loss comes back averaged over DP, on every rank
             loss = self.engine.train_batch(data_iter=iter([(ids[:, :-1], ids[:, 1:]) for ids in batches]))
-            norm = self.engine.get_global_grad_norm()
-            return loss.item(), lr, float(norm) if norm is not None else None
+            return loss.detach(), lr, self.engine.get_global_grad_norm()
         for m, ids in enumerate(batches):
             loss = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:])
             self.engine.backward(loss)
             if m == steps - 1 and self.plain_fp32:  # the reduced gradients, before the step (see plain_fp32)
                 clip = self.config.optimizer.gradient_clipping
-                norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip or float("inf")).item()
+                norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(), clip or float("inf"))
             self.engine.step()
             losses.append(loss.detach())
         loss = torch.stack(losses).mean()
         if self.world > 1:
             dist.all_reduce(loss)
             loss /= self.world
-        if norm is None:
-            norm = self.engine.get_global_grad_norm()
-        return loss.item(), lr, float(norm) if norm is not None else None
+        return loss, lr, norm if norm is not None else self.engine.get_global_grad_norm()
 
     @torch.no_grad()
     def evaluate(self, split: str, part: int = 0) -> dict | None:
@@ -234,14 +232,14 @@ class Trainer:
             "components": components,
         }
 
-    def train_entry(self, loss: float, lr: float, grad_norm: float | None, seconds: float) -> dict:
-        """The metrics.jsonl entry of the step just taken."""
+    def train_entry(self, step: int, loss: float, lr: float, grad_norm: float | None, seconds: float, wait: float):
+        """The metrics.jsonl entry of a step."""
         t = self.config.training
         model_flops, hardware_flops = step_flops(self.config, self.global_batch)
         tflops = hardware_flops / seconds / self.world / 1e12
         return {
             "kind": "train",
-            "step": self.step,
+            "step": step,
             "loss": loss,
             "lr": lr,
             "loss_scale": float(getattr(self.engine.optimizer, "cur_scale", 1.0)),
@@ -249,8 +247,8 @@ class Trainer:
             "tokens_per_s": self.global_batch * t.seq_length / seconds,
             "tflops_per_gpu": tflops if self.device is not None else None,
             "mfu": model_flops / seconds / self.world / self.peak if self.peak else None,
-            "consumed_samples": self.step * self.global_batch,
-            "data_wait_s": self.data_wait,
+            "consumed_samples": step * self.global_batch,
+            "data_wait_s": wait,
             "peak_memory_gib": peak_memory_gib(self.device),
             "elapsed_s": seconds,
         }
@@ -263,7 +261,21 @@ class Trainer:
                 self.engine, self.config, self.save, self.step, state, self.tokenizer, self.run_id, self.protected
             )
 
-    def check_finite(self, loss: float, grad_norm: float | None, skipped: bool) -> None:
+    def flush(self) -> float:
+        """Report the steps taken since the last report: their losses and norms reach the host together, so the
+        host waits for the GPU once per log_interval (or save, evaluation), not once per step; each step's time is
+        its CUDA events'. Returns the last loss."""
+        if self.device is not None:
+            torch.cuda.synchronize()
+        pending, self.pending = self.pending, []
+        seconds = self.timeline.seconds([p[-1] for p in pending])
+        for (step, loss, lr, norm, wait, skipped, _), took in zip(pending, seconds):
+            loss, norm = float(loss), float(norm) if norm is not None else None
+            self.metrics.record(self.train_entry(step, loss, lr, norm, took, wait))
+            self.check_finite(step, loss, norm, skipped)
+        return loss
+
+    def check_finite(self, step: int, loss: float, grad_norm: float | None, skipped: bool) -> None:
         """Stop after stop_after_nonfinite_steps optimizer steps in a row with a nan/inf loss or gradient norm;
         fp16 steps skipped while the loss scale backs off neither count nor break the row."""
         if skipped:
@@ -271,11 +283,11 @@ class Trainer:
         if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
             self.nonfinite = []
             return
-        self.nonfinite.append(self.step)
+        self.nonfinite.append(step)
         if len(self.nonfinite) >= self.config.training.stop_after_nonfinite_steps:
             latest = read_latest(self.save) if self.save else None
             raise RunError(
-                f"steps {self.nonfinite[0]}-{self.step}: loss {loss}, gradient norm {grad_norm}: "
+                f"steps {self.nonfinite[0]}-{step}: loss {loss}, gradient norm {grad_norm}: "
                 f"{len(self.nonfinite)} optimizer steps in a row were not finite; stopping without a "
                 f"checkpoint (the latest stays {latest or 'none'}); lower lr, check the data, or resume "
                 "from an earlier checkpoint"
@@ -306,17 +318,22 @@ class Trainer:
         results = {"start_step": self.step}
         if self.step == 0 and t.eval_interval:
             results["first_valid"] = self.record(self.evaluate("valid"))
+        self.timeline, self.pending = Timeline(self.device is not None), []
         while self.step < t.train_iters:
-            start, skipped = time.perf_counter(), getattr(self.engine, "skipped_steps", 0)
+            skipped = getattr(self.engine, "skipped_steps", 0)
             loss, lr, grad_norm = self.train_step()
             self.step += 1
-            self.metrics.record(self.train_entry(loss, lr, grad_norm, time.perf_counter() - start))
-            self.check_finite(loss, grad_norm, getattr(self.engine, "skipped_steps", 0) > skipped)
-            results["train_loss"] = loss
+            skipped = getattr(self.engine, "skipped_steps", 0) > skipped
+            self.pending.append((self.step, loss, lr, grad_norm, self.data_wait, skipped, self.timeline.mark()))
             stop = bool(t.exit_interval) and self.step % t.exit_interval == 0
             signalled = self.signalled_on_any_rank()
-            if t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop or signalled:
+            save = t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop
+            evaluate = t.eval_interval and self.step % t.eval_interval == 0
+            if save or signalled or evaluate or self.step % t.log_interval == 0:
+                results["train_loss"] = self.flush()
+            if save or signalled:
                 self.checkpoint()
+                self.timeline.restart()
             if signalled:
                 self.reader.shutdown(wait=True, cancel_futures=True)
                 self.metrics.close()
@@ -324,8 +341,9 @@ class Trainer:
                 raise RunError(
                     f"stopped by {self.signalled or 'a signal to another rank'} after step {self.step}: {kept}"
                 )
-            if t.eval_interval and self.step % t.eval_interval == 0:
+            if evaluate:
                 results["valid"] = self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
+                self.timeline.restart()
             if stop:
                 break
         if self.step == t.train_iters:  # as gpt-neox: valid once more at the end (its last part), then test

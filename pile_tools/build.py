@@ -11,8 +11,8 @@ import multiprocessing as mp
 import os
 import shutil
 import time
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -23,7 +23,7 @@ from pile_tools.ground import InputError, write_json
 from pile_tools.indexed import token_dtype
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
 from pile_tools.reader import HF_PREFIX, Part, cut_into_parts, discover, guard_sample, part_bytes
-from tokenizer.engine import choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
+from tokenizer.engine import ENGINES, choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 
 
 def parse_split(split: str) -> list[float]:
@@ -159,8 +159,10 @@ class Workers:
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
 
-    def run(self, todo: list[Part], config: PartConfig, parts_dir: Path, progress: Progress) -> None:
-        """Process parts here or on the pool (largest first); re-raise the first failure."""
+    def run(self, todo: list[Part], config: PartConfig, parts_dir: Path, progress: Progress, verdict=None) -> None:
+        """Process parts here or on the pool (largest first); re-raise the first failure. `verdict`, a future of
+        the engine the exactness check chooses, lets the pool start with config.engine before the check ends:
+        if it chooses another, WrongGuess, once the parts under way have finished."""
         if self.pool is None:
             for part in todo:
                 process_part(part, config, parts_dir, progress)
@@ -169,44 +171,77 @@ class Workers:
         pending = {
             self.pool.submit(_run_in_worker, p, config, parts_dir) for p in sorted(todo, key=part_bytes, reverse=True)
         }
-        while pending:
+        while pending or verdict is not None:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             while not self.queue.empty():
                 progress(*self.queue.get())
+            failed = any(f.exception() is not None for f in done)
+            if verdict is not None and (verdict.done() or failed or not pending):
+                if verdict.result() != config.engine:  # a failure may be the guessed engine's own: not reported
+                    for f in pending:
+                        f.cancel()
+                    wait(pending)
+                    raise WrongGuess(verdict.result())
+                verdict = None
             for f in done:
                 if f.exception() is not None:
                     raise f.exception()
                 progress.parts += 1
 
 
+class WrongGuess(Exception):
+    """The exactness check chose another engine than the one the workers started with."""
+
+    def __init__(self, engine: str):
+        super().__init__(engine)
+        self.engine = engine
+
+
 def encode_parts(
     todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *, workers: int, strict: bool, echo, timings: dict
 ):
-    """Check the fast engine on a sample of these parts, then encode them on `workers` processes."""
+    """Encode the parts on `workers` processes with the first engine whose ids equal `tokenizers`' on a sample of
+    them. One process checks first (the check would take the encoder's cores); workers start at once with the
+    first engine while the check runs beside them, and the parts start again with the engine it chose if that
+    is another (gigatoken fails the check only on a tokenizer it does not support)."""
     options, tokenizer = plan["options"], plan["tokenizer"]
-    mark = time.time()
-    with Workers(workers, tokenizer["path"]) as pool:
-        engine = choose_engine(Path(tokenizer["path"]), guard_sample(todo, options["component"]), echo)
+    path, mark = Path(tokenizer["path"]), time.time()
+    config = PartConfig(
+        tokenizer=tokenizer["path"],
+        engine=ENGINES[0],
+        eod=tokenizer["eod"],
+        dtype=tokenizer["dtype"],
+        split_thresholds=split_thresholds(options["split"]),
+        component=options["component"],
+        max_doc_bytes=options["max_doc_bytes"],
+        strict=strict,
+        threaded=workers <= 1,
+    )
+    with Workers(workers, tokenizer["path"]) as pool, ThreadPoolExecutor(1) as checker:
+        verdict = checker.submit(lambda: choose_engine(path, guard_sample(todo, options["component"]), echo))
+        if pool.pool is None:
+            config, verdict = replace(config, engine=verdict.result()), None
         timings["start_workers_and_check_engine"] = time.time() - mark
         mark = time.time()
-        echo(f"encoding {len(todo)} of {n_parts} parts with {engine} on {workers} worker(s)")
-        config = PartConfig(
-            tokenizer=tokenizer["path"],
-            engine=engine,
-            eod=tokenizer["eod"],
-            dtype=tokenizer["dtype"],
-            split_thresholds=split_thresholds(options["split"]),
-            component=options["component"],
-            max_doc_bytes=options["max_doc_bytes"],
-            strict=strict,
-            threaded=workers <= 1,
-        )
-        progress = Progress(sum(map(part_bytes, todo)), n_parts - len(todo), n_parts)
+        checked = f"{config.engine}" if verdict is None else f"{config.engine} (checked against tokenizers meanwhile)"
+        echo(f"encoding {len(todo)} of {n_parts} parts with {checked} on {workers} worker(s)")
         try:
-            pool.run(todo, config, parts_dir, progress)
-        finally:
-            progress.bar.close()
+            encode_with(pool, todo, n_parts, config, parts_dir, verdict)
+        except WrongGuess as wrong:
+            for part in todo:  # the parts made with the engine the check refused
+                shutil.rmtree(parts_dir / f"{part.index:05d}", ignore_errors=True)
+            echo(f"encoding the {len(todo)} parts again with {wrong.engine}")
+            encode_with(pool, todo, n_parts, replace(config, engine=wrong.engine), parts_dir, None)
         timings["encode_parts"] = time.time() - mark
+
+
+def encode_with(pool: Workers, todo: list[Part], n_parts: int, config: PartConfig, parts_dir: Path, verdict) -> None:
+    """Run the parts on the pool under one progress bar."""
+    progress = Progress(sum(map(part_bytes, todo)), n_parts - len(todo), n_parts)
+    try:
+        pool.run(todo, config, parts_dir, progress, verdict)
+    finally:
+        progress.bar.close()
 
 
 def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts):

@@ -104,7 +104,7 @@ class ShardWriter:
 
     def add(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
         """Append sequences given as their concatenated tokens and each one's length."""
-        self._bin.write(tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._bin.write(np.ascontiguousarray(tokens, self.dtype.newbyteorder("<")))  # its buffer, not a copy
         self._sizes.append(np.asarray(sizes, np.int32))
 
     def close(self) -> None:

@@ -179,7 +179,8 @@ def test_hf_dataset_input_streams(tmp_path, run):
     assert docs == [tok.encode(f"hello {i}").ids + [0] for i in range(20)]
 
 
-def test_engine_guard_falls_back_on_mismatch(monkeypatch):
+def gigatoken_off_by_one(monkeypatch) -> None:
+    """Make gigatoken give one wrong id (in this process only: spawned workers are left as they are)."""
     from tokenizer import engine
 
     real = engine.Encoder.encode
@@ -192,9 +193,30 @@ def test_engine_guard_falls_back_on_mismatch(monkeypatch):
         return ids, counts
 
     monkeypatch.setattr(engine.Encoder, "encode", wrong)
+
+
+def test_engine_guard_falls_back_on_mismatch(monkeypatch):
+    from tokenizer import engine
+
+    gigatoken_off_by_one(monkeypatch)
     warnings = []
     assert engine.choose_engine(NEOX, ["some text", "more text"], warnings.append) == "fastokens"
     assert "gigatoken gives different ids" in warnings[0]
+
+
+def test_workers_encode_while_the_check_runs_and_start_again_if_it_refuses(corpus, tmp_path, run, monkeypatch):
+    """--workers 2 starts encoding with gigatoken while the exactness check runs beside it; when the check refuses
+    gigatoken (here only the checking process gets a wrong id), the parts made with it are dropped and encoded
+    again with the engine the check chose: the manifest names it, and the bytes are one worker's."""
+    args = ["--tokenizer", NEOX, "--split", "90,5,5", "--part-size", "64K"]
+    run.ok("build-shards", corpus, *args, "--output", tmp_path / "w1", "--workers", 1)
+    gigatoken_off_by_one(monkeypatch)
+    result = run.ok("build-shards", corpus, *args, "--output", tmp_path / "w2", "--workers", 2)
+    assert "checked against tokenizers meanwhile" in result.output
+    assert "gigatoken gives different ids" in result.output and "again with fastokens" in result.output
+    manifest = json.loads((tmp_path / "w2" / "manifest.json").read_text())
+    assert manifest["tokenizer"]["engine"] == ["fastokens"]
+    assert tree_bytes(tmp_path / "w2") == tree_bytes(tmp_path / "w1")
 
 
 @pytest.mark.slow

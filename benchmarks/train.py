@@ -144,27 +144,8 @@ def overrides(args) -> list[str]:
     return out + list(args.set)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/pythia-70M.yml")
-    parser.add_argument("--micro", type=int, default=4)
-    parser.add_argument("--accumulation", type=int, default=1)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--checkpoint-activations", action="store_true")
-    parser.add_argument("--only-ours", action="store_true", help="Skip the baseline (e.g. to read MFU alone).")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Another override.")
-    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--verbose", action="store_true")
-    parser.add_argument("--data", type=Path, default=None)
-    args = parser.parse_args()
-    if args.plain:
-        print(json.dumps(plain(args)))
-        return
-    args.data = args.data or write_shards(WORK / "shards", tokens=4_000_000, vocab=50_000)
+def run_rounds(args) -> dict[str, list]:
+    """Ours and the plain loop alternately, `rounds` times: each run's per-step rows, by name."""
     results = {"ours": [], "plain": []}
     for r in range(args.rounds):
         order = ["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]
@@ -181,6 +162,11 @@ def main():
             print(
                 f"round {r} {name:<6} {statistics.median(x['tokens_per_s'] for x in rows):>10,.0f} tokens/s", flush=True
             )
+    return results
+
+
+def report(args, results: dict[str, list]) -> None:
+    """Medians of tokens/s, TFLOPS and MFU, data wait and peak memory, and the ratios to the plain loop."""
     summary = {
         name: statistics.median(x["tokens_per_s"] for rows in runs for x in rows)
         for name, runs in results.items()
@@ -202,12 +188,36 @@ def main():
         wait = statistics.median(x["data_wait_s"] * x["tokens_per_s"] / tokens_per_step(args) for x in ours_rows)
         print(f"ours   data wait {wait:.2%} of step time (goal <= 1%)")
     if "plain" in summary:
-        print(f"ours / plain: {summary['ours'] / summary['plain']:.2f} (goal >= 1.0)")
+        print(f"ours / plain: {summary['ours'] / summary['plain']:.2f} (goal >= 1.15 on CUDA, issue 14)")
         peak = {name: max(x["peak_memory_gib"] for rows in runs for x in rows) for name, runs in results.items()}
         print(
             f"peak memory: ours {peak['ours']:.2f} GiB, plain {peak['plain']:.2f} GiB, ours / plain "
             f"{peak['ours'] / peak['plain']:.2f} (goal <= 0.75 on CUDA; on a CPU, the process's peak resident set)"
         )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/pythia-70M.yml")
+    parser.add_argument("--micro", type=int, default=4)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--checkpoint-activations", action="store_true")
+    parser.add_argument("--only-ours", action="store_true", help="Skip the baseline (e.g. to read MFU alone).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Another override.")
+    parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--data", type=Path, default=None)
+    args = parser.parse_args()
+    if args.plain:
+        print(json.dumps(plain(args)))
+        return
+    args.data = args.data or write_shards(WORK / "shards", tokens=4_000_000, vocab=50_000)
+    report(args, run_rounds(args))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,26 @@ def hf_directory(model: Path, scratch: Path) -> Path:
     return export_hf(model, scratch / "hf")
 
 
+def task_manager(tasks: list[str]):
+    """The harness's task manager with our local tasks, once every task is known; without the Hub, the remote
+    tasks are limited to cached data (set before `datasets` is imported: it reads the switches once)."""
+    remote = [t for t in tasks if t not in LOCAL_TASKS]
+    if remote and not hub_offline() and (reason := hub_unreachable()):
+        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # cached data still works, a miss fails
+        warnings.warn(
+            f"the Hugging Face Hub cannot be reached ({reason}): {', '.join(remote)} can run only "
+            "from data already cached",
+            stacklevel=3,
+        )
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASKS))
+    unknown = [t for t in tasks if not manager.match_tasks([t])]
+    if unknown:
+        raise InputError(f"unknown task(s): {', '.join(unknown)} (local ones: {', '.join(LOCAL_TASKS)})")
+    return manager
+
+
 def evaluate(
     model: str | Path,
     tasks: list[str],
@@ -85,23 +105,10 @@ def evaluate(
     model = Path(model)
     if not model.exists():
         raise InputError(f"{model}: no such model directory")
-    remote = [t for t in tasks if t not in LOCAL_TASKS]
-    if remote and not hub_offline() and (reason := hub_unreachable()):
-        # before datasets is imported (it reads these once): cached data still works, a miss fails at once
-        os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-        warnings.warn(
-            f"the Hugging Face Hub cannot be reached ({reason}): {', '.join(remote)} can run only "
-            "from data already cached",
-            stacklevel=2,
-        )
     import lm_eval
     import torch
-    from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(TASKS))
-    unknown = [t for t in tasks if not manager.match_tasks([t])]
-    if unknown:
-        raise InputError(f"unknown task(s): {', '.join(unknown)} (local ones: {', '.join(LOCAL_TASKS)})")
+    manager = task_manager(tasks)
     if output is not None:
         check_writable(Path(output).absolute().parent)  # before the harness runs, not after
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -133,15 +140,6 @@ def evaluate(
         for task, metrics in results["results"].items()
     }
     if output is not None:
-        write_json(
-            Path(output),
-            {
-                "model": str(model),
-                "num_fewshot": num_fewshot,
-                "summary": summary,
-                "results": results["results"],
-                "configs": results.get("configs", {}),
-                "versions": results.get("versions", {}),
-            },
-        )
+        keep = {"results": results["results"], **{k: results.get(k, {}) for k in ("configs", "versions")}}
+        write_json(Path(output), {"model": str(model), "num_fewshot": num_fewshot, "summary": summary, **keep})
     return summary

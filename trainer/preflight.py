@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from trainer.checkpoint import has_run, step_of
-from trainer.config import ConfigError, NeoXConfig
+from trainer.config import ConfigError, NeoXConfig, load_config
 from trainer.samples import check_shards, data_directory, resolve_sources, shards_manifest
 
 
@@ -18,6 +18,28 @@ def check_save(save: str | None, load: str | None) -> None:
             f"--save {save} holds a run at step {step_of(latest)}: add --load {save} to continue it, "
             "or choose another directory"
         )
+
+
+# What decides the shapes of the weights: a checkpoint loads only into a model that agrees on all of them.
+SHAPES = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "padded_vocab_size")
+
+
+def check_load(load: Path, tag: str, config: NeoXConfig) -> None:
+    """Refuse a checkpoint whose weights have other shapes than this run's model, naming them (before DeepSpeed
+    reads it and fails on the first tensor)."""
+    if not (load / tag / "config.yml").is_file():
+        return  # a checkpoint from before config.yml: DeepSpeed's own check
+    saved = load_config(load / tag / "config.yml").model
+    differ = [k for k in SHAPES if getattr(saved, k) != getattr(config.model, k)]
+    if not differ:
+        return
+    shapes = ", ".join(f"{k} {getattr(saved, k):,} (this run: {getattr(config.model, k):,})" for k in differ)
+    advice = "load it with the model it was trained with"
+    if differ == ["padded_vocab_size"]:  # the padding depends on TP: make_vocab_size_divisible_by x TP
+        advice = (
+            f"choose make_vocab_size_divisible_by so that it x model_parallel_size divides {saved.padded_vocab_size:,}"
+        )
+    raise ConfigError(f"--load {load / tag}: the checkpoint's model has {shapes}; {advice}")
 
 
 def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
@@ -32,9 +54,12 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
     config.global_batch(config.world_size())  # DP, and train_batch_size against micro x accumulation x DP
     save, load = config.paths.save, config.paths.load
     check_save(save, load)
-    if load is not None and not has_run(Path(load)):  # as Megatron and gpt-neox: start afresh
+    tag = has_run(Path(load)) if load is not None else None
+    if load is not None and tag is None:  # as Megatron and gpt-neox: start afresh
         warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
         load = None
+    if tag is not None:
+        check_load(Path(load), tag, config)
     sources = resolve_sources(config.data)
     shards = shards_manifest(data_directory(config.data)).get("tokenizer", {})
     if shards.get("vocab_size", 0) > config.model.vocab_size:

@@ -105,13 +105,7 @@ def load_state_dict(path: Path) -> dict:
 def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipelined: bool) -> dict:
     """Weights and Adam's state (resharded), step, data position and schedule of a checkpoint saved in another
     layout; the moments restart when it has no universal copy."""
-    saved, layout = checkpoint_layout(path)
-    if saved.model.padded_vocab_size != config.model.padded_vocab_size:
-        raise ConfigError(
-            f"make_vocab_size_divisible_by: the checkpoint's vocabulary is padded to {saved.model.padded_vocab_size:,}"
-            f" rows, this run's to {config.model.padded_vocab_size:,}; choose make_vocab_size_divisible_by so that "
-            f"it x model_parallel_size divides {saved.model.padded_vocab_size:,}"
-        )
+    _, layout = checkpoint_layout(path)  # the shapes agree: trainer/preflight.py checked them
     universal = (path / UNIVERSAL).is_dir()
     if universal:
         load_universal(engine, config, path)

@@ -26,6 +26,14 @@ KINDS = {
         "test_data_weights": [2.0, 1.0],
     },
     "split": {"data_path": "c", "split": "8,1,1"},
+    "by-docs": {  # weights from each shard's document count (the given weights are replaced)
+        "train_data_paths": ["a", "b", "c"],
+        "train_data_weights": [0.1, 0.1, 0.8],
+        "valid_data_paths": ["d", "a"],
+        "test_data_paths": ["c", "d"],
+        "weight_by_num_documents": True,
+        "weighted_sampler_alpha": 0.3,
+    },
 }
 
 

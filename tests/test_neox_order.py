@@ -1,7 +1,8 @@
 """Our samples, in our order, against gpt-neox's own data pipeline: whole global batches of train, of each
-evaluation's valid part and of test, for 24 cases (weighted, equal-weight and split data; two seeds; two sequence
-lengths; 1 and 2 data-parallel ranks; 2 micro-batches a step). The expected ids were made by gpt-neox's
-megatron/data (tests/fixtures/make_neox_order.py says how to make them again); gpt-neox is not needed here."""
+evaluation's valid part and of test, for 32 cases (weighted, equal-weight, split data, and weights from document
+counts; two seeds; two sequence lengths; 1 and 2 data-parallel ranks; 2 micro-batches a step). The expected ids
+were made by gpt-neox's megatron/data (tests/fixtures/make_neox_order.py says how to make them again); gpt-neox is
+not needed here."""
 
 import json
 from pathlib import Path

@@ -172,6 +172,8 @@ class DataConfig:
     test_data_paths: list[str] | None = None
     test_data_weights: list[float] | None = None
     split: str = "969,30,1"  # train,valid,test documents of one data_path prefix, as Megatron cuts them
+    weight_by_num_documents: bool = False  # gpt-neox's: each split's weights from its shards' document counts
+    weighted_sampler_alpha: float = 1.0  # ... p ~ (n / N) ** alpha; 1: as many as the documents, 0: equal
     tokenizer: str | None = None  # ours: a tokenizer.json (or bundled name) to ship with checkpoints
     vocab_file: str | None = None  # gpt-neox's: with tokenizer_type HFTokenizer, that tokenizer.json
     tokenizer_type: str | None = None  # gpt-neox's; only HFTokenizer's vocab_file is a tokenizer.json

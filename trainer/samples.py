@@ -19,7 +19,7 @@ steps (gpt-neox's itertools.cycle grows host memory over a run).
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,16 +109,42 @@ def shard_sizes(prefix: Path) -> np.ndarray:
 
 
 def resolve_sources(data: DataConfig) -> dict[str, list[Source]]:
-    """Sources per split: --data DIR first, then the config's keys; a clear error when there are none."""
+    """Sources per split: --data DIR first, then the config's keys; a clear error when there are none. With
+    weight_by_num_documents, each split's shards are weighted by their document counts, as gpt-neox does."""
     if data.data_dir is not None:
         if not Path(data.data_dir).is_dir():
             raise ConfigError(f"--data: {data.data_dir} is not a directory")
-        return sources_from_blend(Path(data.data_dir), "--data")
-    if not data.train_data_paths and not data.data_path:
+        sources = sources_from_blend(Path(data.data_dir), "--data")
+    elif not data.train_data_paths and not data.data_path:
         raise ConfigError(
             "no training data: give --data DIR (a build-shards output), or data_path or train_data_paths in the config"
         )
-    return sources_from_keys(data)
+    else:
+        sources = sources_from_keys(data)
+    if not data.weight_by_num_documents or any(s.documents is not None for s in sources.get("train", [])):
+        return sources  # one data_path cut by split is not a blend: gpt-neox weighs only separate paths
+    return {
+        split: [
+            replace(s, weight=w)
+            for s, w in zip(shards, weights_by_num_documents([len(shard_sizes(s.prefix)) for s in shards], data))
+        ]
+        for split, shards in sources.items()
+    }
+
+
+def weights_by_num_documents(counts: list[int], data: DataConfig) -> list[float]:
+    """gpt-neox's weights from document counts n (out of N): p = (n / N) ** alpha normalised, times 1 - n / N,
+    normalised; the same float operations in the same order, so the blend is its blend."""
+    if len(counts) <= 1:
+        return [1.0] * len(counts)
+    total = sum(counts)
+    shares = [n / total for n in counts]
+    probs = [p**data.weighted_sampler_alpha for p in shares]
+    norm = sum(probs)
+    probs = [p / norm for p in probs]
+    weights = [p * q for p, q in zip(probs, [1 - share for share in shares])]
+    norm = sum(weights)
+    return [w / norm for w in weights]
 
 
 def shards_manifest(data_dir: Path | None) -> dict:

@@ -52,6 +52,7 @@ def test_one_to_tp2_pp2_dp2_and_back_equals_thirty_straight_steps(shards, thirty
     assert worst(thirty, hopped(a, b, c)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_zero1_partitions_hop_to_one_process_and_no_universal_copy_restarts_the_moments(shards, thirty, tmp_path):
     """ZeRO stage 1 on 2 ranks (Adam's state partitioned, read through DeepSpeed's accessors) -> one process
     equals the straight run; a checkpoint saved with universal_checkpoint: false resumes with a warning that the

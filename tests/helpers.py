@@ -132,18 +132,12 @@ def launch(processes: int, *args) -> subprocess.CompletedProcess:
     from trainer.engine import free_port
 
     bin_dir = Path(sys.executable).parent
-    cmd = [
-        bin_dir / "deepspeed",
-        "--num_gpus",
-        processes,
-        "--master_port",
-        free_port(),
-        bin_dir / "neox-data",
-        *TINY,
-        *args,
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, env=env)
+    for _ in range(3):  # the free port is closed before the launcher binds it: another process may take it first
+        cmd = [bin_dir / "deepspeed", "--num_gpus", processes, "--master_port", free_port(), bin_dir / "neox-data"]
+        result = subprocess.run(list(map(str, [*cmd, *TINY, *args])), cwd=ROOT, capture_output=True, text=True, env=env)
+        if "address already in use" not in (result.stdout + result.stderr).lower():
+            break
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 

@@ -132,7 +132,7 @@ def launch(processes: int, *args) -> subprocess.CompletedProcess:
     from trainer.engine import free_port
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}  # stacks on abort
     for _ in range(3):  # the free port is closed before the launcher binds it: another process may take it first
         cmd = [bin_dir / "deepspeed", "--num_gpus", processes, "--master_port", free_port(), bin_dir / "neox-data"]
         result = subprocess.run(list(map(str, [*cmd, *TINY, *args])), cwd=ROOT, capture_output=True, text=True, env=env)

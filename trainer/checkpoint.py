@@ -33,7 +33,7 @@ from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
 from trainer.model import GPTNeoX
 from trainer.reshard import checkpoint_layout, load_other_layout, load_state_dict
-from trainer.universal import save_universal
+from trainer.universal import innermost, save_universal
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:
@@ -156,9 +156,7 @@ def prune_checkpoints(save: Path, keep: int, run_id: str, protected: set[str]) -
 def finite_states(engine) -> bool:
     """Whether this rank's weights and optimizer states (fp32 masters and moments) are all finite."""
     tensors = list(engine.module.parameters())
-    optimizer = engine.optimizer
-    while hasattr(optimizer, "optimizer"):  # DeepSpeed's fp16/bf16/ZeRO wrappers around the torch optimizer
-        optimizer = optimizer.optimizer
+    optimizer = innermost(engine.optimizer)  # inside DeepSpeed's fp16/bf16/ZeRO wrappers
     for group in optimizer.param_groups:
         tensors += group["params"]
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]

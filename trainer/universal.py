@@ -119,25 +119,30 @@ class Universal:
             masters = {q: m for low, high in pairs for q, m in zip(low, high)}
         return {q: {"value": m, **{k: inner.state[m][k] for k in MOMENTS}} for q, m in masters.items()}
 
-    def read(self, params: dict[str, nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
+    def ready(self) -> dict | None:
+        """Once per save or load: link DeepSpeed's per-parameter mappings ("mapped": None), else the views."""
+        if self.kind == "mapped":
+            link_states(self.optimizer)
+            return None
+        return self.views()
+
+    def read(self, params: dict[str, nn.Parameter], views: dict | None) -> dict[str, dict[str, torch.Tensor]]:
         """The fp32 value and moments of each parameter by name (this rank's TP piece, whole across DP)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-        if self.kind == "mapped":  # DP peers assemble each tensor from their partitions: the same order on all
-            link_states(self.optimizer)
+        if views is None:  # DP peers assemble each tensor from their partitions: the same order on all
             get = safe_get_full_optimizer_state
             return {
                 name: {"value": safe_get_full_fp32_param(q), **{k: get(q, k) for k in MOMENTS}}
                 for name, q in params.items()
             }
-        views = self.views()
         return {name: views[q] for name, q in params.items()}
 
-    def state_dict(self, params: dict[str, nn.Parameter], fill: bool) -> dict:
+    def state_dict(self, params: dict[str, nn.Parameter], fill: bool, views: dict | None = None) -> dict:
         """One part's DCP state dict: `name`, `name.exp_avg`, `name.exp_avg_sq` and `step`; `fill` reads the
-        values, else the tensors are empty, to be loaded into."""
+        values (`views`: what ready() returned), else the tensors are empty, to be loaded into."""
         out = {"step": torch.tensor(self.step() if fill else 0, dtype=torch.int64)}
-        values = self.read(params) if fill else {}
+        values = self.read(params, views) if fill else {}
         for name, q in params.items():
             empty = {} if fill else {k: torch.empty(q.shape, device=q.device) for k in ("value", *MOMENTS)}
             for key, tensor in (values.get(name) or empty).items():
@@ -148,8 +153,10 @@ class Universal:
         """Write every part this rank holds to `where`/<part>/ (collective over each stage's ranks)."""
         import torch.distributed.checkpoint as dcp
 
+        views = self.ready()
         for part, params in self.parts.items():
-            dcp.save(self.state_dict(params, fill=True), checkpoint_id=where / part, process_group=self.group)
+            sd = self.state_dict(params, fill=True, views=views)
+            dcp.save(sd, checkpoint_id=where / part, process_group=self.group)
 
     def load(self, where: Path) -> int:
         """Read this rank's pieces of every part from `where` into the weights and the optimizer; returns the step."""
@@ -172,15 +179,14 @@ class Universal:
         """Put loaded values and moments into the optimizer's tensors, and the values into the weights."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        if self.kind == "mapped":
-            link_states(self.optimizer)
+        views = self.ready()
+        if views is None:
             for q, values in loaded.items():
                 safe_set_full_fp32_param(q, values["value"])
                 for k in MOMENTS:
                     safe_set_full_optimizer_state(q, values[k], k)
             self.optimizer.update_lp_params()
             return
-        views = self.views()
         for q, values in loaded.items():
             for k, tensor in values.items():
                 views[q][k].copy_(tensor)

@@ -1,7 +1,7 @@
 """build-shards against its ceiling and against gpt-neox, side by side, on N copies of the mini-Pile.
 
     .venv/bin/python benchmarks/shards.py [--copies 10] [--workers 2] [--corpus ../shared/corpus/mini-pile]
-        [--skip-neox]
+        [--skip-neox] [--only-ours]
 
 Three runs on the same input, each in its own process, timed and with peak RSS (the process tree, sampled):
   ceiling   one process: read + orjson + gigatoken encode_batch(parallel=True) + EOD + one uint16 write per file
@@ -24,8 +24,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
+
+from pile_tools.assemble import manifest_entries
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / ".work"
@@ -60,16 +63,22 @@ def copies_of(corpus: Path, n: int) -> Path:
     return out
 
 
-def measure(cmd: list[str], cwd=None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes, summed over the process tree, sampled every 100 ms) of a command."""
+class Run(NamedTuple):
+    seconds: float
+    peak: int  # bytes, the process tree's resident sets summed
+    largest: int  # bytes, the largest single process's (the per-worker memory goal)
+
+
+def measure(cmd: list[str], cwd=None) -> Run:
+    """Wall seconds and peak RSS (the process tree's, sampled every 100 ms) of a command."""
     log = WORK / "last-run.log"  # a file, not a pipe: a full pipe would stall the progress bars
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
-    root, peak = psutil.Process(proc.pid), 0
+    root, peak, largest = psutil.Process(proc.pid), 0, 0
     while proc.poll() is None:
         try:
-            procs = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            rss = [p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running()]
+            peak, largest = max(peak, sum(rss)), max(largest, *rss)
         except psutil.Error:
             pass
         try:  # sample every 100 ms (reading /proc costs CPU the measured run would miss), but stop on exit at once
@@ -79,7 +88,7 @@ def measure(cmd: list[str], cwd=None) -> tuple[float, int]:
     seconds = time.time() - start
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{log.read_text(errors='replace')[-3000:]}")
-    return seconds, peak
+    return Run(seconds, peak, largest)
 
 
 def ceiling(src: Path, out: Path) -> None:
@@ -159,16 +168,34 @@ def neox_command(python: Path, corpus: Path) -> list[str]:
     return [str(python), "tools/datasets/preprocess_data.py", *args]
 
 
+def only_ours(args) -> None:
+    """build-shards alone on `args.copies` copies (a node-scale run: no ceiling, no 1-copy run, no scan of the
+    text; its size comes from manifest.json): wall time, GB/s of text, peak RSS, where the time went."""
+    many, out = copies_of(args.corpus, args.copies), WORK / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    run = measure(ours_command(many, out, args.workers))
+    manifest = json.loads((out / "manifest.json").read_text())
+    text = sum(e["text_bytes"] for e in manifest_entries(manifest).values())
+    print(f"input: {args.copies} copies of {args.corpus}, {text / 1e9:.2f} GB of text; {os.cpu_count()} CPUs")
+    rate, gib = text / 1e9 / run.seconds, 2**30
+    print(f"ours, --workers {args.workers}: {run.seconds:.1f} s, {rate:.3f} GB/s of text (goal >= 0.8 on 16 cores)")
+    print(f"peak RSS: {run.peak / gib:.2f} GiB in all, {run.largest / gib:.2f} GiB the largest process (goal <= 1)")
+    print_breakdown(manifest.get("timings", {}), run.seconds, args)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=10)
     parser.add_argument("--corpus", type=Path, default=ROOT.parent / "shared" / "corpus" / "mini-pile")
     parser.add_argument("--skip-neox", action="store_true")
+    parser.add_argument("--only-ours", action="store_true", help="build-shards alone (node scale: issue 13's GB/s)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ceiling", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ceiling:
         return ceiling(*args.ceiling)
+    if args.only_ours:
+        return only_ours(args)
     one, many = copies_of(args.corpus, 1), copies_of(args.corpus, args.copies)
     mb = text_bytes(many) / 1e6
     rows = {}
@@ -187,15 +214,17 @@ def main():
         rows["gpt-neox"] = measure(neox_command(python, many), cwd=tree)
     print(f"input: {args.copies} copies of {args.corpus}, {mb:,.0f} MB of text; 1 copy: {mb / args.copies:,.0f} MB")
     print(f"{'run':<14} {'seconds':>8} {'MB/s':>7} {'peak RSS MB':>12}")
-    for name, (seconds, rss) in rows.items():
+    for name, run in rows.items():
         size = mb / args.copies if "1 copy" in name else mb
-        print(f"{name:<14} {seconds:>8.1f} {size / seconds:>7.1f} {rss / 2**20:>12.0f}")
-    print_breakdown(manifest.get("timings", {}), rows["ours"][0], args)
-    speed = rows["ceiling"][0] / rows["ours"][0]
+        print(f"{name:<14} {run.seconds:>8.1f} {size / run.seconds:>7.1f} {run.peak / 2**20:>12.0f}")
+    print_breakdown(manifest.get("timings", {}), rows["ours"].seconds, args)
+    speed = rows["ceiling"].seconds / rows["ours"].seconds
     print(f"ours / ceiling throughput: {speed:.2f}  (goal >= 1.0 on 2 cores, issue 13)")
-    print(f"peak RSS, {args.copies} copies / 1 copy: {rows['ours'][1] / rows['ours, 1 copy'][1]:.2f}  (goal <= 1.2)")
+    print(
+        f"peak RSS, {args.copies} copies / 1 copy: {rows['ours'].peak / rows['ours, 1 copy'].peak:.2f}  (goal <= 1.2)"
+    )
     if "gpt-neox" in rows:
-        print(f"gpt-neox / ours wall time: {rows['gpt-neox'][0] / rows['ours'][0]:.1f}x  (goal >= 30)")
+        print(f"gpt-neox / ours wall time: {rows['gpt-neox'].seconds / rows['ours'].seconds:.1f}x  (goal >= 30)")
 
 
 if __name__ == "__main__":

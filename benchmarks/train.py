@@ -182,7 +182,8 @@ def report(args, results: dict[str, list]) -> None:
     if ours_rows and ours_rows[0].get("tflops_per_gpu") is not None:
         print(
             f"ours   {statistics.median(x['tflops_per_gpu'] for x in ours_rows):.1f} TFLOPS/GPU (hardware), "
-            f"MFU {statistics.median(x['mfu'] or 0 for x in ours_rows):.1%}"
+            f"MFU {statistics.median(x['mfu'] or 0 for x in ours_rows):.1%} (model FLOPs), "
+            f"HFU {statistics.median(x.get('hfu') or 0 for x in ours_rows):.1%} (recompute counted)"
         )
     if ours_rows:
         wait = statistics.median(x["data_wait_s"] * x["tokens_per_s"] / tokens_per_step(args) for x in ours_rows)

@@ -2,11 +2,12 @@
 line per log_interval, and the loss-curve PNG drawn from metrics.jsonl. Rank 0 writes; the others stay quiet.
 
 metrics.jsonl lines: {"kind": "train", "step", "loss", "lr", "loss_scale", "grad_norm", "tokens_per_s",
-"tflops_per_gpu", "mfu", "consumed_samples", "elapsed_s"} and {"kind": "valid" | "test", "step", "part", "loss",
-"ppl", "components": {shard: loss}}: as in gpt-neox, each evaluation reads the next `part` of valid (eval_iters
-global batches), and valid is evaluated once more after the last step ("final": true; so twice at the last step
-when it is a multiple of eval_interval), then test. On resume the lines past the checkpoint's step are dropped
-(atomically).
+"tflops_per_gpu", "mfu", "hfu", "consumed_samples", "data_wait_s", "peak_memory_gib", "elapsed_s"} and {"kind":
+"valid" | "test", "step", "part", "loss", "ppl", "components": {shard: loss}}: as in gpt-neox, each evaluation
+reads the next `part` of valid (eval_iters global batches), and valid is evaluated once more after the last step
+("final": true; so twice at the last step when it is a multiple of eval_interval), then test. MFU counts the
+model's FLOPs, HFU also the recomputed forward passes of activation checkpointing (both None without a known
+GPU peak). On resume the lines past the checkpoint's step are dropped (atomically).
 """
 
 import json

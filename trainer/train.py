@@ -247,6 +247,7 @@ class Trainer:
             "tokens_per_s": self.global_batch * t.seq_length / seconds,
             "tflops_per_gpu": tflops if self.device is not None else None,
             "mfu": model_flops / seconds / self.world / self.peak if self.peak else None,
+            "hfu": hardware_flops / seconds / self.world / self.peak if self.peak else None,  # recompute counted
             "consumed_samples": step * self.global_batch,
             "data_wait_s": wait,
             "peak_memory_gib": peak_memory_gib(self.device),

@@ -3,6 +3,7 @@ checkpoint, and bad configs that fail before any work."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,6 +220,15 @@ def test_batch_shows_what_train_read_at_a_step(shards, tmp_path):
         assert json.loads(shown.output) == {"step": step, "tokens": seen[str(step)]}
     text = Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", 2, *accumulate)
     assert text.output.count("--- step 2 sample") == 4
+
+
+def test_batch_builds_the_sample_index_of_train_alone(shards, tmp_path):
+    """Showing a training step reads train's samples: valid's and test's indices are not built for it."""
+    fresh = tmp_path / "shards"
+    shutil.copytree(shards, fresh, ignore=shutil.ignore_patterns("index-cache"))
+    Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", fresh, "--step", 1, *SMALL, "--json")
+    assert any((fresh / "train" / "index-cache").iterdir())
+    assert not (fresh / "valid" / "index-cache").exists() and not (fresh / "test" / "index-cache").exists()
 
 
 COUNT_READS = """

@@ -225,12 +225,16 @@ def split_samples(config: NeoXConfig, global_batch: int) -> dict[str, int]:
     }
 
 
-def build_datasets(config: NeoXConfig, sources: dict[str, list[Source]], global_batch: int, fallback: Path) -> dict:
-    """train, valid and test datasets sized to what the run reads; their indices cached beside the shards, or
-    under `fallback` where that is read-only."""
+def build_datasets(
+    config: NeoXConfig, sources: dict[str, list[Source]], global_batch: int, fallback: Path, splits=SPLITS
+) -> dict:
+    """The datasets of `splits` (train, valid and test) sized to what the run reads; their indices cached beside
+    the shards, or under `fallback` where that is read-only."""
     t = config.training
     out = {}
     for split, samples in split_samples(config, global_batch).items():
+        if split not in splits:
+            continue
         try:
             out[split] = split_dataset(
                 sources.get(split, []), samples, t.seq_length, t.seed, config.model.vocab_size, fallback
@@ -276,7 +280,7 @@ def global_batch_at(config: NeoXConfig, step: int, world_size: int) -> np.ndarra
     global_batch = config.global_batch(world_size)
     sources = resolve_sources(config.data)
     check_shards(sources, config.model.vocab_size)
-    dataset = build_datasets(config, sources, global_batch, fallback_cache_dir(None))["train"]
+    dataset = build_datasets(config, sources, global_batch, fallback_cache_dir(None), ("train",))["train"]
     micro, dp = t.train_micro_batch_size_per_gpu, config.data_parallel_size(world_size)
     where = [
         sample_positions(step - 1, m, micro, dp, r, global_batch, len(dataset))

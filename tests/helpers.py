@@ -127,12 +127,13 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
 
 
-def launch(processes: int, *args) -> subprocess.CompletedProcess:
-    """`neox-data train --config configs/tiny.yml ARGS` on `processes` gloo ranks under the deepspeed launcher."""
+def launch(processes: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`neox-data train --config configs/tiny.yml ARGS` on `processes` gloo ranks under the deepspeed launcher
+    (`env`: more environment variables)."""
     from trainer.engine import free_port
 
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1"}  # stacks on abort
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1", **(env or {})}
     for _ in range(3):  # the free port is closed before the launcher binds it: another process may take it first
         cmd = [bin_dir / "deepspeed", "--num_gpus", processes, "--master_port", free_port(), bin_dir / "neox-data"]
         result = subprocess.run(list(map(str, [*cmd, *TINY, *args])), cwd=ROOT, capture_output=True, text=True, env=env)

@@ -125,6 +125,14 @@ def test_the_config_is_built_once_and_never_changed(tmp_path):
     assert load_config(write(tmp_path, "gpu.yml", "fp16: {enabled: true}\n")).precision.fp16  # plan, dry run
 
 
+def test_compile_with_bf16_on_a_cpu_trains_uncompiled_with_a_warning(tmp_path):
+    """Inductor's C++ kernels of the model fail to build in bf16 (a traceback at the first step before this)."""
+    path = write(tmp_path, "bf16.yml", "bf16: {enabled: true}\ncompile: true\n")
+    with pytest.warns(UserWarning, match="training uncompiled here"):
+        assert load_config(path, device="cpu").training.compile is False
+    assert load_config(path, device="cuda").training.compile is True
+
+
 def test_save_load_and_log_dirs_in_the_config_act(tmp_path):
     text = f"save: {tmp_path / 'a'}\nload: {tmp_path / 'a'}\nlog_dir: {tmp_path / 'logs'}\n"
     config = load_config(write(tmp_path, "paths.yml", text), flags={"save": str(tmp_path / "b"), "load": None})

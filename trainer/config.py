@@ -302,6 +302,13 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
             stacklevel=3,
         )
         sections["precision"]["fp16"] = False
+    if device == "cpu" and sections["precision"].get("bf16") and sections["training"].get("compile"):
+        warnings.warn(  # "conflicting declaration 'auto at_BFloat16_tmp_acc0_vec'" in the generated C++
+            "compile: true with bf16 on a CPU: Inductor's C++ kernels for this model fail to build in bf16 "
+            "(torch 2.13), training uncompiled here",
+            stacklevel=3,
+        )
+        sections["training"]["compile"] = False
     try:
         parts = {name: SECTIONS[name](**values) for name, values in sections.items()}
         m, tp = parts["model"], parts["parallel"].model_parallel_size

@@ -121,10 +121,15 @@ def train(*args, env=None, check=True) -> subprocess.CompletedProcess:
     return neox(*TINY, *args, env=env, check=check)
 
 
+def train_rows(run: Path) -> list[dict]:
+    """The metrics.jsonl entries of a run's training steps."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == "train"]
+
+
 def losses(run: Path) -> list[tuple[int, float]]:
     """(step, loss) of every training step in a run's metrics.jsonl."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    return [(r["step"], r["loss"]) for r in train_rows(run)]
 
 
 def launch(processes: int, *args, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -158,7 +163,9 @@ def layout(tp: int, pp: int, dp: int) -> list[str]:
 
 
 def assert_same_losses(reference: Path, run: Path, rtol: float) -> None:
-    """Every step's loss of `run` within `rtol` (relative) of `reference`'s."""
-    one, other = losses(reference), losses(run)
-    assert [s for s, _ in one] == [s for s, _ in other]
-    assert all(abs(a - b) <= rtol * abs(a) for (_, a), (_, b) in zip(one, other)), (one, other)
+    """Every step's loss and gradient norm of `run` within `rtol` (relative) of `reference`'s."""
+    one, other = train_rows(reference), train_rows(run)
+    assert [r["step"] for r in one] == [r["step"] for r in other]
+    for key in ("loss", "grad_norm"):
+        a, b = [r[key] for r in one], [r[key] for r in other]
+        assert None not in a + b and all(abs(x - y) <= rtol * abs(x) for x, y in zip(a, b)), (key, a, b)

@@ -46,6 +46,20 @@ def plain_fp32(config: NeoXConfig) -> bool:
     return p.zero_stage == 0 and not config.precision.mixed and not p.pipelined
 
 
+def keep_clip_norm(engine) -> None:
+    """DeepSpeed's fp32 path without ZeRO (the pipeline's: see plain_fp32 for the rest) clips with the engine's
+    grid and drops the norm it computed; keep it, so get_global_grad_norm() returns it for the log and the nan check."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip():
+        norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+        engine._global_grad_norm = norm
+
+    engine.clip_fp32_gradients = clip
+
+
 def deepspeed_config(config: NeoXConfig, world_size: int) -> dict:
     """The DeepSpeed JSON, generated from the dataclasses (never kept by hand beside them)."""
     t, p, pr = config.training, config.parallel, config.precision

@@ -24,6 +24,7 @@ from trainer.config_keys import RunError
 from trainer.engine import (
     deepspeed_config,
     init_distributed,
+    keep_clip_norm,
     make_optimizer,
     make_scheduler,
     plain_fp32,
@@ -63,6 +64,7 @@ class Trainer:
             lr_scheduler=make_scheduler(optimizer, config.optimizer),
             config=deepspeed_config(config, self.world),
         )
+        keep_clip_norm(self.engine)
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies

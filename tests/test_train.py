@@ -291,3 +291,22 @@ def test_the_loss_and_norm_are_read_only_at_log_steps(shards, tmp_path):
     assert seen["flushes"] == [4, 8, 10]  # 10: the last step, saved
     assert set(seen["reads"]) == {"evaluate", "<dictcomp>"}  # only the evaluations after the last step read values
     assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 11))
+
+
+def test_the_run_gives_the_signals_back_their_handlers_when_it_ends():
+    """A finished (or failed) run leaves SIGTERM and SIGUSR1 as it found them: a dead trainer's handler would
+    swallow a later SIGTERM in the same process (a notebook, a sweep) and keep the trainer alive."""
+    import signal
+
+    from trainer.train import handling
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with handling((signal.SIGUSR1,), mine):
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    assert signal.getsignal(signal.SIGUSR1) is before
+    with pytest.raises(RuntimeError), handling((signal.SIGUSR1,), mine):
+        raise RuntimeError("a failed run")
+    assert signal.getsignal(signal.SIGUSR1) is before

@@ -181,10 +181,11 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 
 def leave_without_teardown() -> None:
     """End a finished rank of a multi-process run now, skipping the interpreter's teardown: every output is
-    written and closed and the ranks have left together. DeepSpeed's engine stays reachable through autograd hooks
-    that the garbage collector cannot see, so its process groups and their gloo threads live into the teardown,
-    where a rank intermittently aborted after a finished run ("terminate called without an active exception",
-    exit -6; twice in ~6 test-suite runs), and the launcher then reported the whole run as failed."""
+    written and closed and the ranks have left together. Process groups outlive destroy_process_group() (DeepSpeed
+    keeps one in a module global, deepspeed.utils.groups, and one more stays referenced from C++), so their gloo
+    threads run into the teardown, where a rank intermittently aborted after a finished run ("terminate called
+    without an active exception", exit -6; twice in ~6 test-suite runs), and the launcher then reported the whole
+    run as failed."""
     import logging
     import sys
 

@@ -313,10 +313,14 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results. SIGTERM
-        or SIGUSR1 saves after the current step and stops with an error naming the checkpoint."""
+        or SIGUSR1 saves after the current step and stops with an error naming the checkpoint; the signals get
+        their former handlers back when the run ends."""
         self.signalled, self.flags = None, None
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self.on_signal)
+        with handling((signal.SIGTERM, signal.SIGUSR1), self.on_signal):
+            return self.train_to_the_end()
+
+    def train_to_the_end(self) -> dict:
+        """run()'s work, with the signals routed to on_signal."""
         t = self.config.training
         results = {"start_step": self.step}
         if self.step == 0 and t.eval_interval:
@@ -371,6 +375,17 @@ class Trainer:
         if entry is not None:
             self.metrics.record(entry)
         return entry
+
+
+@contextlib.contextmanager
+def handling(signums, handler):
+    """Route the signals to `handler` inside the block, then give them back the handlers they had."""
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():
+            signal.signal(signum, before)
 
 
 def train(config: NeoXConfig) -> dict:

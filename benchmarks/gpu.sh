@@ -37,9 +37,9 @@ section() {  # section SECONDS TITLE COMMAND...: run with a time limit; say how 
   echo "-- $title: exit $? after $((SECONDS - start)) s (limit $limit)"
 }
 
-section 110 "1. GPU tests" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+section 90 "1. GPU tests" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
 
-section 180 "2. Pythia-1B, bf16, micro 8 x 2,048, defaults (compile on with CUDA), beside the plain loop" \
+section 160 "2. Pythia-1B, bf16, micro 8 x 2,048, defaults (compile on with CUDA), beside the plain loop" \
   python3 benchmarks/train.py --config configs/pythia-1B.yml --micro 8 --seq 2048 --steps 14 --warmup 4 --rounds 2 \
   --bf16
 
@@ -51,13 +51,13 @@ PLAN=(--config configs/20B.yml --gpus 1 --json --set num_layers=4 --set model_pa
 for ckpt in false true; do
   flag=()
   [ $ckpt = true ] && flag=(--checkpoint-activations)
-  section 85 "3. the 20B's width, checkpoint_activations=$ckpt" python3 benchmarks/train.py "${TWENTY[@]}" "${flag[@]}"
+  section 75 "3. the 20B's width, checkpoint_activations=$ckpt" python3 benchmarks/train.py "${TWENTY[@]}" "${flag[@]}"
   python3 -m cli plan "${PLAN[@]}" --set checkpoint_activations=$ckpt | python3 -c \
     "import json,sys; print('plan memory per GPU, GiB:', round(json.load(sys.stdin)['memory_gib']['total'], 2))"
 done
 
 for w in 16 8; do
-  section 100 "4. build-shards, ~10 GB, --workers $w" python3 benchmarks/shards.py --only-ours --copies 115 \
+  section 70 "4. build-shards, ~10 GB, --workers $w" python3 benchmarks/shards.py --only-ours --copies 115 \
     --workers $w --corpus benchmarks/.work/mini-pile-x1
 done
 date -u

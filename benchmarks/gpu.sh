@@ -9,7 +9,7 @@
 #     orjson jsonlines gigatoken awkward awkward-cpp fastokens          # the versions .venv has (pip show)
 #   .venv/bin/python benchmarks/shards.py --copies 1 --skip-neox     # makes benchmarks/.work/mini-pile-x1 (19 MB)
 # then one call of the device tool's run, carrying both (~21 + 19 MB, under the 64 MiB limit):
-#   run(command="bash benchmarks/gpu.sh", carry=[".whl", "benchmarks/.work/mini-pile-x1"], timeout_s=590)
+#   run(command="bash benchmarks/gpu.sh", carry=[".whl", "benchmarks/.work/mini-pile-x1"], timeout_s=600)
 # Each section has its own time limit and a failed one does not stop the next; everything printed is also kept in
 # $OUT/gpu.log. Sections:
 # 1. the GPU tests (pytest -m gpu: bf16/fp16 30 steps, bf16 resume, chunked loss on CUDA)
@@ -37,9 +37,9 @@ section() {  # section SECONDS TITLE COMMAND...: run with a time limit; say how 
   echo "-- $title: exit $? after $((SECONDS - start)) s (limit $limit)"
 }
 
-section 90 "1. GPU tests" python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+section 100 "1. GPU tests" python3 -m pytest -v -m gpu -p no:cacheprovider tests/test_gpu.py
 
-section 160 "2. Pythia-1B, bf16, micro 8 x 2,048, defaults (compile on with CUDA), beside the plain loop" \
+section 170 "2. Pythia-1B, bf16, micro 8 x 2,048, defaults (compile on with CUDA), beside the plain loop" \
   python3 benchmarks/train.py --config configs/pythia-1B.yml --micro 8 --seq 2048 --steps 14 --warmup 4 --rounds 2 \
   --bf16
 
@@ -51,7 +51,7 @@ PLAN=(--config configs/20B.yml --gpus 1 --json --set num_layers=4 --set model_pa
 for ckpt in false true; do
   flag=()
   [ $ckpt = true ] && flag=(--checkpoint-activations)
-  section 75 "3. the 20B's width, checkpoint_activations=$ckpt" python3 benchmarks/train.py "${TWENTY[@]}" "${flag[@]}"
+  section 80 "3. the 20B's width, checkpoint_activations=$ckpt" python3 benchmarks/train.py "${TWENTY[@]}" "${flag[@]}"
   python3 -m cli plan "${PLAN[@]}" --set checkpoint_activations=$ckpt | python3 -c \
     "import json,sys; print('plan memory per GPU, GiB:', round(json.load(sys.stdin)['memory_gib']['total'], 2))"
 done

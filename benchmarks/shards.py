@@ -153,11 +153,14 @@ def print_breakdown(timings: dict, wall: float, args) -> None:
     print(f"  serial share (all but encoding the parts): {serial:.1f} s, {serial / wall:.1%}")
 
 
-def ours_command(src: Path, out: Path, workers: int) -> list[str]:
-    """neox-data build-shards on `src`, unweighted."""
-    neox_data = str(Path(sys.executable).parent / "neox-data")
-    args = ["--tokenizer", str(TOKENIZER), "--workers", str(workers), "--output", str(out), "--weights", "none"]
-    return [neox_data, "build-shards", str(src), *args]
+OUT = WORK / "out"
+
+
+def run_ours(src: Path, workers: int) -> Run:
+    """neox-data build-shards on `src`, unweighted, into a fresh OUT: measured."""
+    shutil.rmtree(OUT, ignore_errors=True)
+    args = ["--tokenizer", str(TOKENIZER), "--workers", str(workers), "--output", str(OUT), "--weights", "none"]
+    return measure([str(Path(sys.executable).parent / "neox-data"), "build-shards", str(src), *args])
 
 
 def neox_command(python: Path, corpus: Path) -> list[str]:
@@ -171,10 +174,8 @@ def neox_command(python: Path, corpus: Path) -> list[str]:
 def only_ours(args) -> None:
     """build-shards alone on `args.copies` copies (a node-scale run: no ceiling, no 1-copy run, no scan of the
     text; its size comes from manifest.json): wall time, GB/s of text, peak RSS, where the time went."""
-    many, out = copies_of(args.corpus, args.copies), WORK / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    run = measure(ours_command(many, out, args.workers))
-    manifest = json.loads((out / "manifest.json").read_text())
+    run = run_ours(copies_of(args.corpus, args.copies), args.workers)
+    manifest = json.loads((OUT / "manifest.json").read_text())
     text = sum(e["text_bytes"] for e in manifest_entries(manifest).values())
     print(f"input: {args.copies} copies of {args.corpus}, {text / 1e9:.2f} GB of text; {os.cpu_count()} CPUs")
     rate, gib = text / 1e9 / run.seconds, 2**30
@@ -199,16 +200,10 @@ def main():
     one, many = copies_of(args.corpus, 1), copies_of(args.corpus, args.copies)
     mb = text_bytes(many) / 1e6
     rows = {}
-    out = WORK / "out"
-
-    def ours(src):
-        shutil.rmtree(out, ignore_errors=True)
-        return measure(ours_command(src, out, args.workers))
-
     rows["ceiling"] = measure([sys.executable, __file__, "--ceiling", str(many), str(WORK / "ceiling.bin")])
-    rows["ours"] = ours(many)
-    manifest = json.loads((out / "manifest.json").read_text())
-    rows["ours, 1 copy"] = ours(one)
+    rows["ours"] = run_ours(many, args.workers)
+    manifest = json.loads((OUT / "manifest.json").read_text())
+    rows["ours, 1 copy"] = run_ours(one, args.workers)
     if not args.skip_neox:
         tree, python = neox_python()
         rows["gpt-neox"] = measure(neox_command(python, many), cwd=tree)

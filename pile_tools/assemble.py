@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 import pile_tools
-from pile_tools.checksums import file_hash
 from pile_tools.components import SPLITS, epochs_for, load_epochs
 from pile_tools.ground import InputError, write_json, writing
-from pile_tools.indexed import Shard, read_index, write_index
+from pile_tools.indexed import Shard, write_index
+from pile_tools.join import JoinedShard
 from pile_tools.reader import report_skips
 
 
@@ -64,22 +64,6 @@ def append_file(out, src: Path) -> None:
                 continue
         f.seek(os.fstat(f.fileno()).st_size - remaining)
         shutil.copyfileobj(f, out, 16 << 20)
-
-
-def concatenate(prefix: Path, sources: list[Path], dtype: np.dtype) -> None:
-    """Write `prefix.bin/.idx` as the sources' sequences one after another."""
-    tmp = Path(f"{prefix}.bin.tmp")
-    sizes = []
-    with writing(Path(f"{prefix}.bin")):
-        try:
-            with open(tmp, "wb") as out:
-                for src in sources:
-                    append_file(out, Path(f"{src}.bin"))
-                    sizes.append(np.array(read_index(Path(f"{src}.idx"))[1]))
-            tmp.replace(f"{prefix}.bin")
-        finally:
-            tmp.unlink(missing_ok=True)
-    write_index(Path(f"{prefix}.idx"), np.concatenate(sizes), dtype)
 
 
 def write_epochs(f, prefix: Path, e: float, seed: int, name: str) -> list[np.ndarray]:
@@ -230,16 +214,37 @@ def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, t
     return manifest
 
 
-def join_shard(out: Path, prefix: str, shard: dict, dtype: np.dtype) -> None:
-    """One final shard from its parts, and the xxh3 of its .bin (the content `neox-data verify` checks)."""
-    (out / prefix).parent.mkdir(parents=True, exist_ok=True)
-    concatenate(out / prefix, shard["sources"], dtype)
-    shard["xxh3_128"] = file_hash(Path(f"{out / prefix}.bin"))
+def join_shards(out: Path, shards: dict, dtype: np.dtype) -> dict[str, JoinedShard]:
+    """Every final shard from its parts at once, in threads, largest first (reads, writes and xxhash release the
+    GIL): for merge-shards, and runs whose parts were all done before."""
+
+    def join(prefix: str) -> JoinedShard:
+        joined = JoinedShard(out / prefix)
+        try:
+            for src in shards[prefix]["sources"]:
+                joined.append(src)
+        except BaseException:
+            joined.discard()
+            raise
+        return joined
+
+    biggest_first = sorted(shards, key=lambda prefix: -shards[prefix]["tokens"])
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        futures = {prefix: pool.submit(join, prefix) for prefix in biggest_first}
+    failed = [f.exception() for f in futures.values() if f.exception() is not None]
+    if failed:
+        for f in futures.values():
+            if f.exception() is None:
+                f.result().discard()
+        raise failed[0]
+    return {prefix: f.result() for prefix, f in futures.items()}
 
 
-def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print, timings: dict | None = None) -> dict:
-    """Join the parts found in `dirs` into `out`; returns the manifest. Shards are joined and hashed in threads
-    (the copies run in the kernel and xxhash releases the GIL), one per core."""
+def assemble(
+    out: Path, plan: dict, dirs: list[Path], start: float, echo=print, timings: dict | None = None, joiner=None
+) -> dict:
+    """Join the parts found in `dirs` into `out`, or finish what `joiner` (a pile_tools.join.Joiner) has been
+    joining during the encoding; then blend.json and manifest.json. Returns the manifest."""
     timings = timings if timings is not None else {}
     receipts = load_receipts(plan, dirs)
     shards = collect_shards(receipts)
@@ -254,11 +259,15 @@ def assemble(out: Path, plan: dict, dirs: list[Path], start: float, echo=print, 
     warn_premixed(receipts, plan["options"]["weights"], echo)
     dtype = np.dtype(plan["tokenizer"]["dtype"])
     mark = time.time()
-    biggest_first = sorted(shards.items(), key=lambda kv: -kv[1]["tokens"])
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for done in [pool.submit(join_shard, out, prefix, s, dtype) for prefix, s in biggest_first]:
-            done.result()
-    timings["join_and_hash_shards"] = time.time() - mark
+    joined = joiner.finish() if joiner is not None else join_shards(out, shards, dtype)
+    try:
+        for prefix, shard in shards.items():
+            shard["xxh3_128"] = joined[prefix].commit(dtype)
+    except BaseException:
+        for unfinished in joined.values():
+            unfinished.discard()
+        raise
+    timings["join_and_hash_shards"] = time.time() - mark  # with a joiner: what was left when the encoding ended
     mark = time.time()
     blend = build_blend(out, shards, epochs, plan["options"]["weights"])
     if plan["options"]["materialize"]:

@@ -21,6 +21,7 @@ from pile_tools.assemble import assemble
 from pile_tools.components import load_epochs, split_weights
 from pile_tools.ground import InputError, write_json
 from pile_tools.indexed import token_dtype
+from pile_tools.join import Joiner
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
 from pile_tools.reader import HF_PREFIX, Part, cut_into_parts, discover, guard_sample, part_bytes
 from tokenizer.engine import ENGINES, choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
@@ -160,17 +161,15 @@ class Workers:
             self.pool.shutdown(cancel_futures=True)
 
     def run(self, todo: list[Part], config: PartConfig, parts_dir: Path, progress: Progress, verdict=None) -> None:
-        """Process parts here or on the pool (largest first); re-raise the first failure. `verdict`, a future of
-        the engine the exactness check chooses, lets the pool start with config.engine before the check ends:
-        if it chooses another, WrongGuess, once the parts under way have finished."""
+        """Process parts here or on the pool, in part order (the order they are joined in); re-raise the first
+        failure. `verdict`, a future of the engine the exactness check chooses, lets the pool start with
+        config.engine before the check ends: if it chooses another, WrongGuess, once the parts under way end."""
         if self.pool is None:
             for part in todo:
                 process_part(part, config, parts_dir, progress)
                 progress.parts += 1
             return
-        pending = {
-            self.pool.submit(_run_in_worker, p, config, parts_dir) for p in sorted(todo, key=part_bytes, reverse=True)
-        }
+        pending = {self.pool.submit(_run_in_worker, p, config, parts_dir) for p in sorted(todo, key=lambda p: p.index)}
         while pending or verdict is not None:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             while not self.queue.empty():
@@ -198,12 +197,13 @@ class WrongGuess(Exception):
 
 
 def encode_parts(
-    todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *, workers: int, strict: bool, echo, timings: dict
+    todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *, workers: int, strict: bool, echo, timings, joiner
 ):
     """Encode the parts on `workers` processes with the first engine whose ids equal `tokenizers`' on a sample of
     them. One process checks first (the check would take the encoder's cores); workers start at once with the
     first engine while the check runs beside them, and the parts start again with the engine it chose if that
-    is another (gigatoken fails the check only on a tokenizer it does not support)."""
+    is another (gigatoken fails the check only on a tokenizer it does not support). `joiner` (or None) starts
+    joining the parts once the check has confirmed the engine they are made with."""
     options, tokenizer = plan["options"], plan["tokenizer"]
     path, mark = Path(tokenizer["path"]), time.time()
     config = PartConfig(
@@ -221,6 +221,8 @@ def encode_parts(
         verdict = checker.submit(lambda: choose_engine(path, guard_sample(todo, options["component"]), echo))
         if pool.pool is None:
             config, verdict = replace(config, engine=verdict.result()), None
+        if joiner is not None:
+            joiner.start_joining_once(verdict, config.engine)
         timings["start_workers_and_check_engine"] = time.time() - mark
         mark = time.time()
         checked = f"{config.engine}" if verdict is None else f"{config.engine} (checked against tokenizers meanwhile)"
@@ -231,6 +233,8 @@ def encode_parts(
             for part in todo:  # the parts made with the engine the check refused
                 shutil.rmtree(parts_dir / f"{part.index:05d}", ignore_errors=True)
             echo(f"encoding the {len(todo)} parts again with {wrong.engine}")
+            if joiner is not None:
+                joiner.start_joining_once(None, wrong.engine)
             encode_with(pool, todo, n_parts, replace(config, engine=wrong.engine), parts_dir, None)
         timings["encode_parts"] = time.time() - mark
 
@@ -263,15 +267,22 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
         for p in parts
         if p.index % world_size == rank and not (parts_dir / f"{p.index:05d}" / "receipt.json").is_file()
     ]
-    if todo:
-        encode_parts(todo, len(parts), plan, parts_dir, workers=workers, strict=strict, echo=echo, timings=timings)
-    if world_size > 1:
-        echo(
-            f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "
-            f"neox-data merge-shards DIR... --output DIR"
-        )
-        return None
-    assemble(out, plan, [out], start=start, echo=echo, timings=timings)
+    joiner = Joiner(out, parts_dir, len(parts)) if world_size == 1 else None  # joins while the parts encode
+    try:
+        if todo:
+            run = dict(workers=workers, strict=strict, echo=echo, timings=timings, joiner=joiner)
+            encode_parts(todo, len(parts), plan, parts_dir, **run)
+        if joiner is None:
+            echo(
+                f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "
+                f"neox-data merge-shards DIR... --output DIR"
+            )
+            return None
+        assemble(out, plan, [out], start=start, echo=echo, timings=timings, joiner=joiner)
+    except BaseException:
+        if joiner is not None:
+            joiner.abandon()
+        raise
     return out
 
 

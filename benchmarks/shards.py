@@ -7,7 +7,8 @@ Three runs on the same input, each in its own process, timed and with peak RSS (
   ceiling   one process: read + orjson + gigatoken encode_batch(parallel=True) + EOD + one uint16 write per file
   ours      neox-data build-shards --workers N (and once more on 1 copy, for the memory ratio), with where its
             time went (manifest.json's timings: planning the parts, starting the workers and checking the engine,
-            encoding the parts, joining and hashing the final shards, blend; and the parts' read / encode / write
+            encoding the parts, the joining and hashing left when the encoding ended (parts are joined while
+            later parts encode), blend; and the parts' read / encode / write
             seconds summed over the workers), so the serial share is visible
   gpt-neox  tools/datasets/preprocess_data.py --workers 2, HFTokenizer, --append-eod (its own venv, set up here
             from the workplace's gpt-neox mirror or GPT_NEOX_DIR; needs the package registry the first time)
@@ -147,7 +148,7 @@ def print_breakdown(timings: dict, wall: float, args) -> None:
     for phase, seconds in timings.items():
         print(f"  {phase:<34} {seconds:>7.2f}  {seconds / wall:>6.1%}")
     rest = wall - sum(timings.values())
-    print(f"  {'process start-up, imports, exit':<34} {rest:>7.2f}  {rest / wall:>6.1%}")
+    print(f"  {'start-up, removing the parts, exit':<34} {rest:>7.2f}  {rest / wall:>6.1%}")
     print("  in the parts, summed over workers: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts_cpu.items()))
     serial = wall - timings.get("encode_parts", 0.0)
     print(f"  serial share (all but encoding the parts): {serial:.1f} s, {serial / wall:.1%}")

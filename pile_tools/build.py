@@ -139,11 +139,18 @@ def _run_in_worker(part, config, parts_dir):
     return process_part(part, config, parts_dir, lambda *a: _progress_queue.put(a))
 
 
+def submission_order(todo: list[Part], workers: int) -> list[Part]:
+    """Part order, the order the joiner appends them in, except that parts over half a worker's share of the
+    input go first (still in part order): a long pole started last would make the run wait for it alone."""
+    share = sum(map(part_bytes, todo)) / (2 * workers)
+    return sorted(todo, key=lambda p: (part_bytes(p) <= share, p.index))
+
+
 class Workers:
     """`n` spawned encoding processes (none for n <= 1), started early so their start-up overlaps other work."""
 
     def __init__(self, n: int, tokenizer: str):
-        self.pool = None
+        self.n, self.pool = n, None
         if n > 1:
             ctx = mp.get_context("spawn")  # not fork: the tokenizer libraries' thread pools do not survive a fork
             self.queue = ctx.Queue()
@@ -161,15 +168,15 @@ class Workers:
             self.pool.shutdown(cancel_futures=True)
 
     def run(self, todo: list[Part], config: PartConfig, parts_dir: Path, progress: Progress, verdict=None) -> None:
-        """Process parts here or on the pool, in part order (the order they are joined in); re-raise the first
-        failure. `verdict`, a future of the engine the exactness check chooses, lets the pool start with
-        config.engine before the check ends: if it chooses another, WrongGuess, once the parts under way end."""
+        """Process parts here or on the pool (in submission_order); re-raise the first failure. `verdict`, a
+        future of the engine the exactness check chooses, lets the pool start with config.engine before the check
+        ends: if it chooses another, WrongGuess, once the parts under way end."""
         if self.pool is None:
             for part in todo:
                 process_part(part, config, parts_dir, progress)
                 progress.parts += 1
             return
-        pending = {self.pool.submit(_run_in_worker, p, config, parts_dir) for p in sorted(todo, key=lambda p: p.index)}
+        pending = {self.pool.submit(_run_in_worker, p, config, parts_dir) for p in submission_order(todo, self.n)}
         while pending or verdict is not None:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             while not self.queue.empty():

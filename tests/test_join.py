@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from test_indexed import read_by_spec
 
+from pile_tools.build import submission_order
 from pile_tools.checksums import file_hash
 from pile_tools.ground import InputError
 from pile_tools.indexed import ShardWriter
 from pile_tools.join import Joiner
+from pile_tools.reader import Part
 
 DTYPE = np.dtype(np.uint16)
 
@@ -102,3 +104,12 @@ def test_an_unreadable_part_is_one_error_naming_it_and_leaves_no_partial_shard(t
     with pytest.raises(InputError, match=r"00001/train/a: cannot read this committed part"):
         joiner.finish()
     assert not list(tmp_path.rglob("*.bin.tmp")) and not list(tmp_path.glob("*/*.bin"))
+
+
+def test_parts_go_in_part_order_but_a_long_pole_starts_first():
+    """Part order keeps the joiner moving; a part over half a worker's share would otherwise finish alone."""
+    even = [Part(k, f"{k:02d}.jsonl", 0, 100 + k * 7 % 5) for k in range(30)]  # the Pile's 30 similar files
+    assert submission_order(even, 16) == even
+    small = [Part(k, "a.jsonl", k * 10, (k + 1) * 10) for k in range(20)]
+    giant = Part(20, "b.jsonl", 0, 1000)
+    assert submission_order([*small, giant], 4) == [giant, *small]

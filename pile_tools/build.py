@@ -167,20 +167,24 @@ class Workers:
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
 
-    def run(self, todo: list[Part], config: PartConfig, parts_dir: Path, progress: Progress, verdict=None) -> None:
-        """Process parts here or on the pool (in submission_order); re-raise the first failure. `verdict`, a
-        future of the engine the exactness check chooses, lets the pool start with config.engine before the check
-        ends: if it chooses another, WrongGuess, once the parts under way end."""
+    def run(self, todo, config: PartConfig, parts_dir: Path, progress: Progress, verdict, joiner) -> None:
+        """Process parts here or on the pool (in submission_order); re-raise the first failure, the joiner's
+        (or None's) too. `verdict`, a future of the engine the exactness check chooses, lets the pool start with
+        config.engine before the check ends: if it chooses another, WrongGuess, once the parts under way end."""
         if self.pool is None:
             for part in todo:
                 process_part(part, config, parts_dir, progress)
                 progress.parts += 1
+                if joiner is not None:
+                    joiner.raise_if_failed()
             return
         pending = {self.pool.submit(_run_in_worker, p, config, parts_dir) for p in submission_order(todo, self.n)}
         while pending or verdict is not None:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
             while not self.queue.empty():
                 progress(*self.queue.get())
+            if joiner is not None:
+                joiner.raise_if_failed()  # a full disk stops the run now, not after the last part
             failed = any(f.exception() is not None for f in done)
             if verdict is not None and (verdict.done() or failed or not pending):
                 if verdict.result() != config.engine:  # a failure may be the guessed engine's own: not reported
@@ -235,22 +239,22 @@ def encode_parts(
         checked = f"{config.engine}" if verdict is None else f"{config.engine} (checked against tokenizers meanwhile)"
         echo(f"encoding {len(todo)} of {n_parts} parts with {checked} on {workers} worker(s)")
         try:
-            encode_with(pool, todo, n_parts, config, parts_dir, verdict)
+            encode_with(pool, todo, n_parts, config, parts_dir, verdict, joiner)
         except WrongGuess as wrong:
             for part in todo:  # the parts made with the engine the check refused
                 shutil.rmtree(parts_dir / f"{part.index:05d}", ignore_errors=True)
             echo(f"encoding the {len(todo)} parts again with {wrong.engine}")
             if joiner is not None:
                 joiner.start_joining_once(None, wrong.engine)
-            encode_with(pool, todo, n_parts, replace(config, engine=wrong.engine), parts_dir, None)
+            encode_with(pool, todo, n_parts, replace(config, engine=wrong.engine), parts_dir, None, joiner)
         timings["encode_parts"] = time.time() - mark
 
 
-def encode_with(pool: Workers, todo: list[Part], n_parts: int, config: PartConfig, parts_dir: Path, verdict) -> None:
+def encode_with(pool: Workers, todo, n_parts: int, config: PartConfig, parts_dir: Path, verdict, joiner) -> None:
     """Run the parts on the pool under one progress bar."""
     progress = Progress(sum(map(part_bytes, todo)), n_parts - len(todo), n_parts)
     try:
-        pool.run(todo, config, parts_dir, progress, verdict)
+        pool.run(todo, config, parts_dir, progress, verdict, joiner)
     finally:
         progress.bar.close()
 

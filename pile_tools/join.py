@@ -104,13 +104,18 @@ class Joiner(threading.Thread):
         except Exception as e:  # re-raised by finish(), in the main thread
             self.error = e
 
+    def raise_if_failed(self) -> None:
+        """Raise what stopped the joining (a full disk, an unreadable part), once it has stopped."""
+        if self.error is not None:
+            self.join()
+            self.discard()
+            raise self.error
+
     def finish(self) -> dict[str, JoinedShard]:
         """Wait until every part is appended; the shards by prefix."""
         self.gate.set()
         self.join()
-        if self.error is not None:
-            self.discard()
-            raise self.error
+        self.raise_if_failed()
         return self.shards
 
     def abandon(self) -> None:

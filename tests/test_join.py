@@ -101,8 +101,10 @@ def test_an_unreadable_part_is_one_error_naming_it_and_leaves_no_partial_shard(t
     commit_part(parts_dir, 0, parts[0])
     commit_part(parts_dir, 1, parts[1])
     (parts_dir / "00001" / "train" / "a.bin").unlink()
+    joiner.start_joining_once(None, "gigatoken")
+    wait_until(lambda: joiner.error is not None)  # the encoding asks after each part, and stops at once
     with pytest.raises(InputError, match=r"00001/train/a: cannot read this committed part"):
-        joiner.finish()
+        joiner.raise_if_failed()
     assert not list(tmp_path.rglob("*.bin.tmp")) and not list(tmp_path.glob("*/*.bin"))
 
 

@@ -168,8 +168,8 @@ class Workers:
             self.pool.shutdown(cancel_futures=True)
 
     def run(self, todo, config: PartConfig, parts_dir: Path, progress: Progress, verdict, joiner) -> None:
-        """Process parts here or on the pool (in submission_order); re-raise the first failure, the joiner's
-        (or None's) too. `verdict`, a future of the engine the exactness check chooses, lets the pool start with
+        """Process parts here or on the pool (in submission_order); re-raise the first failure, the joiner's too
+        (`joiner` may be None). `verdict`, a future of the engine the exactness check chooses, lets the pool start with
         config.engine before the check ends: if it chooses another, WrongGuess, once the parts under way end."""
         if self.pool is None:
             for part in todo:

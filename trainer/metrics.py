@@ -11,6 +11,7 @@ GPU peak). On resume the lines past the checkpoint's step are dropped (atomicall
 """
 
 import json
+import math
 import resource
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ class Metrics:
         else:
             final = "  (final: the next valid part, as gpt-neox)" if entry.get("final") else ""
             self.echo(
-                f"{entry['kind']:5} step {entry['step']:>7}  loss {entry['loss']:.4f}  ppl {entry['ppl']:.2f}{final}"
+                f"{entry['kind']:5} step {entry['step']:>7}  loss {entry['loss']:.4f}  ppl {perplexity(entry['ppl'])}{final}"
             )
 
     def echo(self, line: str) -> None:
@@ -134,6 +135,14 @@ class Metrics:
         for thing in (self.bar, self.file, self.writer):
             if thing is not None:
                 thing.close()
+
+
+def perplexity(ppl: float) -> str:
+    """A perplexity to five significant digits, the precision of the loss printed beside it (more would print float32
+    noise: the loss's last bit moves exp(11) by 0.06, and CPUs differ in that bit)."""
+    if not math.isfinite(ppl):
+        return str(ppl)
+    return f"{ppl:.{max(0, 4 - math.floor(math.log10(max(ppl, 1.0))))}f}"
 
 
 def describe(e: dict) -> str:

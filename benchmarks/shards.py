@@ -13,7 +13,8 @@ Three runs on the same input, each in its own process, timed and with peak RSS (
   gpt-neox  tools/datasets/preprocess_data.py --workers 2, HFTokenizer, --append-eod (its own venv, set up here
             from the workplace's gpt-neox mirror or GPT_NEOX_DIR; needs the package registry the first time)
 Goals: ours >= 1.0 x the ceiling's throughput on 2 cores (issue 13; 0.8 x in issue 2); peak RSS at N copies
-<= 1.2 x at 1 copy; gpt-neox >= 30 x slower than ours.
+<= 1.2 x at 1 copy; gpt-neox >= 30 x slower than ours; peak disk growth near 1x the final shards, as gpt-neox's
+(the used space of WORK's filesystem, sampled: other writers on it count too).
 """
 
 import argparse
@@ -68,15 +69,18 @@ class Run(NamedTuple):
     seconds: float
     peak: int  # bytes, the process tree's resident sets summed
     largest: int  # bytes, the largest single process's (the per-worker memory goal)
+    disk: int  # bytes, the peak growth of the used space on WORK's filesystem (other writers there count too)
 
 
 def measure(cmd: list[str], cwd=None) -> Run:
-    """Wall seconds and peak RSS (the process tree's, sampled every 100 ms) of a command."""
+    """Wall seconds, peak RSS (the process tree's) and peak disk growth of a command, sampled every 100 ms."""
     log = WORK / "last-run.log"  # a file, not a pipe: a full pipe would stall the progress bars
+    used = shutil.disk_usage(WORK).used
     start = time.time()
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
-    root, peak, largest = psutil.Process(proc.pid), 0, 0
+    root, peak, largest, disk = psutil.Process(proc.pid), 0, 0, 0
     while proc.poll() is None:
+        disk = max(disk, shutil.disk_usage(WORK).used - used)
         try:
             rss = [p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running()]
             peak, largest = max(peak, sum(rss)), max(largest, *rss)
@@ -89,7 +93,7 @@ def measure(cmd: list[str], cwd=None) -> Run:
     seconds = time.time() - start
     if proc.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{log.read_text(errors='replace')[-3000:]}")
-    return Run(seconds, peak, largest)
+    return Run(seconds, peak, largest, disk)
 
 
 def ceiling(src: Path, out: Path) -> None:
@@ -172,6 +176,15 @@ def neox_command(python: Path, corpus: Path) -> list[str]:
     return [str(python), "tools/datasets/preprocess_data.py", *args]
 
 
+def output_bytes() -> int:
+    return sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
+
+
+def print_disk(run: Run, shards: int) -> None:
+    """Our run's peak disk use against its final shards (gpt-neox's preprocessor needs 1x: it writes the shards)."""
+    print(f"peak disk growth: {run.disk / 2**30:.2f} GiB, {run.disk / shards:.2f}x the {shards / 2**30:.2f} GiB output")
+
+
 def only_ours(args) -> None:
     """build-shards alone on `args.copies` copies (a node-scale run: no ceiling, no 1-copy run, no scan of the
     text; its size comes from manifest.json): wall time, GB/s of text, peak RSS, where the time went."""
@@ -182,6 +195,7 @@ def only_ours(args) -> None:
     rate, gib = text / 1e9 / run.seconds, 2**30
     print(f"ours, --workers {args.workers}: {run.seconds:.1f} s, {rate:.3f} GB/s of text (goal >= 0.8 on 16 cores)")
     print(f"peak RSS: {run.peak / gib:.2f} GiB in all, {run.largest / gib:.2f} GiB the largest process (goal <= 1)")
+    print_disk(run, output_bytes())
     print_breakdown(manifest.get("timings", {}), run.seconds, args)
 
 
@@ -203,7 +217,7 @@ def main():
     rows = {}
     rows["ceiling"] = measure([sys.executable, __file__, "--ceiling", str(many), str(WORK / "ceiling.bin")])
     rows["ours"] = run_ours(many, args.workers)
-    manifest = json.loads((OUT / "manifest.json").read_text())
+    manifest, shards = json.loads((OUT / "manifest.json").read_text()), output_bytes()
     rows["ours, 1 copy"] = run_ours(one, args.workers)
     if not args.skip_neox:
         tree, python = neox_python()
@@ -214,6 +228,7 @@ def main():
         size = mb / args.copies if "1 copy" in name else mb
         print(f"{name:<14} {run.seconds:>8.1f} {size / run.seconds:>7.1f} {run.peak / 2**20:>12.0f}")
     print_breakdown(manifest.get("timings", {}), rows["ours"].seconds, args)
+    print_disk(rows["ours"], shards)
     speed = rows["ceiling"].seconds / rows["ours"].seconds
     print(f"ours / ceiling throughput: {speed:.2f}  (goal >= 1.0 on 2 cores, issue 13)")
     print(

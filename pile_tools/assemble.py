@@ -273,8 +273,9 @@ def assemble(
         for prefix, shard in shards.items():
             shard["xxh3_128"] = joined[prefix].commit(dtype)
     except BaseException:
-        for unfinished in joined.values():
-            unfinished.discard()
+        if joiner is None:  # a joiner lets go of its own files: those its journal vouches for are kept
+            for unfinished in joined.values():
+                unfinished.discard()
         raise
     timings["join_and_hash_shards"] = time.time() - mark  # with a joiner: what was left when the encoding ended
     mark = time.time()

@@ -273,12 +273,12 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
     parts_dir.mkdir(exist_ok=True)
     for stale in parts_dir.glob("*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    todo = [
+    joiner = Joiner(out, parts_dir, len(parts), echo) if world_size == 1 else None  # joins while the parts encode
+    todo = [  # after the joiner's start: it may drop parts it cannot vouch for
         p
         for p in parts
         if p.index % world_size == rank and not (parts_dir / f"{p.index:05d}" / "receipt.json").is_file()
     ]
-    joiner = Joiner(out, parts_dir, len(parts)) if world_size == 1 else None  # joins while the parts encode
     try:
         if todo:
             run = dict(workers=workers, strict=strict, echo=echo, timings=timings, joiner=joiner)

@@ -83,20 +83,31 @@ def check_writable(directory: Path) -> Path:
     return directory
 
 
-def write_text(path: Path, text: str) -> None:
-    """`text` to `path` atomically: a temp file beside it, then a rename."""
+def write_text(path: Path, text: str, durable: bool = False) -> None:
+    """`text` to `path` atomically: a temp file beside it, then a rename. `durable`: on the disk when this returns
+    (the file and the rename synced), for a record that later steps rely on surviving a power cut."""
     tmp = Path(f"{path}.tmp-{os.getpid()}")
     with writing(path):
         try:
-            tmp.write_text(text)
+            with open(tmp, "w") as f:
+                f.write(text)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
+            if durable:
+                directory = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
         finally:
             tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, obj) -> None:
-    """`obj` as indented JSON to `path`, atomically."""
-    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+def write_json(path: Path, obj, durable: bool = False) -> None:
+    """`obj` as indented JSON to `path`, atomically (and `durable`ly: see write_text)."""
+    write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n", durable)
 
 
 def save_figure(fig, path: Path, dpi: int = 120) -> Path:

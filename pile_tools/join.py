@@ -4,19 +4,29 @@ A single-machine run joins while it encodes: a thread appends each part as soon 
 are committed, so the copy of the tokens into the final files overlaps the encoding instead of following it, and
 when the last part is done only its own shards are left to append. The final names appear by rename (the `.bin`,
 then its `.idx`); until then the files are `PREFIX.bin.tmp`, never mistaken for a shard.
+
+A joined part's tokens are not kept twice: once they are synced to disk, the journal `.parts/joined.json` records
+how far each `PREFIX.bin.tmp` goes (bytes and xxh3-128 so far) and the part's `.bin` files are removed, so the disk
+holds about one copy of the shards at any time, as gpt-neox's preprocessor needs (keeping every part until the end
+needed two). The parts' `.idx` and receipts stay until the run is done. A rerun after a crash cuts each file back to
+the journal, checks its hash, and goes on from the next part; a file that fails the check is dropped with the parts
+it held, which are encoded again.
 """
 
 import json
+import os
+import shutil
 import threading
 from pathlib import Path
 
 import numpy as np
 import xxhash
 
-from pile_tools.ground import InputError, writing
+from pile_tools.ground import InputError, write_json, writing
 from pile_tools.indexed import read_index, write_index
 
 CHUNK = 8 << 20
+JOURNAL = "joined.json"  # in the parts directory
 _buffers = threading.local()  # one reused read buffer per thread: no 8 MB allocation per appended file
 
 
@@ -29,13 +39,38 @@ def _buffer() -> memoryview:
 class JoinedShard:
     """One final shard being written: `PREFIX.bin.tmp`, the xxh3-128 of what it holds, its documents' sizes."""
 
-    def __init__(self, prefix: Path):
+    def __init__(self, prefix: Path, file=None):
         self.prefix, self.tmp = prefix, Path(f"{prefix}.bin.tmp")
-        with writing(Path(f"{prefix}.bin")):
-            prefix.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.tmp, "wb", buffering=0)
+        if file is None:
+            with writing(Path(f"{prefix}.bin")):
+                prefix.parent.mkdir(parents=True, exist_ok=True)
+                file = open(self.tmp, "wb", buffering=0)
+        self.file, self.length = file, 0
         self.hash = xxhash.xxh3_128()
         self.sizes: list[np.ndarray] = []
+
+    @classmethod
+    def reopen(cls, prefix: Path, length: int, digest: str) -> "JoinedShard | None":
+        """The shard a crashed run left, cut back to the `length` bytes its journal vouches for; None when they are
+        not there as journaled (the file is gone, shorter, or its hash differs): what it held must be made again."""
+        tmp, final = Path(f"{prefix}.bin.tmp"), Path(f"{prefix}.bin")
+        if not tmp.is_file() and final.is_file():  # renamed into place before the crash, the run not yet done
+            final.replace(tmp)
+        try:
+            file = open(tmp, "r+b", buffering=0)
+        except OSError:
+            return None
+        shard = cls(prefix, file)
+        view = _buffer()
+        while shard.length < length and (n := file.readinto(view[: min(CHUNK, length - shard.length)])):
+            shard.hash.update(view[:n])
+            shard.length += n
+        if shard.length != length or shard.hash.hexdigest() != digest:
+            shard.discard()
+            return None
+        with writing(final):
+            file.truncate(length)
+        return shard
 
     def append(self, src: Path) -> None:
         """Append the part shard `src` (its .bin's bytes, its .idx's sizes): one read, one write, hashed between."""
@@ -52,7 +87,14 @@ class JoinedShard:
                 written = 0
                 while written < n:
                     written += self.file.write(view[written:n])
+                self.length += n
         self.sizes.append(sizes)
+
+    def sync(self) -> dict:
+        """Flush what is appended to the disk; the journal's record of it."""
+        with writing(Path(f"{self.prefix}.bin")):
+            os.fsync(self.file.fileno())
+        return {"bytes": self.length, "xxh3_128": self.hash.hexdigest()}
 
     def commit(self, dtype: np.dtype) -> str:
         """Put the .bin in place, then write its .idx; returns the .bin's xxh3-128."""
@@ -70,15 +112,61 @@ class JoinedShard:
 
 class Joiner(threading.Thread):
     """Appends committed parts to the final shards in part order, in a thread started at once beside the
-    encoding. It joins only once its gate is open (the parts' engine confirmed); `finish()` opens it, waits for
-    the last part and returns the shards, or raises what failed."""
+    encoding, and removes each part's tokens once they are synced into the shards and journaled. A rerun takes up
+    where the journal ends. It joins only once its gate is open (the parts' engine confirmed); `finish()` opens
+    it, waits for the last part and returns the shards, or raises what failed."""
 
-    def __init__(self, out: Path, parts_dir: Path, n_parts: int):
+    def __init__(self, out: Path, parts_dir: Path, n_parts: int, echo=print):
         super().__init__(daemon=True, name="join-parts")
         self.out, self.parts_dir, self.n_parts = out, parts_dir, n_parts
+        self.journal = parts_dir / JOURNAL
         self.joined, self.shards = 0, {}
         self.gate, self.stopping, self.error = threading.Event(), threading.Event(), None
+        if self.journal.is_file():
+            self.resume(echo)
         self.start()
+
+    def resume(self, echo) -> None:
+        """Reopen the shards a crashed run was joining, as far as its journal goes; if any is not as journaled,
+        start the joining again, with the parts whose tokens were removed encoded again."""
+        try:
+            journal = json.loads(self.journal.read_text())
+            for prefix, record in journal["shards"].items():
+                self.shards[prefix] = JoinedShard.reopen(self.out / prefix, record["bytes"], record["xxh3_128"])
+            if None not in self.shards.values():
+                for index in range(journal["joined"]):
+                    where = self.parts_dir / f"{index:05d}"
+                    for prefix in json.loads((where / "receipt.json").read_text())["shards"]:
+                        self.shards[prefix].sizes.append(np.array(read_index(where / f"{prefix}.idx")[1]))
+                self.joined = journal["joined"]
+                return
+            lost = ", ".join(sorted(prefix for prefix, shard in self.shards.items() if shard is None))
+        except (OSError, ValueError, KeyError) as e:
+            lost = f"the journal or a part's index is unreadable: {e}"
+        self.start_over(f"{self.out}: the joined shards are not as {self.journal} records ({lost})", echo)
+
+    def start_over(self, why: str, echo) -> None:
+        """Drop the joined shards, and the parts whose tokens only they held: those are encoded again."""
+        for shard in self.shards.values():
+            if shard is not None:
+                shard.discard()
+        self.shards = {}
+        for tmp in self.out.glob("*/*.bin.tmp"):
+            tmp.unlink()
+        redo = 0
+        for where in self.parts_dir.iterdir():
+            try:
+                whole = all(
+                    Path(f"{where / prefix}.bin").is_file()
+                    for prefix in json.loads((where / "receipt.json").read_text())["shards"]
+                )
+            except (OSError, ValueError, KeyError):
+                whole = False
+            if where.name.isdigit() and not whole:
+                shutil.rmtree(where)
+                redo += 1
+        self.journal.unlink()
+        echo(f"warning: {why}; the {redo} part(s) they held are encoded again")
 
     def start_joining_once(self, verdict, engine: str) -> None:
         """Open the gate when `verdict`, the future of the exactness check, confirms the parts' `engine` (at once
@@ -96,19 +184,31 @@ class Joiner(threading.Thread):
                     if self.stopping.wait(0.05):
                         return
                     continue
-                for prefix in json.loads((where / "receipt.json").read_text())["shards"]:
+                prefixes = json.loads((where / "receipt.json").read_text())["shards"]
+                for prefix in prefixes:
                     if prefix not in self.shards:
                         self.shards[prefix] = JoinedShard(self.out / prefix)
                     self.shards[prefix].append(where / prefix)
                 self.joined += 1
+                self.settle(where, prefixes)
         except Exception as e:  # re-raised by finish(), in the main thread
             self.error = e
+
+    def settle(self, where: Path, prefixes) -> None:
+        """Sync the shards `where`'s part went into, journal every shard's length and hash, then remove the part's
+        tokens: from here on the shards hold the only copy."""
+        records = {prefix: self.shards[prefix].sync() for prefix in prefixes}
+        for prefix, shard in self.shards.items():
+            records.setdefault(prefix, {"bytes": shard.length, "xxh3_128": shard.hash.hexdigest()})
+        write_json(self.journal, {"joined": self.joined, "shards": records}, durable=True)
+        for prefix in prefixes:
+            Path(f"{where / prefix}.bin").unlink()
 
     def raise_if_failed(self) -> None:
         """Raise what stopped the joining (a full disk, an unreadable part), once it has stopped."""
         if self.error is not None:
             self.join()
-            self.discard()
+            self.release()
             raise self.error
 
     def finish(self) -> dict[str, JoinedShard]:
@@ -119,11 +219,17 @@ class Joiner(threading.Thread):
         return self.shards
 
     def abandon(self) -> None:
-        """Stop (the encoding failed) and remove the unfinished files."""
+        """Stop (the encoding failed) and let go of the unfinished files."""
         self.stopping.set()
         self.join()
-        self.discard()
+        self.release()
 
-    def discard(self) -> None:
+    def release(self) -> None:
+        """Close the unfinished files; remove them too, unless the journal vouches for them (a rerun goes on with
+        them: the tokens of the parts they hold are nowhere else)."""
+        keep = self.journal.is_file()
         for shard in self.shards.values():
-            shard.discard()
+            if keep:
+                shard.file.close()
+            else:
+                shard.discard()

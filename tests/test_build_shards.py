@@ -229,13 +229,17 @@ def test_sigkill_midway_then_rerun_is_identical(tmp_path, sample_docs, run):
     cmd = [sys.executable, "-m", "cli", "build-shards", str(tmp_path / "all.jsonl"), *args, "--output", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     committed = out / ".parts"  # NNNNN/ are committed parts; NNNNN.tmp-PID/ are not, receipt or not
+    journal = committed / "joined.json"  # the joined parts, whose tokens are then only in the final shards
     deadline = time.time() + 120
-    while len(list(committed.glob("[0-9]????/receipt.json"))) < 5 and time.time() < deadline:
+    while not (len(list(committed.glob("[0-9]????/receipt.json"))) >= 5 and journal.is_file()):
+        assert time.time() < deadline, "no 5 committed parts and a journal within 120 s"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(committed.glob("[0-9]????/receipt.json")))
     assert done >= 5 and not (out / "manifest.json").exists()
+    joined = json.loads(journal.read_text())["joined"]
+    assert joined >= 1 and not list(committed.glob("00000/*/*.bin"))  # part 0's tokens: in the shards alone
     total = json.loads((out / "plan.json").read_text())["parts"]
     assert done < len(total), "the run finished before it was killed; the test needs more parts"
     result = run.ok("build-shards", tmp_path / "all.jsonl", *args, "--output", out)

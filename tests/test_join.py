@@ -60,6 +60,10 @@ def test_parts_are_appended_as_they_are_committed_and_equal_the_whole(tmp_path):
     wait_until(lambda: joiner.joined == 2)
     so_far = b"".join(d.tobytes() for p in parts[:2] for d in p["train/a"])
     assert (out / "train" / "a.bin.tmp").read_bytes() == so_far and not (out / "train" / "a.bin").exists()
+    wait_until(lambda: not (parts_dir / "00001" / "valid" / "b.bin").exists())  # journaled, then removed
+    journal = json.loads((parts_dir / "joined.json").read_text())
+    assert journal["joined"] == 2 and journal["shards"]["train/a"]["bytes"] == len(so_far)
+    assert not list(parts_dir.glob("0000[01]/*/*.bin")) and len(list(parts_dir.glob("0000[01]/*/*.idx"))) == 3
     commit_part(parts_dir, 2, parts[2])
     commit_part(parts_dir, 3, parts[3])
     shards = joiner.finish()
@@ -90,7 +94,7 @@ def test_parts_wait_for_the_check_to_confirm_their_engine(tmp_path, chosen, join
         time.sleep(0.3)
         assert joiner.joined == 0 and not (tmp_path / "train").exists()
     joiner.abandon()
-    assert not list(tmp_path.rglob("*.bin.tmp"))
+    assert bool(list(tmp_path.rglob("*.bin.tmp"))) == bool(joined)  # kept only where a journal vouches for them
 
 
 def test_an_unreadable_part_is_one_error_naming_it_and_leaves_no_partial_shard(tmp_path):
@@ -105,7 +109,76 @@ def test_an_unreadable_part_is_one_error_naming_it_and_leaves_no_partial_shard(t
     wait_until(lambda: joiner.error is not None)  # the encoding asks after each part, and stops at once
     with pytest.raises(InputError, match=r"00001/train/a: cannot read this committed part"):
         joiner.raise_if_failed()
-    assert not list(tmp_path.rglob("*.bin.tmp")) and not list(tmp_path.glob("*/*.bin"))
+    assert not list(tmp_path.glob("*/*.bin"))  # no shard looks done; part 0, journaled, is kept for a rerun
+    assert (tmp_path / "train" / "a.bin.tmp").read_bytes() == b"".join(d.tobytes() for d in parts[0]["train/a"])
+
+
+def join_all(out: Path, parts_dir: Path, n: int, echo=print) -> dict[str, list[list[int]]]:
+    """A Joiner's whole run from where the journal ends: every shard's documents, as read back."""
+    joiner = Joiner(out, parts_dir, n, echo)
+    joiner.start_joining_once(None, "gigatoken")
+    docs = {}
+    for prefix, joined in joiner.finish().items():
+        assert joined.commit(DTYPE) == file_hash(out / f"{prefix}.bin")
+        docs[prefix] = read_by_spec(out / prefix)[7]
+    return docs
+
+
+def whole(parts) -> dict[str, list[list[int]]]:
+    return {p: [d.tolist() for part in parts for d in part.get(p, [])] for p in ("train/a", "valid/b")}
+
+
+def crash_after(out: Path, parts_dir: Path, parts, joined: int) -> None:
+    """A run killed once `joined` of its parts are journaled: its files stay as they are, past-journal bytes too."""
+    for k in range(len(parts)):
+        commit_part(parts_dir, k, parts[k])
+    joiner = Joiner(out, parts_dir, joined)  # stops after `joined` parts, as if killed there
+    joiner.start_joining_once(None, "gigatoken")
+    joiner.join()
+    for shard in joiner.shards.values():
+        shard.file.close()
+    with open(out / "train" / "a.bin.tmp", "ab") as f:
+        f.write(b"unsynced bytes of a part that was being appended")
+
+
+def test_a_rerun_goes_on_from_the_journal(tmp_path):
+    """The parts a crashed run joined are gone but for their index; the rerun cuts the shards back to the journal
+    and appends the rest: the same shards as one uninterrupted run."""
+    parts_dir = tmp_path / ".parts"
+    parts_dir.mkdir()
+    parts = random_parts(5)
+    crash_after(tmp_path, parts_dir, parts, 3)
+    assert not list(parts_dir.glob("0000[012]/*/*.bin"))
+    said = []
+    assert join_all(tmp_path, parts_dir, 5, said.append) == whole(parts) and said == []
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "remove"])
+def test_shards_not_as_journaled_are_dropped_with_the_parts_they_held(tmp_path, damage):
+    """A shard whose journaled bytes changed (a lost write, a bad disk, a hand) is never trusted: it is dropped,
+    with every part whose tokens it held, and those parts are encoded again; the parts still whole are kept."""
+    parts_dir = tmp_path / ".parts"
+    parts_dir.mkdir()
+    parts = random_parts(5)
+    crash_after(tmp_path, parts_dir, parts, 3)
+    shard = tmp_path / "valid" / "b.bin.tmp"
+    if damage == "flip":
+        data = bytearray(shard.read_bytes())
+        data[5] ^= 1
+        shard.write_bytes(bytes(data))
+    elif damage == "truncate":
+        os.truncate(shard, shard.stat().st_size - 2)
+    else:
+        shard.unlink()
+    said = []
+    joiner = Joiner(tmp_path, parts_dir, 5, said.append)
+    joiner.abandon()
+    assert len(said) == 1 and "valid/b" in said[0] and "the 3 part(s) they held are encoded again" in said[0]
+    assert sorted(p.name for p in parts_dir.iterdir()) == ["00003", "00004"]
+    assert not list(tmp_path.rglob("*.bin.tmp")) and not (parts_dir / "joined.json").exists()
+    for k in range(3):  # what build-shards does next: encode them again
+        commit_part(parts_dir, k, parts[k])
+    assert join_all(tmp_path, parts_dir, 5) == whole(parts)
 
 
 def test_parts_go_in_part_order_but_a_long_pole_starts_first():

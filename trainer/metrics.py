@@ -121,9 +121,8 @@ class Metrics:
                 self.echo(describe(entry))
         else:
             final = "  (final: the next valid part, as gpt-neox)" if entry.get("final") else ""
-            self.echo(
-                f"{entry['kind']:5} step {entry['step']:>7}  loss {entry['loss']:.4f}  ppl {perplexity(entry['ppl'])}{final}"
-            )
+            ppl = perplexity(entry["ppl"])
+            self.echo(f"{entry['kind']:5} step {entry['step']:>7}  loss {entry['loss']:.4f}  ppl {ppl}{final}")
 
     def echo(self, line: str) -> None:
         """A line on the terminal, above the progress bar (rank 0 only)."""

@@ -90,10 +90,13 @@ class JoinedShard:
                 self.length += n
         self.sizes.append(sizes)
 
-    def sync(self) -> dict:
-        """Flush what is appended to the disk; the journal's record of it."""
+    def sync(self) -> None:
+        """Flush what is appended to the disk."""
         with writing(Path(f"{self.prefix}.bin")):
             os.fsync(self.file.fileno())
+
+    def record(self) -> dict:
+        """The journal's record of what the file holds so far."""
         return {"bytes": self.length, "xxh3_128": self.hash.hexdigest()}
 
     def commit(self, dtype: np.dtype) -> str:
@@ -197,9 +200,9 @@ class Joiner(threading.Thread):
     def settle(self, where: Path, prefixes) -> None:
         """Sync the shards `where`'s part went into, journal every shard's length and hash, then remove the part's
         tokens: from here on the shards hold the only copy."""
-        records = {prefix: self.shards[prefix].sync() for prefix in prefixes}
-        for prefix, shard in self.shards.items():
-            records.setdefault(prefix, {"bytes": shard.length, "xxh3_128": shard.hash.hexdigest()})
+        for prefix in prefixes:  # the other shards were synced when they last grew
+            self.shards[prefix].sync()
+        records = {prefix: shard.record() for prefix, shard in self.shards.items()}
         write_json(self.journal, {"joined": self.joined, "shards": records}, durable=True)
         for prefix in prefixes:
             Path(f"{where / prefix}.bin").unlink()

@@ -19,7 +19,7 @@ import pile_tools
 from pile_tools.components import SPLITS, epochs_for, load_epochs
 from pile_tools.ground import InputError, write_json, writing
 from pile_tools.indexed import Shard, write_index
-from pile_tools.join import JoinedShard
+from pile_tools.join import JoinedShard, PartNotWhole, read_receipt
 from pile_tools.reader import report_skips
 
 
@@ -33,7 +33,7 @@ def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
         if where is None:
             missing.append(part["index"])
         else:
-            found.append((where, json.loads((where / "receipt.json").read_text())))
+            found.append((where, read_receipt(where)))
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise InputError(
@@ -147,7 +147,7 @@ def collect_shards(receipts: list[tuple[Path, dict]]) -> dict:
             for key in ("documents", "tokens", "text_bytes"):
                 entry[key] += stat[key]
             entry["max_id"] = max(entry["max_id"], stat.get("max_id", 0))
-            entry["sources"].append(where / prefix)
+            entry["sources"].append((where / prefix, stat))
     return shards
 
 
@@ -231,8 +231,11 @@ def join_shards(out: Path, shards: dict, dtype: np.dtype) -> dict[str, JoinedSha
     def join(prefix: str) -> JoinedShard:
         joined = JoinedShard(out / prefix)
         try:
-            for src in shards[prefix]["sources"]:
-                joined.append(src)
+            for src, stat in shards[prefix]["sources"]:
+                joined.append(src, stat)
+        except PartNotWhole as e:
+            joined.discard()
+            raise PartNotWhole(f"{e}; remove its part directory and run build-shards again for its --rank") from None
         except BaseException:
             joined.discard()
             raise
@@ -256,6 +259,9 @@ def assemble(
     """Join the parts found in `dirs` into `out`, or finish what `joiner` (a pile_tools.join.Joiner) has been
     joining during the encoding; then blend.json and manifest.json. Returns the manifest."""
     timings = timings if timings is not None else {}
+    mark = time.time()
+    joined = joiner.finish() if joiner is not None else None  # first: it removes a part that is not whole
+    timings["join_and_hash_shards"] = time.time() - mark  # what was left when the encoding ended
     receipts = load_receipts(plan, dirs)
     shards = collect_shards(receipts)
     if not shards:
@@ -269,7 +275,7 @@ def assemble(
     warn_premixed(receipts, plan["options"]["weights"], echo)
     dtype = np.dtype(plan["tokenizer"]["dtype"])
     mark = time.time()
-    joined = joiner.finish() if joiner is not None else join_shards(out, shards, dtype)
+    joined = joined if joiner is not None else join_shards(out, shards, dtype)
     try:
         for prefix, shard in shards.items():
             shard["xxh3_128"] = joined[prefix].commit(dtype)
@@ -278,7 +284,7 @@ def assemble(
             for unfinished in joined.values():
                 unfinished.discard()
         raise
-    timings["join_and_hash_shards"] = time.time() - mark  # with a joiner: what was left when the encoding ended
+    timings["join_and_hash_shards"] += time.time() - mark
     mark = time.time()
     blend = build_blend(out, shards, epochs, plan["options"]["weights"])
     if plan["options"]["materialize"]:

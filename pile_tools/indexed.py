@@ -17,6 +17,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from pile_tools.ground import writing
 
@@ -101,10 +102,13 @@ class ShardWriter:
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
         self._bin = open(f"{prefix}.bin", "wb")
         self._sizes: list[np.ndarray] = []
+        self.hash = xxhash.xxh3_128()  # of the .bin's bytes: whoever reads the file back can tell it is whole
 
     def add(self, tokens: np.ndarray, sizes: np.ndarray) -> None:
         """Append sequences given as their concatenated tokens and each one's length."""
-        self._bin.write(np.ascontiguousarray(tokens, self.dtype.newbyteorder("<")))  # its buffer, not a copy
+        data = np.ascontiguousarray(tokens, self.dtype.newbyteorder("<"))  # its buffer, not a copy
+        self._bin.write(data)
+        self.hash.update(data)
         self._sizes.append(np.asarray(sizes, np.int32))
 
     def close(self) -> None:

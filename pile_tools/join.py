@@ -10,7 +10,9 @@ how far each `PREFIX.bin.tmp` goes (bytes and xxh3-128 so far) and the part's `.
 holds about one copy of the shards at any time, as gpt-neox's preprocessor needs (keeping every part until the end
 needed two). The parts' `.idx` and receipts stay until the run is done. A rerun after a crash cuts each file back to
 the journal, checks its hash, and goes on from the next part; a file that fails the check is dropped with the parts
-it held, which are encoded again.
+it held, which are encoded again. Each part is checked as it is joined against the token count and xxh3-128 its
+receipt records (a part is committed by a rename, not synced: a power cut can leave it short or zeroed); one that
+differs is removed and named, and the rerun encodes it again.
 """
 
 import json
@@ -72,22 +74,33 @@ class JoinedShard:
             file.truncate(length)
         return shard
 
-    def append(self, src: Path) -> None:
-        """Append the part shard `src` (its .bin's bytes, its .idx's sizes): one read, one write, hashed between."""
-        view = _buffer()
+    def append(self, src: Path, stat: dict) -> None:
+        """Append the part shard `src` (its .bin's bytes, its .idx's sizes): one read, one write, hashed between;
+        then check the bytes are those its receipt's `stat` records. PartNotWhole when they are not: the bytes
+        appended past `length` are then not the shard's."""
+        view, mine, start = _buffer(), xxhash.xxh3_128(), self.length
         try:
-            part, sizes = open(f"{src}.bin", "rb", buffering=0), np.array(read_index(Path(f"{src}.idx"))[1])
+            part, index = open(f"{src}.bin", "rb", buffering=0), read_index(Path(f"{src}.idx"))
         except (OSError, ValueError) as e:
-            raise InputError(
-                f"{src}: cannot read this committed part ({e}); remove its part directory and rerun"
-            ) from None
+            raise PartNotWhole(f"{src}: cannot read this committed part ({e})") from None
         with part, writing(Path(f"{self.prefix}.bin")):
             while n := part.readinto(view):
                 self.hash.update(view[:n])
+                mine.update(view[:n])
                 written = 0
                 while written < n:
                     written += self.file.write(view[written:n])
                 self.length += n
+        dtype, sizes = index[0], np.array(index[1])
+        nbytes, tokens = self.length - start, int(sizes.sum())
+        recorded = stat.get("tokens", tokens)
+        if nbytes != recorded * dtype.itemsize or tokens != recorded:
+            raise PartNotWhole(
+                f"{src}.bin: {nbytes:,} bytes and {tokens:,} tokens in its .idx, where its receipt records "
+                f"{recorded:,} tokens ({recorded * dtype.itemsize:,} bytes)"
+            )
+        if stat.get("xxh3_128", mine.hexdigest()) != mine.hexdigest():
+            raise PartNotWhole(f"{src}.bin: content differs from the xxh3-128 its receipt records")
         self.sizes.append(sizes)
 
     def sync(self) -> None:
@@ -111,6 +124,19 @@ class JoinedShard:
         """Close and remove the unfinished .bin.tmp (a failed or abandoned run)."""
         self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+class PartNotWhole(InputError):
+    """A committed part that is not as its receipt records: renamed into place, then cut short by a crash before
+    its bytes reached the disk (or damaged since)."""
+
+
+def read_receipt(where: Path) -> dict:
+    """The receipt of the committed part `where`; PartNotWhole when it cannot be read."""
+    try:
+        return json.loads((where / "receipt.json").read_text())
+    except (OSError, ValueError) as e:
+        raise PartNotWhole(f"{where / 'receipt.json'}: cannot read this committed part's receipt ({e})") from None
 
 
 class Joiner(threading.Thread):
@@ -139,12 +165,12 @@ class Joiner(threading.Thread):
             if None not in self.shards.values():
                 for index in range(journal["joined"]):
                     where = self.parts_dir / f"{index:05d}"
-                    for prefix in json.loads((where / "receipt.json").read_text())["shards"]:
+                    for prefix in read_receipt(where)["shards"]:
                         self.shards[prefix].sizes.append(np.array(read_index(where / f"{prefix}.idx")[1]))
                 self.joined = journal["joined"]
                 return
             lost = ", ".join(sorted(prefix for prefix, shard in self.shards.items() if shard is None))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, InputError) as e:
             lost = f"the journal or a part's index is unreadable: {e}"
         self.start_over(f"{self.out}: the joined shards are not as {self.journal} records ({lost})", echo)
 
@@ -159,11 +185,8 @@ class Joiner(threading.Thread):
         redo = 0
         for where in self.parts_dir.iterdir():
             try:
-                whole = all(
-                    Path(f"{where / prefix}.bin").is_file()
-                    for prefix in json.loads((where / "receipt.json").read_text())["shards"]
-                )
-            except (OSError, ValueError, KeyError):
+                whole = all(Path(f"{where / prefix}.bin").is_file() for prefix in read_receipt(where)["shards"])
+            except (KeyError, InputError):
                 whole = False
             if where.name.isdigit() and not whole:
                 shutil.rmtree(where)
@@ -187,13 +210,19 @@ class Joiner(threading.Thread):
                     if self.stopping.wait(0.05):
                         return
                     continue
-                prefixes = json.loads((where / "receipt.json").read_text())["shards"]
-                for prefix in prefixes:
-                    if prefix not in self.shards:
-                        self.shards[prefix] = JoinedShard(self.out / prefix)
-                    self.shards[prefix].append(where / prefix)
+                try:
+                    stats = read_receipt(where)["shards"]
+                    for prefix, stat in stats.items():
+                        if prefix not in self.shards:
+                            self.shards[prefix] = JoinedShard(self.out / prefix)
+                        self.shards[prefix].append(where / prefix, stat)
+                except PartNotWhole as e:  # a rerun encodes it again, and cuts the shards back to the journal
+                    shutil.rmtree(where)
+                    raise PartNotWhole(
+                        f"{e}; the part is removed: run the same command again to make it anew"
+                    ) from None
                 self.joined += 1
-                self.settle(where, prefixes)
+                self.settle(where, stats)
         except Exception as e:  # re-raised by finish(), in the main thread
             self.error = e
 

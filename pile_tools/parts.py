@@ -1,7 +1,9 @@
 """One part of a build-shards run: read -> split by hash -> encode -> write per (split, component) shards.
 
 A part's results go to `.parts/NNNNN.tmp-PID/` and become `.parts/NNNNN/` by one rename once its receipt is
-written, so a part is either absent or complete: a crash redoes only unfinished parts.
+written, so a part is either absent or complete: a crash redoes only unfinished parts. The files are not synced
+before the rename, so a power cut can leave a committed part short or zeroed: the receipt records each shard's
+xxh3-128 and token count, which the join checks.
 """
 
 import json
@@ -86,7 +88,7 @@ class PartWriter:
             docs = codes == code
             mine = tokens if token_codes is None else tokens[token_codes == code]
             self._writer(key).add(mine, sizes[docs])
-            stat = self.stats[f"{key[0]}/{slugify(key[1])}"]
+            stat = self.stats[prefix_of(key)]
             stat["max_id"] = max(stat["max_id"], int(mine.max()))  # train checks it against the model's vocabulary
             stat["documents"] += int(docs.sum())
             stat["tokens"] += int(sizes[docs].sum())
@@ -94,7 +96,7 @@ class PartWriter:
 
     def _writer(self, key: tuple[str, str]) -> ShardWriter:
         if key not in self.writers:
-            prefix = f"{key[0]}/{slugify(key[1])}"
+            prefix = prefix_of(key)
             if prefix in self.stats:
                 raise InputError(
                     f"components {key[1]!r} and {self.stats[prefix]['component']!r} share the file name {prefix}"
@@ -111,9 +113,16 @@ class PartWriter:
         return self.writers[key]
 
     def close(self):
-        """Close every shard writer of the part."""
-        for w in self.writers.values():
+        """Close every shard writer of the part; each shard's stats get the xxh3-128 of its .bin, which the joiner
+        checks (a part renamed into place is not yet on the disk: a power cut can leave it short or zeroed)."""
+        for key, w in self.writers.items():
             w.close()
+            self.stats[prefix_of(key)]["xxh3_128"] = w.hash.hexdigest()
+
+
+def prefix_of(key: tuple[str, str]) -> str:
+    """The shard of a (split, component): `train/pile-cc`."""
+    return f"{key[0]}/{slugify(key[1])}"
 
 
 def batches(reader: PartReader, thresholds: tuple[int, ...]):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import NEOX, corpus_documents, tree_bytes, write_jsonl
+from helpers import NEOX, assert_clean_error, corpus_documents, tree_bytes, write_jsonl
 from test_indexed import read_by_spec
 from tokenizers import Tokenizer
 
@@ -166,6 +166,27 @@ def test_workers_and_ranks_give_identical_bytes(corpus, tmp_path, run):
     reference = tree_bytes(tmp_path / "w1")
     assert len(reference) >= 2 * 6 and tree_bytes(tmp_path / "w2") == reference
     assert tree_bytes(tmp_path / "merged") == reference
+
+
+def test_a_part_not_written_whole_is_named_and_made_again(corpus, tmp_path, run):
+    """A power cut can leave a committed part zeroed under its receipt. merge-shards names it; build-shards names
+    it and removes it, and the same command run again encodes it anew: one clean run's shards."""
+    args = ["--tokenizer", NEOX, "--split", "90,5,5", "--part-size", "64K", "--workers", 1]
+    run.ok("build-shards", corpus, *args, "--output", tmp_path / "clean")
+    out = tmp_path / "out"
+    for rank in range(2):  # ranks leave every part committed and none joined
+        run.ok("build-shards", corpus, *args, "--output", out, "--rank", rank, "--world-size", 2)
+    part = out / ".parts" / "00001"
+    damaged = max(part.rglob("*.bin"), key=lambda f: f.stat().st_size)
+    damaged.write_bytes(bytes(damaged.stat().st_size))
+    merged = run("merge-shards", out, "--output", tmp_path / "merged")
+    assert merged.exit_code == 1 and not (tmp_path / "merged" / "manifest.json").exists()
+    assert_clean_error(merged.output, f"{damaged}: content differs", "run build-shards again for its --rank")
+    failed = run("build-shards", corpus, *args, "--output", out)
+    assert failed.exit_code == 1 and not part.exists() and not (out / "manifest.json").exists()
+    assert_clean_error(failed.output, f"{damaged}: content differs", "the part is removed")
+    again = run.ok("build-shards", corpus, *args, "--output", out)
+    assert "encoding 1 of" in again.output and tree_bytes(out) == tree_bytes(tmp_path / "clean")
 
 
 def test_hf_dataset_input_streams(tmp_path, run):

@@ -22,12 +22,13 @@ DTYPE = np.dtype(np.uint16)
 
 def commit_part(parts_dir: Path, index: int, docs: dict[str, list[np.ndarray]]) -> None:
     """A committed part as process_part leaves it: NNNNN/PREFIX.bin/.idx and receipt.json, renamed into place."""
-    tmp = parts_dir / f"{index:05d}.tmp-1"
+    tmp, stats = parts_dir / f"{index:05d}.tmp-1", {}
     for prefix, seqs in docs.items():
         writer = ShardWriter(tmp / prefix, DTYPE)
         writer.add(np.concatenate(seqs), [len(s) for s in seqs])
         writer.close()
-    (tmp / "receipt.json").write_text(json.dumps({"part": index, "shards": {p: {} for p in docs}}))
+        stats[prefix] = {"tokens": sum(len(s) for s in seqs), "xxh3_128": writer.hash.hexdigest()}
+    (tmp / "receipt.json").write_text(json.dumps({"part": index, "shards": stats}))
     os.rename(tmp, parts_dir / f"{index:05d}")
 
 
@@ -107,10 +108,44 @@ def test_an_unreadable_part_is_one_error_naming_it_and_leaves_no_partial_shard(t
     (parts_dir / "00001" / "train" / "a.bin").unlink()
     joiner.start_joining_once(None, "gigatoken")
     wait_until(lambda: joiner.error is not None)  # the encoding asks after each part, and stops at once
-    with pytest.raises(InputError, match=r"00001/train/a: cannot read this committed part"):
+    with pytest.raises(InputError, match=r"00001/train/a: cannot read this committed part.*the part is removed"):
         joiner.raise_if_failed()
+    assert not (parts_dir / "00001").exists()  # a rerun encodes it again
     assert not list(tmp_path.glob("*/*.bin"))  # no shard looks done; part 0, journaled, is kept for a rerun
     assert (tmp_path / "train" / "a.bin.tmp").read_bytes() == b"".join(d.tobytes() for d in parts[0]["train/a"])
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("zeroed", "content differs from the xxh3-128 its receipt records"),
+        ("short", "where its receipt records"),
+        ("receipt", "cannot read this committed part's receipt"),
+    ],
+)
+def test_a_part_not_as_its_receipt_records_is_named_removed_and_made_again(tmp_path, damage, message):
+    """A part is renamed into place before its bytes reach the disk: after a power cut it can be zeroed or short
+    under its receipt, or its receipt can be. It never reaches the shards: the error names it, the part is
+    removed, and the rerun (the part encoded again) gives one clean run's shards."""
+    parts_dir = tmp_path / ".parts"
+    parts_dir.mkdir()
+    parts = random_parts(4)
+    for k in range(4):
+        commit_part(parts_dir, k, parts[k])
+    part = parts_dir / "00002" / "train" / "a.bin"
+    if damage == "zeroed":
+        part.write_bytes(bytes(part.stat().st_size))
+    elif damage == "short":
+        os.truncate(part, part.stat().st_size - 2)
+    else:
+        (parts_dir / "00002" / "receipt.json").write_bytes(bytes(64))
+    joiner = Joiner(tmp_path, parts_dir, 4)
+    joiner.start_joining_once(None, "gigatoken")
+    with pytest.raises(InputError, match=f"00002.*{message}.*the part is removed"):
+        joiner.finish()
+    assert not (parts_dir / "00002").exists() and not list(tmp_path.glob("*/*.bin"))
+    commit_part(parts_dir, 2, parts[2])  # what the rerun does first
+    assert join_all(tmp_path, parts_dir, 4) == whole(parts)
 
 
 def join_all(out: Path, parts_dir: Path, n: int, echo=print) -> dict[str, list[list[int]]]:

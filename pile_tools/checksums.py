@@ -49,8 +49,9 @@ def hash_files(directory: Path, names: list[str], threads: int | None = None) ->
 
 
 def write_checksums(directory: Path, files: dict[str, dict], **extra) -> None:
-    """checksums.json of `directory` (atomically), with `extra` fields such as run_id and step."""
-    write_json(directory / NAME, {"algorithm": ALGORITHM, "files": files, **extra})
+    """checksums.json of `directory` (atomically and durably: it vouches for files on the disk), with `extra`
+    fields such as run_id and step."""
+    write_json(directory / NAME, {"algorithm": ALGORITHM, "files": files, **extra}, durable=True)
 
 
 def read_checksums(directory: Path) -> dict | None:

@@ -318,6 +318,46 @@ cli.main(sys.argv[1:])
 LONG = [*SMALL, "--set", "train_iters=100", "--set", "save_interval=5", "--set", "eval_interval=25"]
 
 
+RECORDER = """
+import json, os, shutil, sys
+import torch, trainer.checkpoint
+log = open(os.environ["EVENTS"], "a", buffering=1)
+def record(module, name, describe):
+    real = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        log.write(json.dumps(describe(*args, **kwargs)) + "\\n")
+        return real(*args, **kwargs)
+    setattr(module, name, wrapped)
+record(os, "sync", lambda: ["sync"])
+record(torch, "save", lambda obj, f, *args, **kwargs: ["save", str(f)])
+record(trainer.checkpoint, "write_text", lambda path, text, durable=False: ["write", str(path), durable])
+record(shutil, "rmtree", lambda path, *args, **kwargs: ["rmtree", str(path)])
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_checkpoint_is_on_the_disk_before_latest_names_it_or_an_older_one_is_pruned(shards, tmp_path):
+    """A power cut loses what is only in the page cache: were `latest` renamed, or an older checkpoint pruned,
+    before the new one's files reached the disk, the run could be left with no checkpoint that loads. Every save
+    syncs its files after the last write, then writes `latest` durably, then prunes."""
+    run, events = tmp_path / "run", tmp_path / "events.jsonl"
+    args = [*TINY, "--data", shards, "--save", run, *SMALL]
+    subprocess.run(
+        [sys.executable, "-c", RECORDER, *map(str, args)],
+        cwd=ROOT,
+        env={**os.environ, "EVENTS": str(events)},
+        check=True,
+    )
+    log = [json.loads(line) for line in events.read_text().splitlines()]
+    latest = [i for i, e in enumerate(log) if e[0] == "write" and e[1] == str(run / "latest")]
+    pruned = [i for i, e in enumerate(log) if e[0] == "rmtree" and e[1] == str(run / "global_step2")]
+    assert len(latest) == 3 and len(pruned) == 1 and all(log[i][2] for i in latest)  # steps 2, 4, 6; keep 2
+    for i in latest + pruned:
+        last_save = max(j for j in range(i) if log[j][0] == "save")
+        assert ["sync"] in log[last_save:i], (i, log[last_save:i])
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resumes_exactly(shards, tmp_path):
     """10 SIGKILLs, at random times and inside saves (torch.save, hashing, checksums.json, `latest`), each resumed

@@ -13,6 +13,7 @@ a rename of the output layer at most: `embed_out` here and in transformers 4 and
 """
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -188,9 +189,10 @@ def save_training_checkpoint(
     engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer, run_id: str, protected: set[str]
 ) -> Path:
     """A DeepSpeed checkpoint of step `step`, with the data position and RNG states, the parsed config, the
-    tokenizer and checksums.json; `latest` names it only once every rank has written and hashed every file, so a
-    save cut short (even by SIGKILL) never becomes the latest and the previous one stays loadable. Non-finite
-    weights or optimizer states are never saved."""
+    tokenizer and checksums.json; `latest` names it only once every rank has written, synced and hashed every
+    file, so a save cut short (by SIGKILL, or a power cut before the page cache reached the disk) never becomes the
+    latest, and older checkpoints are pruned only once a newer one is on the disk. Non-finite weights or optimizer
+    states are never saved."""
     import torch.distributed as dist
 
     tag = f"global_step{step}"
@@ -220,10 +222,13 @@ def save_training_checkpoint(
             shutil.rmtree(where, ignore_errors=True)
         raise
     dist.barrier()
+    # Each node's writes to the disk (os.sync: the files a rank wrote may be on another node's page cache, and an
+    # fsync from here would not reach them on a shared filesystem); the hashing's gather waits for every node.
+    os.sync()
     files = hash_on_all_ranks(where)
     if rank == 0:
         write_checksums(where, files, run_id=run_id, step=step)
-        write_text(save / "latest", tag)
+        write_text(save / "latest", tag, durable=True)
         if config.training.keep_last_n_checkpoints:
             prune_checkpoints(save, config.training.keep_last_n_checkpoints, run_id, protected | {tag})
     dist.barrier()

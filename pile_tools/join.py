@@ -134,7 +134,10 @@ class PartNotWhole(InputError):
 def read_receipt(where: Path) -> dict:
     """The receipt of the committed part `where`; PartNotWhole when it cannot be read."""
     try:
-        return json.loads((where / "receipt.json").read_text())
+        receipt = json.loads((where / "receipt.json").read_text())
+        if not isinstance(receipt, dict) or not isinstance(receipt.get("shards"), dict):
+            raise ValueError("no shards recorded")
+        return receipt
     except (OSError, ValueError) as e:
         raise PartNotWhole(f"{where / 'receipt.json'}: cannot read this committed part's receipt ({e})") from None
 

@@ -186,12 +186,12 @@ class Joiner(threading.Thread):
         for tmp in self.out.glob("*/*.bin.tmp"):
             tmp.unlink()
         redo = 0
-        for where in self.parts_dir.iterdir():
+        for where in (p for p in self.parts_dir.iterdir() if p.name.isdigit()):
             try:
                 whole = all(Path(f"{where / prefix}.bin").is_file() for prefix in read_receipt(where)["shards"])
-            except (KeyError, InputError):
+            except PartNotWhole:
                 whole = False
-            if where.name.isdigit() and not whole:
+            if not whole:
                 shutil.rmtree(where)
                 redo += 1
         self.journal.unlink()

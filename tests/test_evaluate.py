@@ -9,7 +9,7 @@ from tokenizers import Tokenizer
 
 from trainer.checkpoint import save_checkpoint
 from trainer.config import load_config
-from trainer.evaluate import TASKS, last_word_items, passages
+from trainer.evaluate import LOCAL_TASKS, TASKS, last_word_items, passages, task_manager
 from trainer.model import GPTNeoX
 
 
@@ -55,9 +55,16 @@ def test_a_briefly_trained_model_has_lower_word_perplexity(tmp_path, run):
     assert scores["trained"] < scores["init"] / 10, scores
 
 
-def test_unknown_task_is_a_clear_error(tmp_path, run):
+def test_unknown_task_is_a_clear_error_and_the_harness_tasks_are_known(tmp_path, run, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no probe of the Hub, and the variable is restored afterwards
     config = load_config("configs/tiny.yml", ["num_layers=1", "hidden_size=64"])
     save_checkpoint(GPTNeoX(config.model), config, tmp_path / "m", tokenizer=NEOX)
-    result = run("evaluate", tmp_path / "m", "--tasks", "no_such_task")
+    result = run("evaluate", tmp_path / "m", "--tasks", "lambada_openai,no_such_task")
     assert result.exit_code == 1
-    assert_clean_error(result.output, "unknown task(s): no_such_task")
+    assert_clean_error(result.output, "unknown task(s): no_such_task (local ones:")
+
+
+def test_local_tasks_alone_leave_the_harness_tasks_unindexed():
+    """Indexing the harness's ~14,000 task files takes seconds: only a task that is not local needs them."""
+    manager = task_manager(list(LOCAL_TASKS))
+    assert manager.match_tasks(list(LOCAL_TASKS)) and not manager.match_tasks(["lambada_openai"])

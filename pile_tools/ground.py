@@ -8,6 +8,7 @@ must fix; run_reporting_errors turns it into one line and exit status 1.
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import queue
@@ -140,6 +141,24 @@ class Size(click.ParamType):
 def one_line_warning(message, category, filename, lineno, file=None, line=None):
     """Warnings as `warning: MESSAGE`, without Python's file name and source line."""
     click.echo(f"warning: {message}", err=True)
+
+
+@contextlib.contextmanager
+def long_lived():
+    """Build what the process keeps to its end (torch, DeepSpeed, the model and its engine) with Python's cyclic
+    garbage collector off, then freeze it out of every later collection, the last one at exit included. Each full
+    collection rescans every object so far, and those libraries make millions: start-up and exit spent ~1.5 s of a
+    6.8 s tiny training run in them. What the block left in cycles (a caught exception's frames, and the tensors
+    they hold) is collected once before the freeze, not kept. Process-wide: meant for a command's own process."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.collect()
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def run_reporting_errors(fn, *args, **kwargs):

@@ -310,3 +310,50 @@ def test_the_run_gives_the_signals_back_their_handlers_when_it_ends():
     with pytest.raises(RuntimeError), handling((signal.SIGUSR1,), mine):
         raise RuntimeError("a failed run")
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+LONG_LIVED = """
+import gc, weakref
+from pile_tools.ground import long_lived
+
+class Node:
+    pass
+
+frozen = gc.get_freeze_count()
+with long_lived():
+    off = not gc.isenabled()
+    kept = [Node() for _ in range(1000)]
+    cycle = Node()
+    cycle.me, gone = cycle, weakref.ref(cycle)
+    del cycle
+print(off, gc.isenabled(), gone() is None, gc.get_freeze_count() >= frozen + 1000)
+gc.disable()
+with long_lived():
+    pass
+print(gc.isenabled())
+"""
+
+GC_IN_RUN = """
+import gc, sys
+import trainer.train
+real_run = trainer.train.Trainer.run
+def run(self):
+    collectable = {id(o) for o in gc.get_objects()}  # every generation but the frozen one
+    print("in run:", gc.isenabled(), id(self.engine) in collectable, id(self.engine.module) in collectable)
+    return real_run(self)
+trainer.train.Trainer.run = run
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_start_up_is_built_without_collections_then_frozen_with_its_garbage_freed(shards, tmp_path):
+    """torch's and DeepSpeed's millions of objects are built with the cyclic collector off and then frozen out of
+    later collections (each rescans every object); a cycle dropped meanwhile is still freed, and the collector is
+    on again while the run trains, so the training loop's own garbage is collected."""
+    done = subprocess.run([sys.executable, "-c", LONG_LIVED], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.split() == ["True", "True", "True", "True", "False"], done.stdout + done.stderr
+    args = [*TINY, "--data", shards, "--save", tmp_path / "run", *SMALL, "--set", "train_iters=1"]
+    done = subprocess.run([sys.executable, "-c", GC_IN_RUN, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("in run:")[1].split()[:3] == ["True", "False", "False"], done.stdout  # engine frozen

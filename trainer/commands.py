@@ -5,7 +5,7 @@ import os
 
 import click
 
-from pile_tools.ground import run_reporting_errors
+from pile_tools.ground import long_lived, run_reporting_errors
 
 CONFIG_HELP = (
     "YAML config (gpt-neox's work as they are). Repeat it to merge several left to right, as gpt-neox's "
@@ -152,10 +152,11 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
     neox-data train --config configs/tiny.yml --data shards --save run
     deepspeed --num_gpus 8 $(which neox-data) train --config configs/pythia-160M.yml --data shards --save run
     """
-    import torch
+    with long_lived():  # torch and DeepSpeed, kept to the end
+        import torch
 
-    from trainer.config import load_config
-    from trainer.train import train as run
+        from trainer.config import load_config
+        from trainer.train import train as run
 
     flags = {"data_dir": data_dir, "save": save, "load": load}
     device = None if dry_run else "cuda" if torch.cuda.is_available() else "cpu"  # a dry run plans for GPUs

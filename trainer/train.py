@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pile_tools.ground import check_writable
+from pile_tools.ground import check_writable, long_lived
 from trainer.checkpoint import load_training_checkpoint, read_latest, save_training_checkpoint
 from trainer.config import NeoXConfig
 from trainer.config_keys import RunError
@@ -398,7 +398,9 @@ def train(config: NeoXConfig) -> dict:
         check_writable(Path(save))
     try:
         with RunLock(Path(save)) if owner else contextlib.nullcontext():
-            results = Trainer(config, sources, load, tokenizer).run()
+            with long_lived():
+                trainer = Trainer(config, sources, load, tokenizer)
+            results = trainer.run()
             dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
             return results
     finally:

@@ -17,8 +17,11 @@ import cli
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / "pile_tools" / "sample"
-# A tiny model on short sequences: seconds per run, still every code path of the trainer.
+# A tiny model on short sequences: seconds per run, still every code path of the trainer. Half tiny.yml's width:
+# the 50k vocabulary's embedding and output layer are most of the weights, and so of each checkpoint's bytes.
 SMALL = [
+    "--set",
+    "hidden_size=64",
     "--set",
     "seq_length=32",
     "--set",

@@ -33,7 +33,10 @@ def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
         if where is None:
             missing.append(part["index"])
         else:
-            found.append((where, read_receipt(where)))
+            try:
+                found.append((where, read_receipt(where, complete=True)))
+            except PartNotWhole as e:
+                raise PartNotWhole(f"{e}; remove its part directory and run build-shards again for it") from None
     if missing:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise InputError(

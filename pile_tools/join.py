@@ -29,6 +29,9 @@ from pile_tools.indexed import read_index, write_index
 
 CHUNK = 8 << 20
 JOURNAL = "joined.json"  # in the parts directory
+# What is read of a part's receipt (pile_tools/parts.py writes it), and of each shard it records
+RECEIPT_KEYS = ("source", "start", "engine", "shards", "skipped", "skip_examples", "components_seen", "seconds")
+SHARD_KEYS = ("component", "documents", "tokens", "text_bytes")
 _buffers = threading.local()  # one reused read buffer per thread: no 8 MB allocation per appended file
 
 
@@ -131,12 +134,19 @@ class PartNotWhole(InputError):
     its bytes reached the disk (or damaged since)."""
 
 
-def read_receipt(where: Path) -> dict:
-    """The receipt of the committed part `where`; PartNotWhole when it cannot be read."""
+def read_receipt(where: Path, complete: bool = False) -> dict:
+    """The receipt of the committed part `where`; PartNotWhole when it cannot be read, records no shards, or
+    (`complete`: all the final assembly reads) lacks any of RECEIPT_KEYS and SHARD_KEYS."""
     try:
         receipt = json.loads((where / "receipt.json").read_text())
         if not isinstance(receipt, dict) or not isinstance(receipt.get("shards"), dict):
             raise ValueError("no shards recorded")
+        if complete:
+            missing = [key for key in RECEIPT_KEYS if key not in receipt]
+            for prefix, stat in receipt["shards"].items():
+                missing += [f"{prefix} {key}" for key in SHARD_KEYS if not isinstance(stat, dict) or key not in stat]
+            if missing:
+                raise ValueError(f"it records no {', '.join(missing)}")
         return receipt
     except (OSError, ValueError) as e:
         raise PartNotWhole(f"{where / 'receipt.json'}: cannot read this committed part's receipt ({e})") from None

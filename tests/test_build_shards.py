@@ -176,6 +176,15 @@ def test_a_part_not_written_whole_is_named_and_made_again(corpus, tmp_path, run)
     out = tmp_path / "out"
     for rank in range(2):  # ranks leave every part committed and none joined
         run.ok("build-shards", corpus, *args, "--output", out, "--rank", rank, "--world-size", 2)
+    receipt = out / ".parts" / "00000" / "receipt.json"  # valid JSON that lacks what the assembly reads
+    whole, lacking = receipt.read_text(), json.loads(receipt.read_text())
+    first = next(iter(lacking["shards"]))
+    del lacking["skipped"], lacking["shards"][first]["tokens"]
+    receipt.write_text(json.dumps(lacking))
+    merged = run("merge-shards", out, "--output", tmp_path / "merged")
+    assert merged.exit_code == 1 and not (tmp_path / "merged" / "manifest.json").exists()
+    assert_clean_error(merged.output, f"{receipt}: cannot read", f"no skipped, {first} tokens", "run build-shards")
+    receipt.write_text(whole)
     part = out / ".parts" / "00001"
     damaged = max(part.rglob("*.bin"), key=lambda f: f.stat().st_size)
     damaged.write_bytes(bytes(damaged.stat().st_size))

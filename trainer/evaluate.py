@@ -75,7 +75,7 @@ def hf_directory(model: Path, scratch: Path) -> Path:
 def task_manager(tasks: list[str]):
     """The harness's task manager with our local tasks, once every task is known; without the Hub, the remote
     tasks are limited to cached data (set before `datasets` is imported: it reads the switches once). The
-    harness's own ~14,000 task files are indexed only when a task is not local: reading them is ~10 s."""
+    harness's own ~14,000 task files are indexed only when a task is not local: reading them takes ~6 s."""
     remote = [t for t in tasks if t not in LOCAL_TASKS]
     if remote and not hub_offline() and (reason := hub_unreachable()):
         os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # cached data still works, a miss fails

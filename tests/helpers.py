@@ -17,11 +17,12 @@ import cli
 
 ROOT = Path(__file__).parent.parent
 SAMPLE = ROOT / "pile_tools" / "sample"
-# A tiny model on short sequences: seconds per run, still every code path of the trainer. Half tiny.yml's width:
-# the 50k vocabulary's embedding and output layer are most of the weights, and so of each checkpoint's bytes.
+# Half tiny.yml's width for the training tests: the 50k vocabulary's embedding and output layer are most of the
+# weights, and so of each checkpoint's bytes.
+HALF_WIDTH = ["--set", "hidden_size=64"]
+# A tiny model on short sequences: seconds per run, still every code path of the trainer.
 SMALL = [
-    "--set",
-    "hidden_size=64",
+    *HALF_WIDTH,
     "--set",
     "seq_length=32",
     "--set",

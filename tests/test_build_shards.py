@@ -177,7 +177,8 @@ def test_a_part_not_written_whole_is_named_and_made_again(corpus, tmp_path, run)
     for rank in range(2):  # ranks leave every part committed and none joined
         run.ok("build-shards", corpus, *args, "--output", out, "--rank", rank, "--world-size", 2)
     receipt = out / ".parts" / "00000" / "receipt.json"  # valid JSON that lacks what the assembly reads
-    whole, lacking = receipt.read_text(), json.loads(receipt.read_text())
+    whole = receipt.read_text()
+    lacking = json.loads(whole)
     first = next(iter(lacking["shards"]))
     del lacking["skipped"], lacking["shards"][first]["tokens"]
     receipt.write_text(json.dumps(lacking))

@@ -4,12 +4,12 @@ torch.distributed.checkpoint) lets a run of any TP x PP x DP continue as if it h
 from pathlib import Path
 
 import pytest
-from helpers import launch, layout, losses, train
+from helpers import HALF_WIDTH, launch, layout, losses, train
 
 # 30 steps of 4 x 32 tokens, a checkpoint every 10, no evaluation on the way: the three legs of 10 steps.
-# Half tiny.yml's width, as helpers.SMALL.
 THIRTY = [
-    *("--set", "hidden_size=64", "--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4"),
+    *HALF_WIDTH,
+    *("--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4"),
     *("--set", "train_iters=30", "--set", "save_interval=10"),
     *("--set", "eval_interval=0", "--set", "log_interval=1", "--set", "warmup=0.1"),
 ]

@@ -71,6 +71,11 @@ def writing(path: Path):
         if type(e).__name__ == "SafetensorError":  # safetensors' own class, a plain Exception
             raise write_failure(path, e) from None
         raise
+    except BaseException as e:
+        # torch.distributed.checkpoint's, a BaseException carrying each failed rank's (exception, trace)
+        if type(e).__name__ == "CheckpointException" and getattr(e, "failures", None):
+            raise write_failure(path, next(iter(e.failures.values()))[0]) from None
+        raise
 
 
 def check_writable(directory: Path) -> Path:
@@ -97,13 +102,20 @@ def write_text(path: Path, text: str, durable: bool = False) -> None:
                     os.fsync(f.fileno())
             os.replace(tmp, path)
             if durable:
-                directory = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
+                sync_to_disk(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def sync_to_disk(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, from the page cache to the disk. The fsync reaches the
+    pages whichever process of this machine wrote them, and raises what the write-back met (EIO, ENOSPC), which
+    os.sync() would not report."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj, durable: bool = False) -> None:

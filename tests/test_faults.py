@@ -18,6 +18,7 @@ import torch
 from helpers import ROOT, SAMPLE, SMALL, TINY, Cli, assert_clean_error, losses, neox, train
 
 from pile_tools.checksums import verify_directory
+from trainer.checkpoint import machine, machine_share
 
 
 def command(*args) -> list[str]:
@@ -329,6 +330,7 @@ def record(module, name, describe):
         return real(*args, **kwargs)
     setattr(module, name, wrapped)
 record(os, "sync", lambda: ["sync"])
+record(os, "fsync", lambda fd: ["fsync", os.readlink(f"/proc/self/fd/{fd}")])
 record(torch, "save", lambda obj, f, *args, **kwargs: ["save", str(f)])
 record(trainer.checkpoint, "write_text", lambda path, text, durable=False: ["write", str(path), durable])
 record(shutil, "rmtree", lambda path, *args, **kwargs: ["rmtree", str(path)])
@@ -340,7 +342,8 @@ cli.main(sys.argv[1:])
 def test_a_checkpoint_is_on_the_disk_before_latest_names_it_or_an_older_one_is_pruned(shards, tmp_path):
     """A power cut loses what is only in the page cache: were `latest` renamed, or an older checkpoint pruned,
     before the new one's files reached the disk, the run could be left with no checkpoint that loads. Every save
-    syncs its files after the last write, then writes `latest` durably, then prunes."""
+    fsyncs each of its files and directories after the last write, then writes `latest` durably, then prunes; it
+    never waits for the whole page cache (os.sync)."""
     run, events = tmp_path / "run", tmp_path / "events.jsonl"
     args = [*TINY, "--data", shards, "--save", run, *SMALL]
     subprocess.run(
@@ -353,9 +356,51 @@ def test_a_checkpoint_is_on_the_disk_before_latest_names_it_or_an_older_one_is_p
     latest = [i for i, e in enumerate(log) if e[0] == "write" and e[1] == str(run / "latest")]
     pruned = [i for i, e in enumerate(log) if e[0] == "rmtree" and e[1] == str(run / "global_step2")]
     assert len(latest) == 3 and len(pruned) == 1 and all(log[i][2] for i in latest)  # steps 2, 4, 6; keep 2
-    for i in latest + pruned:
+    assert ["sync"] not in log
+    for i, tag in [*zip(latest, ["global_step2", "global_step4", "global_step6"]), (pruned[0], "global_step6")]:
         last_save = max(j for j in range(i) if log[j][0] == "save")
-        assert ["sync"] in log[last_save:i], (i, log[last_save:i])
+        synced = {e[1] for e in log[last_save:i] if e[0] == "fsync"}
+        files = json.loads((run / tag / "checksums.json").read_text())["files"] if tag != "global_step2" else {}
+        assert {str(run / tag), str(run), *(str(run / tag / name) for name in files)} <= synced, (tag, synced)
+        assert any(name.startswith(str(run / tag / "mp_rank_00")) for name in synced), (tag, synced)
+
+
+FAILING_WRITE_BACK = """
+import errno, os, sys
+real = os.fsync
+def fsync(fd):
+    if os.environ["FAILING"] in os.readlink(f"/proc/self/fd/{fd}"):
+        raise OSError(errno.EIO, "Input/output error")
+    return real(fd)
+os.fsync = fsync
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "universal/embed_out/__0_0.distcp"])
+def test_a_checkpoint_the_disk_could_not_write_back_is_an_error_and_never_latest(shards, tmp_path, name):
+    """The disk fails to write back a checkpoint's pages (EIO; ENOSPC on a filesystem that allocates late), in
+    DeepSpeed's files (which os.sync() would have let pass silently, naming the checkpoint latest) or in the
+    universal copy (whose writer raises a BaseException of its own): one line naming the checkpoint, exit
+    non-zero, the half-written checkpoint removed, `latest` still the previous one."""
+    run = tmp_path / "run"
+    args = [*TINY, "--data", shards, "--save", run, *SMALL]
+    env = {**os.environ, "FAILING": f"/global_step4/{name}"}
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_WRITE_BACK, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    fails(done, f"input/output error while writing {run / 'global_step4'}")
+    assert (run / "latest").read_text() == "global_step2" and latest_verifies(run)
+    assert not (run / "global_step4").exists()
+
+
+def test_each_machines_ranks_share_out_all_the_files_to_sync():
+    """Every machine syncs every file (another machine's fsync does not reach its page cache), its ranks splitting
+    them: rank 4 is the third of machine a's three ranks."""
+    machines = ["a", "a", "b", "b", "a"]
+    assert [machine_share(machines, r) for r in range(5)] == [(0, 3), (1, 3), (0, 2), (1, 2), (2, 3)]
+    assert machine() == machine() != ""
 
 
 @pytest.mark.slow

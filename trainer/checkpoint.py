@@ -13,8 +13,8 @@ a rename of the output layer at most: `embed_out` here and in transformers 4 and
 """
 
 import json
-import os
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from pile_tools.checksums import (
     verify_directory,
     write_checksums,
 )
-from pile_tools.ground import WriteError, write_text, writing
+from pile_tools.ground import WriteError, sync_to_disk, write_failure, write_text, writing
 from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
 from trainer.model import GPTNeoX
@@ -173,16 +173,62 @@ def all_ranks(flag: bool) -> bool:
     return t.item() == 0
 
 
-def hash_on_all_ranks(where: Path) -> dict:
-    """Checksums of every file of a checkpoint, each rank hashing its share of them."""
+def files_of(where: Path) -> list[str]:
+    """The files of a checkpoint as rank 0 lists them, on every rank (one listing, not one per rank)."""
     import torch.distributed as dist
 
     names = [listed_files(where) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(names, src=0)
-    mine = hash_files(where, names[0][dist.get_rank() :: dist.get_world_size()])
+    return names[0]
+
+
+def hash_on_all_ranks(where: Path, names: list[str]) -> dict:
+    """Checksums of the named files of a checkpoint, each rank hashing its share of them."""
+    import torch.distributed as dist
+
+    mine = hash_files(where, names[dist.get_rank() :: dist.get_world_size()])
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)
     return {k: v for part in gathered for k, v in part.items()}
+
+
+def machine() -> str:
+    """What tells this machine's page cache from another's: the kernel's boot id (containers on one host share
+    it, two hosts never do), else the host name."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def machine_share(machines: list[str], rank: int) -> tuple[int, int]:
+    """(this rank's index among the ranks on its machine, how many they are), from every rank's machine()."""
+    peers = [r for r, m in enumerate(machines) if m == machines[rank]]
+    return peers.index(rank), len(peers)
+
+
+def sync_on_each_machine(where: Path, names: list[str]) -> None:
+    """A checkpoint's files and directories on the disk, the ranks of each machine fsyncing a share of them all:
+    an fsync flushes the pages any process of the machine wrote (on a shared filesystem, those this machine
+    wrote), so the save waits for its own files only, not for everything else in the page cache as os.sync()
+    would, and a failed write-back is an error naming the file, which os.sync() would not report. Every rank
+    raises if any failed, so none waits for the others in a collective."""
+    import torch.distributed as dist
+
+    machines = [None] * dist.get_world_size()
+    dist.all_gather_object(machines, machine())
+    index, count = machine_share(machines, dist.get_rank())
+    directories = sorted({str(Path(n).parent) for n in names} | {"."})
+    paths = [where / n for n in names] + [where / d for d in directories] + [where.parent]
+    problem = None
+    for path in paths[index::count]:
+        try:
+            sync_to_disk(path)
+        except OSError as e:
+            problem = str(write_failure(path, e))
+            break
+    if not all_ranks(problem is None):
+        raise WriteError(problem or f"another rank could not write {where} to the disk")
 
 
 def save_training_checkpoint(
@@ -217,15 +263,14 @@ def save_training_checkpoint(
                 write_text(where / "config.yml", yaml.safe_dump(to_yaml_dict(config), sort_keys=False))
                 if tokenizer is not None:
                     copy_tokenizer(Path(tokenizer), where / "tokenizer")
+        dist.barrier()
+        names = files_of(where)
+        sync_on_each_machine(where, names)
     except WriteError:
         if rank == 0:  # half a checkpoint is of no use, and on a full disk it holds the space others need
             shutil.rmtree(where, ignore_errors=True)
         raise
-    dist.barrier()
-    # Each node's writes to the disk (os.sync: the files a rank wrote may be on another node's page cache, and an
-    # fsync from here would not reach them on a shared filesystem); the hashing's gather waits for every node.
-    os.sync()
-    files = hash_on_all_ranks(where)
+    files = hash_on_all_ranks(where, names)
     if rank == 0:
         write_checksums(where, files, run_id=run_id, step=step)
         write_text(save / "latest", tag, durable=True)

@@ -24,6 +24,8 @@ from pile_tools.indexed import token_dtype
 from pile_tools.join import Joiner
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
 from pile_tools.reader import HF_PREFIX, Part, cut_into_parts, discover, guard_sample, part_bytes
+from pile_tools.runlock import NAME as LOCK
+from pile_tools.runlock import RunLock
 from tokenizer.engine import ENGINES, choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 
 
@@ -100,7 +102,7 @@ def claim_output(out: Path, plan: dict) -> bool:
                 )
             shutil.rmtree(out / ".parts", ignore_errors=True)
             (out / "plan.json").unlink()
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(not p.name.startswith(LOCK) for p in out.iterdir()):
         raise InputError(f"{out} is not empty and holds no neox-data run; use an empty or new --output directory")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "plan.json", plan)
@@ -260,11 +262,20 @@ def encode_with(pool: Workers, todo, n_parts: int, config: PartConfig, parts_dir
 
 
 def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts):
-    """Run build-shards; returns the output directory once final shards are there, else None (a rank's share)."""
+    """Run build-shards; returns the output directory once final shards are there, else None (a rank's share).
+    One process per output directory (per rank, with --world-size): a second is refused, naming the first."""
     start = time.time()
     plan = work_plan(inputs, tokenizer, **opts)
     timings = {"plan_parts": time.time() - start}
     out = Path(output)
+    one = world_size == 1
+    with RunLock(out, ".lock" if one else f".lock-rank{rank}", str(out) if one else f"{out} (rank {rank})"):
+        run = dict(workers=workers, rank=rank, world_size=world_size, strict=strict, echo=echo)
+        return run_build(out, plan, start, timings, **run)
+
+
+def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, rank, world_size, strict, echo):
+    """build_shards' work, once this process holds the output directory (or its rank's share)."""
     if claim_output(out, plan):
         echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
         return out
@@ -312,8 +323,9 @@ def merge_shards(dirs: list[str], output: str, echo=print) -> Path:
             "merge only the ranks of one build-shards command"
         )
     out = Path(output)
-    if out.resolve() not in [d.resolve() for d in paths] and claim_output(out, plans[0]):
-        echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
-        return out
-    assemble(out, plans[0], paths, start=start, echo=echo)
+    with RunLock(out):
+        if out.resolve() not in [d.resolve() for d in paths] and claim_output(out, plans[0]):
+            echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
+            return out
+        assemble(out, plans[0], paths, start=start, echo=echo)
     return out

@@ -281,6 +281,62 @@ def test_sigkill_midway_then_rerun_is_identical(tmp_path, sample_docs, run):
     assert "nothing to do" in again.output
 
 
+HELD = """
+import sys, time
+from pathlib import Path
+import pile_tools.build as build
+holding, release, real = Path(sys.argv[1]), Path(sys.argv[2]), build.run_build
+def held(*args, **kwargs):  # runs once the output's lock is taken
+    holding.touch()
+    while not release.exists():
+        time.sleep(0.05)
+    return real(*args, **kwargs)
+build.run_build = held
+import cli
+cli.main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("ranks", [[], ["--rank", "0", "--world-size", "2"]])
+def test_a_second_build_on_the_same_output_is_refused_naming_the_first(corpus, tmp_path, run, ranks):
+    """Two build-shards on one --output (or one rank of it) would delete each other's parts in progress and append
+    to the same shards: the second is refused in one line naming the first, which finishes whole. Another rank
+    of the same run works beside it."""
+    out, holding, release = tmp_path / "out", tmp_path / "holding", tmp_path / "release"
+    args = ["build-shards", corpus, "--tokenizer", NEOX, "--output", out, "--part-size", "64K", *ranks]
+    first = subprocess.Popen(
+        [sys.executable, "-c", HELD, holding, release, *map(str, args)], cwd=Path(__file__).parent.parent
+    )
+    deadline = time.time() + 120
+    while not holding.exists():
+        assert first.poll() is None and time.time() < deadline, "the first build did not start"
+        time.sleep(0.05)
+    second = run(*args)
+    assert second.exit_code == 1
+    assert_clean_error(second.output, f"{out}{' (rank 0)' if ranks else ''} is in use by another run: pid {first.pid}")
+    if ranks:
+        run.ok(
+            "build-shards",
+            corpus,
+            "--tokenizer",
+            NEOX,
+            "--output",
+            out,
+            "--part-size",
+            "64K",
+            "--rank",
+            "1",
+            "--world-size",
+            "2",
+        )
+    release.touch()
+    assert first.wait(timeout=300) == 0
+    if ranks:
+        run.ok("merge-shards", out, "--output", out)
+    run.ok("verify", out)
+    assert not list(out.glob(".lock*"))
+
+
 def test_large_document_is_encoded_whole(tmp_path, run):
     """A 50 MB document streams through and round-trips; --max-doc-bytes skips and counts it instead."""
     block = "hello world\n"  # its pre-tokens do not merge across repeats, so the ids tile

@@ -474,7 +474,7 @@ def test_a_preemption_signal_saves_the_current_step_and_stops(shards, tmp_path, 
 
 TAKE_OVER = """
 import sys, time
-import trainer.runlock as runlock
+import pile_tools.runlock as runlock
 from pathlib import Path
 alive = runlock.holder_alive
 runlock.holder_alive = lambda holder: time.sleep(1.0) or alive(holder)  # widen the window between read and unlink
@@ -482,7 +482,7 @@ try:
     with runlock.RunLock(Path(sys.argv[1])):
         time.sleep(2.0)
     print("held")
-except runlock.ConfigError as e:
+except runlock.InputError as e:
     print("refused:", e)
 """
 

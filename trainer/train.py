@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pile_tools.ground import check_writable, long_lived
+from pile_tools.runlock import RunLock
 from trainer.checkpoint import load_training_checkpoint, read_latest, save_training_checkpoint
 from trainer.config import NeoXConfig
 from trainer.config_keys import RunError
@@ -34,7 +35,6 @@ from trainer.model import Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
 from trainer.preflight import check_run
-from trainer.runlock import RunLock
 from trainer.samples import (
     build_datasets,
     fallback_cache_dir,

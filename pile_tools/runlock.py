@@ -1,4 +1,5 @@
-"""One owner per run directory: `SAVE/.lock`, created exclusively by rank 0 for the run's whole life.
+"""One owner per run directory: a lock file (train's `SAVE/.lock`, build-shards' `OUTPUT/.lock` or, for one rank
+of several, `OUTPUT/.lock-rank<R>`), created exclusively for the run's whole life.
 
 The file holds {"host", "pid", "started", "create_time"} of its holder. A lock left by a dead process on this host
 (SIGKILL, a node reboot, a Slurm timeout) is taken over with a warning; the process's create time tells a reused
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from trainer.config import ConfigError
+from pile_tools.ground import InputError
 
 NAME = ".lock"
 
@@ -35,10 +36,12 @@ def describe(holder: dict) -> str:
 
 
 class RunLock:
-    """`with RunLock(save):` holds `save/.lock`; a second holder is refused with a ConfigError naming the first."""
+    """`with RunLock(directory):` holds `directory`/`name`; a second holder is refused with an InputError naming
+    the first. `what` names the locked thing in that message (default: the directory)."""
 
-    def __init__(self, save: Path):
-        self.path = Path(save) / NAME
+    def __init__(self, directory: Path, name: str = NAME, what: str | None = None):
+        self.path = Path(directory) / name
+        self.what = what or str(self.path.parent)
         self.me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -50,19 +53,19 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Deciding and taking over happen under an flock of a guard file: two runs that find the same stale
         # lock at the same moment are serialised, so the second sees the first's live lock, not the stale one.
-        with open(self.path.with_name(NAME + ".guard"), "a") as guard:
+        with open(self.path.with_name(self.path.name + ".guard"), "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             while not self.try_create():
                 holder = self.read()
                 if holder is None:
                     continue  # removed between our attempt and the read: try again
                 if holder.get("host") != self.me["host"]:
-                    raise ConfigError(
-                        f"{self.path.parent} is in use by the run of {describe(holder)}; if that run is "
+                    raise InputError(
+                        f"{self.what} is in use by the run of {describe(holder)}; if that run is "
                         f"over (its node died), remove {self.path} and start again"
                     )
                 if holder_alive(holder):
-                    raise ConfigError(f"{self.path.parent} is in use by another run: {describe(holder)}")
+                    raise InputError(f"{self.what} is in use by another run: {describe(holder)}")
                 warnings.warn(
                     f"{self.path}: taking over the lock of a run that ended without releasing it ({describe(holder)})",
                     stacklevel=2,
@@ -92,3 +95,5 @@ class RunLock:
     def __exit__(self, *exc):
         if (self.read() or {}).get("pid") == self.me["pid"]:
             self.path.unlink(missing_ok=True)
+            # the guard only serialises taking over a dead holder's lock, and there is none now
+            self.path.with_name(self.path.name + ".guard").unlink(missing_ok=True)

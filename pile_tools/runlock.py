@@ -3,13 +3,16 @@ of several, `OUTPUT/.lock-rank<R>`), created exclusively for the run's whole lif
 
 The file holds {"host", "pid", "started", "create_time"} of its holder. A lock left by a dead process on this host
 (SIGKILL, a node reboot, a Slurm timeout) is taken over with a warning; the process's create time tells a reused
-pid from the holder. A lock held on another host cannot be checked from here: the message says how to remove it.
+pid from the holder. A process on another host cannot be checked from here, so the holder touches its lock every
+HEARTBEAT_S: one untouched for STALE_S by the filesystem's clock (its node died; the run was requeued elsewhere)
+is taken over with a warning, and a younger one is refused.
 """
 
 import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +22,9 @@ import psutil
 from pile_tools.ground import InputError
 
 NAME = ".lock"
+HEARTBEAT_S = 10.0  # how often a holder touches its lock file
+STALE_S = 180.0  # a lock untouched this long was left by a process on another host that is gone (NFS may cache
+# a file's times for up to 60 s: 18 heartbeats)
 
 
 def holder_alive(holder: dict) -> bool:
@@ -41,7 +47,9 @@ class RunLock:
 
     def __init__(self, directory: Path, name: str = NAME, what: str | None = None):
         self.path = Path(directory) / name
+        self.guard = self.path.with_name(name + ".guard")
         self.what = what or str(self.path.parent)
+        self.stop = threading.Event()
         self.me = {
             "host": socket.gethostname(),
             "pid": os.getpid(),
@@ -53,25 +61,48 @@ class RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Deciding and taking over happen under an flock of a guard file: two runs that find the same stale
         # lock at the same moment are serialised, so the second sees the first's live lock, not the stale one.
-        with open(self.path.with_name(self.path.name + ".guard"), "a") as guard:
+        with open(self.guard, "a") as guard:
             fcntl.flock(guard, fcntl.LOCK_EX)
             while not self.try_create():
-                holder = self.read()
-                if holder is None:
+                holder, age = self.read(), self.age()
+                if holder is None or age is None:
                     continue  # removed between our attempt and the read: try again
                 if holder.get("host") != self.me["host"]:
-                    raise InputError(
-                        f"{self.what} is in use by the run of {describe(holder)}; if that run is "
-                        f"over (its node died), remove {self.path} and start again"
-                    )
-                if holder_alive(holder):
+                    if age < STALE_S:
+                        raise InputError(
+                            f"{self.what} is in use by the run of {describe(holder)}, alive {age:.0f} s ago; its lock "
+                            f"is taken over once untouched for {STALE_S:.0f} s, or remove {self.path} once that "
+                            "run is known to be over"
+                        )
+                    why = f"left it untouched for {age:.0f} s"
+                elif holder_alive(holder):
                     raise InputError(f"{self.what} is in use by another run: {describe(holder)}")
+                else:
+                    why = "ended without releasing it"
                 warnings.warn(
-                    f"{self.path}: taking over the lock of a run that ended without releasing it ({describe(holder)})",
-                    stacklevel=2,
+                    f"{self.path}: taking over the lock of a run that {why} ({describe(holder)})", stacklevel=2
                 )
                 self.path.unlink(missing_ok=True)
+        threading.Thread(target=self.beat, daemon=True).start()
         return self
+
+    def beat(self) -> None:
+        """Touch the lock every HEARTBEAT_S until released, so other hosts can tell it is held."""
+        while not self.stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:  # removed by hand, or a filesystem's hiccup: the next beat tries again
+                pass
+
+    def age(self) -> float | None:
+        """Seconds since the lock was last touched, by the filesystem's clock (the guard, touched now, gives it:
+        another host's clock may differ from ours); None when there is no lock."""
+        os.utime(self.guard)
+        try:
+            touched = self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return self.guard.stat().st_mtime - touched
 
     def try_create(self) -> bool:
         """Create the lock file holding this process's identity; False when it exists."""
@@ -93,7 +124,7 @@ class RunLock:
             return {"host": self.me["host"], "pid": -1}
 
     def __exit__(self, *exc):
+        self.stop.set()
         if (self.read() or {}).get("pid") == self.me["pid"]:
             self.path.unlink(missing_ok=True)
-            # the guard only serialises taking over a dead holder's lock, and there is none now
-            self.path.with_name(self.path.name + ".guard").unlink(missing_ok=True)
+            self.guard.unlink(missing_ok=True)  # it serialises taking over a dead holder's lock: there is none now

@@ -17,7 +17,10 @@ import pytest
 import torch
 from helpers import ROOT, SAMPLE, SMALL, TINY, Cli, assert_clean_error, losses, neox, train
 
+import pile_tools.runlock as runlock
 from pile_tools.checksums import verify_directory
+from pile_tools.ground import InputError
+from pile_tools.runlock import RunLock
 from trainer.checkpoint import machine, machine_share
 
 
@@ -497,3 +500,25 @@ def test_two_runs_taking_over_one_stale_lock_at_once_do_not_both_win(tmp_path):
     ]
     outcomes = sorted(p.communicate(timeout=60)[0].strip().split(":")[0] for p in procs)
     assert outcomes == ["held", "refused"]
+
+
+def test_a_lock_held_on_another_host_is_refused_while_touched_and_taken_over_once_stale(tmp_path, monkeypatch):
+    """A process on another host cannot be checked from here: its lock, touched by a heartbeat, is refused while
+    fresh and taken over with a warning once untouched for STALE_S (its node died; the run was requeued)."""
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"host": "another-node", "pid": 12345, "started": time.time(), "create_time": 0}))
+    with pytest.raises(InputError, match=r"in use by the run of pid 12345 on another-node, .*, alive \d+ s ago"):
+        with RunLock(tmp_path):
+            pass
+    stale = time.time() - runlock.STALE_S - 30
+    os.utime(lock, (stale, stale))
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    with pytest.warns(UserWarning, match=r"taking over the lock of a run that left it untouched for 2\d\d s"):
+        with RunLock(tmp_path) as held:
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+            os.utime(lock, (stale, stale))
+            deadline = time.time() + 60
+            while held.age() > 30:  # the holder's heartbeat touches it again
+                assert time.time() < deadline, "the lock was not touched in 60 s"
+                time.sleep(0.05)
+    assert not lock.exists() and not (tmp_path / ".lock.guard").exists()

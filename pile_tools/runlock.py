@@ -23,8 +23,9 @@ from pile_tools.ground import InputError
 
 NAME = ".lock"
 HEARTBEAT_S = 10.0  # how often a holder touches its lock file
-STALE_S = 180.0  # a lock untouched this long was left by a process on another host that is gone (NFS may cache
-# a file's times for up to 60 s: 18 heartbeats)
+# A lock untouched this long was left by a process on another host that is gone: 18 heartbeats, as NFS may cache
+# a file's times for up to 60 s.
+STALE_S = 180.0
 
 
 def holder_alive(holder: dict) -> bool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pile_tools.indexed import ShardWriter
-from trainer.data import GPTDataset, blend_index
+from trainer.data import COMPILE_ABOVE, GPTDataset, blend_index
 from trainer.samples import Source, megatron_split, split_dataset
 
 
@@ -74,9 +74,9 @@ def simple_blend(weights, size):
     return order
 
 
+@pytest.mark.parametrize("size", [5000, COMPILE_ABOVE + 1000])  # the loop in Python, then compiled by numba
 @pytest.mark.parametrize("weights", [[1, 1], [0.7, 0.2, 0.1], [5, 0, 1, 3, 0.25], list(range(1, 23))])
-def test_blend_is_gpt_neox_rule(weights):
-    size = 5000
+def test_blend_is_gpt_neox_rule(weights, size):
     source, within = blend_index(weights, size)
     assert list(zip(source.tolist(), within.tolist())) == simple_blend(weights, size)
     share = np.asarray(weights, float) / sum(weights)

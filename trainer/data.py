@@ -13,11 +13,11 @@ seq_length samples of all those epochs, not only the ones a run reads. gpt-neox 
 it (tests/test_neox_order.py compares whole batches with gpt-neox's own code).
 """
 
+import functools
 import hashlib
 import os
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from pile_tools.ground import writing
@@ -150,7 +150,6 @@ class GPTDataset:
                 )
 
 
-@numba.njit(cache=True)
 def _largest_error_first(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     # gpt-neox's build_blending_indices (helpers.cpp), operation for operation: sample i goes to the first source
     # with the largest weight x max(i, 1) - samples so far.
@@ -176,15 +175,27 @@ def neox_weights(weights) -> list[float]:
     return [w / sum(weights) for w in weights]
 
 
+COMPILE_ABOVE = 50_000  # samples: fewer take the loop as Python (~4 us a sample) in less than numba's start-up
+
+
+@functools.cache
+def _compiled_loop():
+    import numba  # ~0.2 s to import and ~0.5 s to load the cached machine code: paid only for long blends
+
+    return numba.njit(cache=True)(_largest_error_first)
+
+
 def blend_index(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(source, sample within the source) of the first `size` blended samples: gpt-neox's BlendableDataset order
     (its index is sequential, so a prefix is the same whatever its full length).
 
-    Compiled with numba, as gpt-neox compiles its loop in C++: 10M samples over 22 sources in ~0.5 s.
+    Compiled with numba past COMPILE_ABOVE samples, as gpt-neox compiles its loop in C++: 10M samples over 22
+    sources in ~0.5 s. The same code either way, in IEEE doubles without fused operations, so the same order.
     int16 sources: a blend has at most a few hundred shards.
     """
     weights = np.array(neox_weights(weights), dtype=np.float64)
-    return _largest_error_first(weights / np.sum(weights), size)
+    loop = _compiled_loop() if size > COMPILE_ABOVE else _largest_error_first
+    return loop(weights / np.sum(weights), size)
 
 
 class BlendedDataset:

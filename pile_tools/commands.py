@@ -128,17 +128,24 @@ def inspect_shards(target, decode, tokenizer, chars):
 @click.argument("targets", nargs=-1, required=True, type=click.Path(exists=False))
 @click.option("--tokenizer", default=None, help="Vocabulary and EOD id to check against (default: the manifest's).")
 @click.option(
-    "--workers", type=click.IntRange(min=1), default=os.cpu_count(), show_default=True, help="Shards checked at once."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=os.cpu_count(),
+    show_default=True,
+    help="Shards (or checkpoint files) checked at once.",
 )
 def verify_shards(targets, tokenizer, workers):
-    """Audit shards in full, at disk speed; one line per problem, exit status 1 on any.
+    """Audit shards or checkpoints in full, at disk speed; one line per problem, exit status 1 on any.
 
     \b
     neox-data verify shards/
     neox-data verify /data/megatron/pile_text_document --tokenizer gpt-neox-20b
+    neox-data verify run/                  # every checkpoint of a training run
+    neox-data verify run/global_step1000
 
     Checks that each .idx and .bin agree, every document ends with EOD, every id is in the vocabulary, the
-    checksums and counts equal manifest.json's, and blend.json's shards exist with their token counts.
+    checksums and counts equal manifest.json's, and blend.json's shards exist with their token counts. A
+    checkpoint's files are checked against its checksums.json, and a run's `latest` must name one of them.
     """
     from pile_tools.verify import verify_or_fail
 

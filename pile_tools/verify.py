@@ -1,9 +1,11 @@
-"""verify: the full audit of shards, in one read of each `.bin` at disk speed, shards in parallel.
+"""verify: the full audit of shards, in one read of each `.bin` at disk speed, shards in parallel; and of
+checkpoints against their checksums.json.
 
 For each `.bin`/`.idx` pair: the two agree (sizes, pointers, dtype); every document is non-empty and ends with the
 EOD id; every id is below the tokenizer's vocabulary; the content checksum and the counts equal the ones
 build-shards recorded in manifest.json; and blend.json's shards exist with the recorded token counts. Each problem
-is one line naming the shard (and the document).
+is one line naming the shard (and the document). For a checkpoint (a directory holding checksums.json) or a run
+(holding such checkpoints): every recorded file is there with its size and xxh3-128, and `latest` names one.
 """
 
 import json
@@ -18,6 +20,8 @@ import xxhash
 from tqdm import tqdm
 
 from pile_tools.assemble import manifest_entries, read_manifest
+from pile_tools.checksums import NAME as CHECKSUMS
+from pile_tools.checksums import check_files, read_checksums
 from pile_tools.ground import InputError
 from pile_tools.indexed import check_pair, read_index
 from pile_tools.inspect import find_shards
@@ -141,6 +145,37 @@ def check_blend(root: Path) -> list[str]:
     return problems
 
 
+def checkpoints_in(root: Path) -> list[Path]:
+    """The checkpoints a target names: itself when it holds checksums.json, else those of a run, by step."""
+    if (root / CHECKSUMS).is_file():
+        return [root]
+    found = [p.parent for p in root.glob(f"*/{CHECKSUMS}")] if root.is_dir() else []
+    return sorted(found, key=lambda p: (len(p.name), p.name))
+
+
+def check_latest(root: Path, checkpoints: list[Path]) -> list[str]:
+    """A run's `latest` names one of its checkpoints."""
+    latest = root / "latest"
+    if not latest.is_file():
+        return []
+    tag = latest.read_text().strip()
+    return [] if root / tag in checkpoints else [f"{latest}: names {tag}, which holds no checkpoint with checksums"]
+
+
+def verify_checkpoint(where: Path, pool: ThreadPoolExecutor, progress) -> list[str]:
+    """The problems of one checkpoint's files against its checksums.json, files hashed on the pool's threads."""
+    recorded = read_checksums(where)
+    if recorded.get("unreadable"):
+        return [f"{where / CHECKSUMS}: unreadable"]
+
+    def check(name: str) -> list[str]:
+        problems = check_files(where, recorded, [name])
+        progress(recorded["files"][name]["size"])
+        return problems
+
+    return [line for lines in pool.map(check, sorted(recorded["files"])) for line in lines]
+
+
 def vocabulary(tokenizer: str | None, manifest: dict) -> tuple[int | None, int | None, str]:
     """(vocabulary size, EOD id, where they came from): --tokenizer, else the manifest's, else unknown."""
     if tokenizer is not None:
@@ -157,9 +192,13 @@ def vocabulary(tokenizer: str | None, manifest: dict) -> tuple[int | None, int |
 
 def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int:
     """Audit every shard under `targets`; prints each problem and a summary; returns the number of problems."""
-    jobs, problems = [], []
+    jobs, problems, checkpoints = [], [], []
     for target in targets:
         root = Path(target)
+        if found := checkpoints_in(root):
+            checkpoints += found
+            problems += check_latest(root, found)
+            continue
         prefixes, manifest_path = find_shards(root)
         manifest = read_manifest(manifest_path) if manifest_path else {}
         vocab, eod, source = vocabulary(tokenizer, manifest)
@@ -173,7 +212,8 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
             problems += check_blend(root)
     size = {p: os.path.getsize(f"{p}.bin") if os.path.exists(f"{p}.bin") else 0 for p, *_ in jobs}
     jobs.sort(key=lambda j: -size[j[0]])  # largest first: the threads finish together
-    total = sum(size.values())
+    recorded = [read_checksums(c) for c in checkpoints]
+    total = sum(size.values()) + sum(f["size"] for r in recorded for f in r.get("files", {}).values())
     start = time.perf_counter()
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="verifying", dynamic_ncols=True, leave=False, disable=None
@@ -182,11 +222,15 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
             results = pool.map(lambda j: verify_shard(*j, bar.update), jobs)
             for lines in results:
                 problems += lines
+            for checkpoint in checkpoints:
+                problems += verify_checkpoint(checkpoint, pool, bar.update)
     for line in problems:
         echo(line)
     seconds = time.perf_counter() - start
+    what = f"{len(jobs)} shard(s)" if jobs or not checkpoints else ""
+    what += ", " * bool(what and checkpoints) + (f"{len(checkpoints)} checkpoint(s)" if checkpoints else "")
     echo(
-        f"{len(jobs)} shard(s), {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / max(seconds, 1e-9):.2f} "
+        f"{what}, {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / max(seconds, 1e-9):.2f} "
         f"GB/s): " + (f"{len(problems)} problem(s)" if problems else "ok")
     )
     return len(problems)

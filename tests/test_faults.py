@@ -105,14 +105,20 @@ def corrupt_middle(path: Path, size: int = 1 << 20) -> None:
 def test_a_corrupt_checkpoint_is_refused_and_train_falls_back_to_the_previous_one(shards, straight, tmp_path):
     run = tmp_path / "run"
     train("--data", shards, "--save", run, *SMALL)
+    assert "2 checkpoint(s)" in neox("verify", run).stdout  # global_step4 and 6: keep_last_n_checkpoints 2
     largest = max((run / "global_step6").iterdir(), key=lambda p: p.stat().st_size if p.is_file() else 0)
     corrupt_middle(largest)
+    fails(neox("verify", run, check=False), f"{largest}: content differs", "1 problem(s)")
+    (run / "latest").write_text("global_step8")
+    fails(neox("verify", run / "global_step4", run, check=False), "latest: names global_step8", "2 problem(s)")
+    (run / "latest").write_text("global_step6")
     fails(neox("export-hf", run, "--output", tmp_path / "hf", check=False), f"{largest}: content differs")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
     resumed = train("--data", shards, "--save", run, "--load", run, *SMALL)
     assert "global_step6 does not verify" in resumed.stderr and "resuming from" in resumed.stderr
     assert losses(run) == losses(straight)  # steps 5 and 6 again, from global_step4: bitwise the same losses
     assert latest_verifies(run) and (run / "global_step4").is_dir()  # the checkpoint fallen back to is kept
+    assert neox("verify", run).stdout.rstrip().endswith(": ok")
 
 
 # Finding 3, the rest: non-finite values end the run, and never reach a checkpoint.

@@ -307,30 +307,25 @@ def test_a_second_build_on_the_same_output_is_refused_naming_the_first(corpus, t
     first = subprocess.Popen(
         [sys.executable, "-c", HELD, holding, release, *map(str, args)], cwd=Path(__file__).parent.parent
     )
-    deadline = time.time() + 120
-    while not holding.exists():
-        assert first.poll() is None and time.time() < deadline, "the first build did not start"
-        time.sleep(0.05)
-    second = run(*args)
-    assert second.exit_code == 1
-    assert_clean_error(second.output, f"{out}{' (rank 0)' if ranks else ''} is in use by another run: pid {first.pid}")
-    if ranks:
-        run.ok(
-            "build-shards",
-            corpus,
-            "--tokenizer",
-            NEOX,
-            "--output",
-            out,
-            "--part-size",
-            "64K",
-            "--rank",
-            "1",
-            "--world-size",
-            "2",
+    try:
+        deadline = time.time() + 120
+        while not holding.exists():
+            assert first.poll() is None and time.time() < deadline, "the first build did not start"
+            time.sleep(0.05)
+        second = run(*args)
+        assert second.exit_code == 1
+        assert_clean_error(
+            second.output, f"{out}{' (rank 0)' if ranks else ''} is in use by another run: pid {first.pid}"
         )
-    release.touch()
-    assert first.wait(timeout=300) == 0
+        if ranks:  # the run's other rank
+            run.ok(*args[: -len(ranks)], "--rank", "1", "--world-size", "2")
+        release.touch()
+        assert first.wait(timeout=300) == 0
+    finally:  # never leave the first build waiting
+        release.touch()
+        if first.poll() is None:
+            first.kill()
+            first.wait()
     if ranks:
         run.ok("merge-shards", out, "--output", out)
     run.ok("verify", out)

@@ -199,6 +199,8 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
             checkpoints += found
             problems += check_latest(root, found)
             continue
+        if any(root.glob("global_step*")) or any(root.glob("mp_rank_*_model_states.pt")):
+            raise InputError(f"{root}: checkpoints without checksums.json (saved before they carried checksums)")
         prefixes, manifest_path = find_shards(root)
         manifest = read_manifest(manifest_path) if manifest_path else {}
         vocab, eod, source = vocabulary(tokenizer, manifest)

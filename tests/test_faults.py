@@ -451,6 +451,7 @@ def test_checkpoints_written_before_checksums_still_load_with_a_note(shards, str
     run = Path(shutil.copytree(straight, tmp_path / "run"))
     for path in run.glob("global_step*/checksums.json"):
         path.unlink()
+    fails(neox("verify", run, check=False), f"{run}: checkpoints without checksums.json (saved before they carried")
     exported = neox("export-hf", run, "--output", tmp_path / "hf")
     assert "written before checkpoints carried checksums: not verified" in exported.stderr
     resumed = train("--data", shards, "--save", run, "--load", run, *SMALL, "--set", "train_iters=7")

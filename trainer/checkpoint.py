@@ -218,7 +218,7 @@ def sync_on_each_machine(where: Path, names: list[str]) -> None:
     machines = [None] * dist.get_world_size()
     dist.all_gather_object(machines, machine())
     index, count = machine_share(machines, dist.get_rank())
-    directories = sorted({str(Path(n).parent) for n in names} | {"."})
+    directories = sorted({str(parent) for n in names for parent in Path(n).parents})  # "." and every one below
     paths = [where / n for n in names] + [where / d for d in directories] + [where.parent]
     problem = None
     for path in paths[index::count]:

@@ -162,9 +162,8 @@ def check_latest(root: Path, checkpoints: list[Path]) -> list[str]:
     return [] if root / tag in checkpoints else [f"{latest}: names {tag}, which holds no checkpoint with checksums"]
 
 
-def verify_checkpoint(where: Path, pool: ThreadPoolExecutor, progress) -> list[str]:
-    """The problems of one checkpoint's files against its checksums.json, files hashed on the pool's threads."""
-    recorded = read_checksums(where)
+def verify_checkpoint(where: Path, recorded: dict, pool: ThreadPoolExecutor, progress) -> list[str]:
+    """The problems of one checkpoint's files against its checksums.json (`recorded`), hashed on the pool."""
     if recorded.get("unreadable"):
         return [f"{where / CHECKSUMS}: unreadable"]
 
@@ -224,15 +223,15 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
             results = pool.map(lambda j: verify_shard(*j, bar.update), jobs)
             for lines in results:
                 problems += lines
-            for checkpoint in checkpoints:
-                problems += verify_checkpoint(checkpoint, pool, bar.update)
+            for checkpoint, checksums in zip(checkpoints, recorded):
+                problems += verify_checkpoint(checkpoint, checksums, pool, bar.update)
     for line in problems:
         echo(line)
     seconds = time.perf_counter() - start
-    what = f"{len(jobs)} shard(s)" if jobs or not checkpoints else ""
-    what += ", " * bool(what and checkpoints) + (f"{len(checkpoints)} checkpoint(s)" if checkpoints else "")
+    counts = [f"{len(jobs)} shard(s)"] * bool(jobs or not checkpoints)
+    counts += [f"{len(checkpoints)} checkpoint(s)"] * bool(checkpoints)
     echo(
-        f"{what}, {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / max(seconds, 1e-9):.2f} "
+        f"{', '.join(counts)}, {total / 1e9:.2f} GB in {seconds:.2f} s ({total / 1e9 / max(seconds, 1e-9):.2f} "
         f"GB/s): " + (f"{len(problems)} problem(s)" if problems else "ok")
     )
     return len(problems)

@@ -1,5 +1,6 @@
 """The command line as a user meets it: every --help, and inspect on a real build."""
 
+import os
 import subprocess
 import sys
 
@@ -43,6 +44,18 @@ def test_help_is_instant_without_heavy_imports():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]")
+
+
+@pytest.mark.parametrize("given", [None, "ACTIVE"])
+def test_openmp_threads_sleep_while_waiting_unless_the_user_says_otherwise(given):
+    """Spinning OpenMP threads halve a CPU run's speed beside other work: the commands' processes load torch with
+    OMP_WAIT_POLICY=PASSIVE, which libgomp reads once as it loads, unless the user chose a policy."""
+    code = "import os, cli, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | (
+        {"OMP_WAIT_POLICY": given} if given else {}
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == (given or "PASSIVE")
 
 
 def test_inspect_counts_checks_and_decodes(corpus, tmp_path, run):

@@ -7,6 +7,12 @@ import click
 
 from pile_tools.ground import long_lived, run_reporting_errors
 
+# OpenMP threads waiting for work sleep instead of spinning (unless the user says otherwise): on a CPU shared with
+# other work (a laptop, a loaded CI machine) spinning threads hold the cores the working ones need. The tiny
+# model's 30 steps beside one CPU-bound process took 65-72 s spinning, 33-34 s sleeping; idle, 20-21 s either
+# way. Set here, before any command loads torch and its libgomp, which reads it once.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 CONFIG_HELP = (
     "YAML config (gpt-neox's work as they are). Repeat it to merge several left to right, as gpt-neox's "
     "deepy.py does: --config configs/20B.yml --config local_setup.yml."

@@ -21,7 +21,8 @@ def test_resume_gives_the_same_losses_and_weights(shards, straight, tmp_path):
     run = tmp_path / "run"
     train("--data", shards, "--save", run, *SMALL, "--set", "exit_interval=3")
     assert (run / "latest").read_text() == "global_step3" and len(losses(run)) == 3
-    train("--data", shards, "--save", run, "--load", run, *SMALL)
+    resumed = train("--data", shards, "--save", run, "--load", run, *SMALL)
+    assert "data order" not in resumed.stderr  # the same settings read the samples the run read
     assert losses(run) == losses(straight)  # bitwise, every step
     a, b = weights(run, "global_step6"), weights(straight, "global_step6")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -29,6 +30,23 @@ def test_resume_gives_the_same_losses_and_weights(shards, straight, tmp_path):
     assert state["consumed_samples"] == 6 * 4 and state["iteration"] == 6
     assert sorted(p.name for p in run.glob("global_step*")) == ["global_step4", "global_step6"]  # keep_last_n: 2
     assert (run / "loss.png").stat().st_size > 0 and (run / "global_step6" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_a_finished_run_trains_nothing_and_a_resume_on_other_data_says_what_changed(shards, straight, tmp_path):
+    """A requeued job whose run is done exits at once, evaluating and recording nothing; a resume whose settings
+    give the loaded step other samples than the run read (here another seed) warns, naming the change."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    done = train("--data", shards, "--save", run, "--load", run, *SMALL)
+    assert f"nothing to train: {run / 'global_step6'} is at step 6 (train_iters 6)" in done.stdout
+    assert "train loss" not in done.stdout and (run / "metrics.jsonl").read_bytes() == metrics
+    state = torch.load(run / "global_step6" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert state["data_order"]["step"] == 6 and state["data_order"]["seed"] == 1234
+    longer = ["--set", "train_iters=7", "--set", "eval_interval=0", "--set", "save_interval=0"]
+    other = train("--data", shards, "--save", run, "--load", run, *SMALL, *longer, "--set", "seed=7")
+    assert "these settings give step 6 other samples than the run read (seed 1234 -> 7" in other.stderr
+    assert "the data order changes from here" in other.stderr and losses(run)[-1][0] == 7
 
 
 KILL_DURING_SAVE = """

@@ -333,14 +333,15 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
 
 
 def load_training_checkpoint(
-    engine, load: Path, config: NeoXConfig, layout: tuple, tp_rank: int, pipelined: bool
+    engine, load: Path, chosen: tuple, config: NeoXConfig, layout: tuple, tp_rank: int, pipelined: bool
 ) -> dict:
-    """Restore this run from `load`'s newest checkpoint that verifies: everything when it was saved in the same
-    (TP, PP, DP) layout, else weights, step, data position and schedule (trainer/reshard.py). Returns the step,
-    the data position, the tag, whether it was a fallback and the run's id."""
+    """Restore this run from `load`'s checkpoint `chosen` (choose_checkpoint's answer): everything when it was
+    saved in the same (TP, PP, DP) layout, else weights, step, data position and schedule (trainer/reshard.py).
+    Returns the step, the data position and its order's record, the tag, whether it was a fallback and the run's
+    id."""
     import torch.distributed as dist
 
-    tag, fallback, run_id = choose_checkpoint(load)
+    tag, fallback, run_id = chosen
     where = load / tag
     if fallback:
         warn_once(f"--load: resuming from {where}, the newest checkpoint that verifies")

@@ -174,7 +174,10 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
         return
     result = run_reporting_errors(run, config)
     save = config.paths.save
-    if int(os.environ.get("RANK", 0)) == 0:
+    if int(os.environ.get("RANK", 0)) == 0 and "finished" in result:
+        t = config.training.train_iters
+        click.echo(f"nothing to train: {result['finished']} is at step {result['step']} (train_iters {t})")
+    elif int(os.environ.get("RANK", 0)) == 0:
         valid = result.get("valid") or {}
         first = result.get("first_valid") or {}
         line = f"trained to step {result['step']}, train loss {result.get('train_loss', float('nan')):.4f}"

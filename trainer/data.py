@@ -202,9 +202,10 @@ class BlendedDataset:
     """Samples of several sources in gpt-neox's blended order. Its length is gpt-neox's (the sum of the sources'
     lengths), which decides where a read wraps; the index is built only as far as the run reads."""
 
-    def __init__(self, sources: list, source: np.ndarray, within: np.ndarray, names: list[str] | None = None):
+    def __init__(self, sources: list, source: np.ndarray, within: np.ndarray, names=None, weights=None):
         self.sources, self.source, self.within = sources, source, within
         self.names = names or [str(i) for i in range(len(sources))]
+        self.weights = weights or [1.0] * len(sources)
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sources)

@@ -132,4 +132,9 @@ def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipe
             "moments restart",
             stacklevel=2,
         )
-    return {"iteration": step, "consumed_samples": int(states["consumed_samples"]), "note": note}
+    return {
+        "iteration": step,
+        "consumed_samples": int(states["consumed_samples"]),
+        "data_order": states.get("data_order"),
+        "note": note,
+    }

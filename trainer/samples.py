@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 
 from pile_tools.assemble import manifest_entries, read_manifest
 from pile_tools.components import SPLITS, split_weights
@@ -211,7 +212,8 @@ def split_dataset(
     ]
     size = min(num_samples, sum(len(d) for d in datasets))
     source, within = blend_index([s.weight for s in sources], size)
-    return BlendedDataset(datasets, source, within, names=[s.prefix.name for s in sources])
+    names, weights = [s.prefix.name for s in sources], [s.weight for s in sources]
+    return BlendedDataset(datasets, source, within, names=names, weights=weights)
 
 
 def split_samples(config: NeoXConfig, global_batch: int) -> dict[str, int]:
@@ -261,6 +263,72 @@ def micro_batch(dataset, step: int, micro_step: int, micro: int, dp: int, rank: 
     """Those samples' tokens, as int64 (micro, seq + 1)."""
     where = sample_positions(step, micro_step, micro, dp, rank, global_batch, len(dataset))
     return torch.from_numpy(np.stack([dataset[int(i)] for i in where]))
+
+
+def data_order(dataset: BlendedDataset, config: NeoXConfig, global_batch: int, dp: int, step: int) -> dict:
+    """What decided the samples of a run's step `step` (numbered from 1, as the log numbers them), kept in the
+    checkpoint of that step so that a resume can tell whether its settings give the order the run had: the train
+    shards (documents, tokens, weight), seq_length, seed, the train samples (train_iters x global batch: gpt-neox
+    sizes every shard's shuffle by them), the global batch, and an xxh3 of the token ids of that step, all ranks'."""
+    t = config.training
+    shards = [
+        {
+            "shard": "/".join(d.shard.prefix.parts[-2:]),
+            "documents": len(d.documents),
+            "tokens": int(np.asarray(d.shard.sizes[d.documents.start : d.documents.stop]).sum(dtype=np.int64)),
+            "weight": w,
+        }
+        for d, w in zip(dataset.sources, dataset.weights)
+    ]
+    positions = np.arange((step - 1) * global_batch, step * global_batch)
+    positions %= readable(len(dataset), t.train_micro_batch_size_per_gpu * dp)
+    digest = xxhash.xxh3_64()
+    for i in positions:
+        digest.update(dataset[int(i)].tobytes())
+    return {
+        "step": step,
+        "shards": shards,
+        "seq_length": t.seq_length,
+        "seed": t.seed,
+        "train_samples": split_samples(config, global_batch)["train"],
+        "global_batch": global_batch,
+        "xxh3": digest.hexdigest(),
+    }
+
+
+SHOWN = 3  # shards named in a changed order's warning; the rest are counted
+
+
+def order_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two data_order records of one step, in words; empty when the step's samples agree."""
+    if saved["xxh3"] == now["xxh3"]:
+        return []
+    changes = [
+        f"{what} {saved[key]} -> {now[key]}"
+        for key, what in (
+            ("seed", "seed"),
+            ("seq_length", "seq_length"),
+            ("global_batch", "global batch"),
+            ("train_samples", "train samples (train_iters x global batch)"),
+        )
+        if saved[key] != now[key]
+    ]
+    before, after = ({s["shard"]: s for s in r["shards"]} for r in (saved, now))
+    shards = [f"{name} no longer read" for name in sorted(before.keys() - after.keys())]
+    shards += [f"{name} added" for name in sorted(after.keys() - before.keys())]
+    for name in sorted(before.keys() & after.keys()):
+        a, b = before[name], after[name]
+        if (a["documents"], a["tokens"]) != (b["documents"], b["tokens"]):
+            shards.append(
+                f"{name} {a['documents']:,} -> {b['documents']:,} documents, {a['tokens']:,} -> {b['tokens']:,} tokens"
+            )
+        elif not math.isclose(a["weight"], b["weight"], rel_tol=1e-9):
+            shards.append(f"{name} weight {a['weight']:.4g} -> {b['weight']:.4g}")
+    if len(shards) > SHOWN:
+        shards = shards[:SHOWN] + [f"{len(shards) - SHOWN} more train shards differ"]
+    return changes + shards or [
+        "the same shards, sizes and settings, other tokens (shards rebuilt with another tokenizer?)"
+    ]
 
 
 def data_directory(data: DataConfig) -> Path | None:

@@ -19,7 +19,14 @@ import torch.distributed as dist
 
 from pile_tools.ground import check_writable, long_lived
 from pile_tools.runlock import RunLock
-from trainer.checkpoint import load_training_checkpoint, read_latest, save_training_checkpoint
+from trainer.checkpoint import (
+    choose_checkpoint,
+    load_training_checkpoint,
+    read_latest,
+    save_training_checkpoint,
+    step_of,
+    warn_once,
+)
 from trainer.config import NeoXConfig
 from trainer.config_keys import RunError
 from trainer.engine import (
@@ -37,16 +44,19 @@ from trainer.plan import step_flops
 from trainer.preflight import check_run
 from trainer.samples import (
     build_datasets,
+    data_order,
     fallback_cache_dir,
     micro_batch,
+    order_changes,
     sample_positions,
 )
 
 
 class Trainer:
-    """The engine, the data and the position: `run()` trains from the position to train_iters."""
+    """The engine, the data and the position: `run()` trains from the position to train_iters. `resume`: the
+    --load directory and choose_checkpoint's answer for it, or None."""
 
-    def __init__(self, config: NeoXConfig, sources: dict, load: str | None, tokenizer: str | None):
+    def __init__(self, config: NeoXConfig, sources: dict, resume: tuple | None, tokenizer: str | None):
         save = config.paths.save
         self.config, self.save, self.tokenizer = config, Path(save) if save else None, tokenizer
         deepspeed = init_distributed()
@@ -69,12 +79,15 @@ class Trainer:
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
         self.step, self.run_id, self.protected, note = 0, uuid.uuid4().hex, set(), None
-        if load is not None:
+        if resume is not None:
+            load, chosen = resume
             layout = (p.model_parallel_size, p.pipe_parallel_size, self.dp)
-            state = load_training_checkpoint(self.engine, Path(load), config, layout, self.tp_rank, self.pipelined)
+            state = load_training_checkpoint(self.engine, load, chosen, config, layout, self.tp_rank, self.pipelined)
             self.step, self.run_id, note = state["iteration"], state["run_id"] or self.run_id, state.get("note")
             if state["fallback"]:  # the newest checkpoint that verifies is never pruned by this run
                 self.protected.add(state["tag"])
+            if self.rank == 0 and state.get("data_order"):
+                self.check_order(state["data_order"], load / state["tag"])
         self.nonfinite = []  # the steps, in a row, whose loss or gradient norm was nan or inf
         where = config.paths.log_dir or save
         self.metrics_dir = Path(where) if where else None
@@ -125,6 +138,21 @@ class Trainer:
         if self.rank == 0:
             dist.barrier()
         return data
+
+    def order(self) -> dict:
+        """The record of the data order at the step just taken (see samples.data_order)."""
+        return data_order(self.data["train"], self.config, self.global_batch, self.dp, self.step)
+
+    def check_order(self, saved: dict, where: Path) -> None:
+        """Warn when this run's settings would have read other samples at the loaded step than the saved run did
+        (other shards, seed, batch, seq_length or train_iters), naming what changed: the run goes on, in the order
+        gpt-neox gives those settings, not the one it started with."""
+        changes = order_changes(saved, self.order())
+        if changes:
+            warn_once(
+                f"--load {where}: these settings give step {self.step} other samples than the run read "
+                f"({'; '.join(changes)}); the data order changes from here"
+            )
 
     def batch(self, split: str, step: int, micro_step: int) -> torch.Tensor:
         """This rank's micro-batch `micro_step` of step `step` of a split, on the device."""
@@ -260,6 +288,7 @@ class Trainer:
         """Save the engine, the position and the run's identity under --save (no-op without one)."""
         if self.save is not None:
             state = {"iteration": self.step, "consumed_samples": self.step * self.global_batch}
+            state["data_order"] = self.order() if self.rank == 0 else None  # rank 0 writes mp_rank_00's states
             save_training_checkpoint(
                 self.engine, self.config, self.save, self.step, state, self.tokenizer, self.run_id, self.protected
             )
@@ -390,7 +419,9 @@ def handling(signums, handler):
 
 def train(config: NeoXConfig) -> dict:
     """Check everything, then train from the loaded position (or step 0) to train_iters, holding the save
-    directory's lock (rank 0) for the whole run. Paths, data and precision come resolved in `config`."""
+    directory's lock (rank 0) for the whole run. Paths, data and precision come resolved in `config`. A run whose
+    checkpoint is at train_iters already (a finished job requeued) returns at once, building nothing:
+    {"step", "finished": the checkpoint}."""
     sources, tokenizer, load = check_run(config)
     save = config.paths.save
     owner = save is not None and int(os.environ.get("RANK", 0)) == 0
@@ -398,8 +429,13 @@ def train(config: NeoXConfig) -> dict:
         check_writable(Path(save))
     try:
         with RunLock(Path(save)) if owner else contextlib.nullcontext():
+            init_distributed()
+            resume = (Path(load), choose_checkpoint(Path(load))) if load is not None else None  # verified
+            if resume is not None and step_of(resume[1][0]) >= config.training.train_iters:
+                dist.barrier()
+                return {"step": step_of(resume[1][0]), "finished": str(resume[0] / resume[1][0])}
             with long_lived():
-                trainer = Trainer(config, sources, load, tokenizer)
+                trainer = Trainer(config, sources, resume, tokenizer)
             results = trainer.run()
             dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
             return results

@@ -122,6 +122,35 @@ def test_export_of_a_training_run_loads_in_transformers(straight, tmp_path, run)
     assert len(ours_ids) >= 1 and ours_ids == theirs[0, len(prompt) :].tolist()
 
 
+def test_a_run_starts_from_the_weights_of_an_import_or_of_a_run_with_finetune(shards, straight, tmp_path, run):
+    """--load of a checkpoint that is not a run (import-hf's output) starts at step 0 from its weights, as
+    finetune: true does from a run: step 1's loss is the checkpoint's model's loss on step 1's batch. (Before, an
+    import was taken for an empty --load: a warning, and training from random weights.) A requeued fine-tune
+    resumes its own run; a --save holding another run is refused."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.model import lm_loss
+
+    run.ok("export-hf", straight, "--output", tmp_path / "hf")
+    run.ok("import-hf", tmp_path / "hf", "--output", tmp_path / "imported")
+    shown = run.ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", 1, "--json", *SMALL)
+    ids = torch.tensor(json.loads(shown.output)["tokens"])
+    model, _ = load_checkpoint(straight)
+    with torch.no_grad():
+        expected = lm_loss(model(ids[:, :-1]), ids[:, 1:]).item()
+    short = [*SMALL, "--set", "train_iters=2", "--set", "eval_interval=0"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    imported = train("--data", shards, "--load", tmp_path / "imported", "--save", a, *short)
+    assert f"starting at step 0 from the weights of {tmp_path / 'imported'}" in imported.stdout
+    finetune = ["--set", "finetune=true"]
+    train("--data", shards, "--load", straight, "--save", b, *short, *finetune)
+    assert losses(a)[0] == (1, pytest.approx(expected, rel=1e-6)) and losses(b)[0] == losses(a)[0]
+    requeued = train("--data", shards, "--load", straight, "--save", b, *short, *finetune, "--set", "train_iters=3")
+    assert f"--save {b} holds this run at step 2 (started from {straight.resolve()}): resuming it" in requeued.stderr
+    assert [s for s, _ in losses(b)] == [1, 2, 3]
+    other = train("--data", shards, "--load", tmp_path / "imported", "--save", b, *short, *finetune, check=False)
+    assert_clean_error(other.stderr, f"--save {b} holds a run at step 3 that did not start from the weights of")
+
+
 def test_validation_loss_falls_and_is_reported_per_component(straight):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in rows if r["kind"] == "valid"]
@@ -143,6 +172,11 @@ def test_validation_loss_falls_and_is_reported_per_component(straight):
         (["--data", "/nonexistent/shards"], "--data: /nonexistent/shards is not a directory"),
         ([], "no training data"),
         (["--set", "lr_decay_style=exponential"], "lr_decay_style"),
+        (["--set", "finetune=true"], "finetune: true needs --load"),
+        (
+            ["--set", "finetune=true", "--load", "/nonexistent/run"],
+            "finetune: --load /nonexistent/run holds no checkpoint",
+        ),
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, args, message, shards):

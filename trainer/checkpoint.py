@@ -33,7 +33,7 @@ from pile_tools.ground import WriteError, sync_to_disk, write_failure, write_tex
 from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
 from trainer.model import GPTNeoX
-from trainer.reshard import checkpoint_layout, load_other_layout, load_state_dict
+from trainer.reshard import checkpoint_layout, is_pipelined, load_other_layout, load_state_dict
 from trainer.universal import innermost, save_universal
 
 
@@ -232,7 +232,7 @@ def sync_on_each_machine(where: Path, names: list[str]) -> None:
 
 
 def save_training_checkpoint(
-    engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer, run_id: str, protected: set[str]
+    engine, config: NeoXConfig, save: Path, step: int, state: dict, tokenizer, identity: dict, protected: set[str]
 ) -> Path:
     """A DeepSpeed checkpoint of step `step`, with the data position and RNG states, the parsed config, the
     tokenizer and checksums.json; `latest` names it only once every rank has written, synced and hashed every
@@ -272,10 +272,10 @@ def save_training_checkpoint(
         raise
     files = hash_on_all_ranks(where, names)
     if rank == 0:
-        write_checksums(where, files, run_id=run_id, step=step)
+        write_checksums(where, files, **identity, step=step)
         write_text(save / "latest", tag, durable=True)
         if config.training.keep_last_n_checkpoints:
-            prune_checkpoints(save, config.training.keep_last_n_checkpoints, run_id, protected | {tag})
+            prune_checkpoints(save, config.training.keep_last_n_checkpoints, identity["run_id"], protected | {tag})
     dist.barrier()
     return where
 
@@ -312,8 +312,17 @@ def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
-    """(tag, whether it is a fallback, its run id): `latest` if it verifies, else the newest older one that does.
+IDENTITY = ("run_id", "started_from")  # what checksums.json records of the run: its id, the weights it started from
+
+
+def run_identity(checksums: dict) -> dict:
+    """The run's identity that a checkpoint's checksums.json records (see IDENTITY)."""
+    return {k: checksums[k] for k in IDENTITY if k in checksums}
+
+
+def choose_checkpoint(load: Path) -> tuple[str, bool, dict]:
+    """(tag, whether it is a fallback, its run's identity): `latest` if it verifies, else the newest older one that
+    does.
     A checkpoint written before checksums loads unverified, with a note."""
     latest, tags = read_latest(load), tags_by_step(load)
     newest = step_of(latest) if latest else float("inf")  # no `latest`: a kill between checksums and `latest`
@@ -325,11 +334,35 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, str | None]:
             problems = [f"{load / tag}: no checksums.json (a save cut short?)"]
         if problems is None:
             warn_once(f"{load / tag} was written before checkpoints carried checksums: loaded unverified")
-            return tag, tag != latest, None
+            return tag, tag != latest, {}
         if not problems:
-            return tag, tag != latest, read_checksums(load / tag).get("run_id")
+            return tag, tag != latest, run_identity(read_checksums(load / tag))
         warn_once(f"{tag} does not verify: {first_problem(problems)}; trying the previous checkpoint")
     raise ConfigError(f"--load: no checkpoint in {load} verifies (tried {', '.join(candidates) or 'none'})")
+
+
+def holds_weights(path: Path) -> bool:
+    """Whether a directory is a checkpoint whose weights a run can start from: config.yml with model.safetensors
+    (import-hf's output), DeepSpeed's model states, or a pipelined run's layer files."""
+    if not (path / "config.yml").is_file():
+        return False
+    return (
+        (path / "model.safetensors").is_file() or (path / "mp_rank_00_model_states.pt").is_file() or is_pipelined(path)
+    )
+
+
+def starting_weights(path: Path) -> Path:
+    """The checkpoint whose weights start a run at step 0 (gpt-neox's finetune): a run's newest checkpoint that
+    verifies, or `path` itself, verified on all ranks."""
+    if has_run(path) is not None:
+        tag, _, _ = choose_checkpoint(path)
+        return path / tag
+    problems = verify_on_all_ranks(path)
+    if problems is None:
+        warn_once(f"{path} was written before checkpoints carried checksums: its weights load unverified")
+    elif problems:
+        raise ConfigError(f"--load {path} does not verify: {first_problem(problems)}")
+    return path
 
 
 def load_training_checkpoint(
@@ -341,7 +374,7 @@ def load_training_checkpoint(
     id."""
     import torch.distributed as dist
 
-    tag, fallback, run_id = chosen
+    tag, fallback, identity = chosen
     where = load / tag
     if fallback:
         warn_once(f"--load: resuming from {where}, the newest checkpoint that verifies")
@@ -356,4 +389,4 @@ def load_training_checkpoint(
     if not rng.is_file():  # a checkpoint with another layout: keep this run's seeds
         rng = Path(path).parent / "rng_state_0.pt"
     set_rng_states(torch.load(rng, weights_only=False))
-    return {**state, "tag": tag, "fallback": fallback, "run_id": run_id}
+    return {**state, "tag": tag, "fallback": fallback, "identity": identity}

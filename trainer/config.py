@@ -140,6 +140,7 @@ class TrainingConfig:
     compile: bool | None = None  # torch.compile each block (ours): None is on with CUDA, off on a CPU
     stop_after_nonfinite_steps: int = 3  # ours: this many optimizer steps in a row with a nan/inf loss end the run
     universal_checkpoint: bool = True  # ours: each checkpoint also in DCP form, so another layout keeps Adam's state
+    finetune: bool = False  # gpt-neox's: --load's weights only; step 0, a fresh optimizer, schedule and data order
 
     def __post_init__(self):
         check_at_least(

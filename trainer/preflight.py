@@ -5,7 +5,8 @@ data or a --save that holds another run costs nothing: the shards against the vo
 import warnings
 from pathlib import Path
 
-from trainer.checkpoint import has_run, step_of
+from pile_tools.checksums import read_checksums
+from trainer.checkpoint import has_run, holds_weights, step_of
 from trainer.config import ConfigError, NeoXConfig, load_config
 from trainer.samples import check_shards, data_directory, resolve_sources, shards_manifest
 
@@ -24,12 +25,12 @@ def check_save(save: str | None, load: str | None) -> None:
 SHAPES = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "padded_vocab_size")
 
 
-def check_load(load: Path, tag: str, config: NeoXConfig) -> None:
+def check_load(where: Path, config: NeoXConfig) -> None:
     """Refuse a checkpoint whose weights have other shapes than this run's model, naming them (before DeepSpeed
     reads it and fails on the first tensor)."""
-    if not (load / tag / "config.yml").is_file():
+    if not (where / "config.yml").is_file():
         return  # a checkpoint from before config.yml: DeepSpeed's own check
-    saved = load_config(load / tag / "config.yml").model
+    saved = load_config(where / "config.yml").model
     differ = [k for k in SHAPES if getattr(saved, k) != getattr(config.model, k)]
     if not differ:
         return
@@ -39,27 +40,67 @@ def check_load(load: Path, tag: str, config: NeoXConfig) -> None:
         advice = (
             f"choose make_vocab_size_divisible_by so that it x model_parallel_size divides {saved.padded_vocab_size:,}"
         )
-    raise ConfigError(f"--load {load / tag}: the checkpoint's model has {shapes}; {advice}")
+    raise ConfigError(f"--load {where}: the checkpoint's model has {shapes}; {advice}")
 
 
-def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
+def check_started_from(save: Path, tag: str, load: Path) -> None:
+    """A run that starts from --load's weights finds a run in --save: resume it when it started from those weights
+    (the same command, requeued) or from any weights when --save is --load (a fine-tune resumed as any run);
+    refuse any other run there, whose checkpoints this one would mix with its own."""
+    started = (read_checksums(save / tag) or {}).get("started_from")
+    same = save.resolve() == load.resolve()
+    if started is not None and (same or started == str(load.resolve())):
+        warnings.warn(
+            f"--save {save} holds this run at step {step_of(tag)} (started from {started}): resuming it", stacklevel=3
+        )
+        return
+    if same:
+        raise ConfigError(
+            f"finetune: true starts a new run at step 0 from the weights of --load {load}: give it another --save, "
+            "whose checkpoints it would mix with its own"
+        )
+    raise ConfigError(
+        f"--save {save} holds a run at step {step_of(tag)} that did not start from the weights of --load {load}: "
+        "choose another --save, or resume that run with --load and --save both it (and finetune: false)"
+    )
+
+
+def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | None]:
     """Every check that needs no process group: sources, shards, vocabulary, layout, batch, --save, --load.
 
-    Returns (sources, tokenizer to ship, the checkpoint directory to load or None)."""
+    Returns (sources, tokenizer to ship, the run directory to resume or None, the checkpoint or run directory
+    whose weights start the run at step 0 or None). --load of a run resumes it (finetune: true takes its weights
+    only); --load of a checkpoint that is not a run (import-hf's output, a global_stepN directory) starts from its
+    weights."""
     if config.training.seq_length > config.model.max_position_embeddings:  # rotary would run past its table
         raise ConfigError(
             f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
             f"{config.model.max_position_embeddings}"
         )
     config.global_batch(config.world_size())  # DP, and train_batch_size against micro x accumulation x DP
-    save, load = config.paths.save, config.paths.load
-    check_save(save, load)
+    save, load, weights = config.paths.save, config.paths.load, None
     tag = has_run(Path(load)) if load is not None else None
+    from_weights = load is not None and (config.training.finetune or tag is None and holds_weights(Path(load)))
+    if config.training.finetune and load is None:
+        raise ConfigError("finetune: true needs --load (or load:), the checkpoint whose weights the run starts from")
+    ours = has_run(Path(save)) if from_weights and save is not None else None
+    if ours is not None:  # a run started from weights, requeued: resume it, as any run (or refuse another)
+        check_started_from(Path(save), ours, Path(load))
+        from_weights, load, tag = False, save, ours
+    if from_weights:
+        if tag is None and not holds_weights(Path(load)):
+            raise ConfigError(
+                f"finetune: --load {load} holds no checkpoint (a run's directory, or config.yml with weights)"
+            )
+        check_load(Path(load) / tag if tag else Path(load), config)
+        weights, load = Path(load), None
+    else:
+        check_save(save, load)
     if load is not None and tag is None:  # as Megatron and gpt-neox: start afresh
         warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
         load = None
-    if tag is not None:
-        check_load(Path(load), tag, config)
+    if load is not None:
+        check_load(Path(load) / tag, config)
     sources = resolve_sources(config.data)
     shards = shards_manifest(data_directory(config.data)).get("tokenizer", {})
     if shards.get("vocab_size", 0) > config.model.vocab_size:
@@ -72,4 +113,4 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None]:
         tokenizer = shards["path"]
     if save is None:
         warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
-    return sources, tokenizer, load
+    return sources, tokenizer, load, weights

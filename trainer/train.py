@@ -24,6 +24,7 @@ from trainer.checkpoint import (
     load_training_checkpoint,
     read_latest,
     save_training_checkpoint,
+    starting_weights,
     step_of,
     warn_once,
 )
@@ -42,6 +43,7 @@ from trainer.model import Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
 from trainer.preflight import check_run
+from trainer.reshard import load_state_dict, local_state
 from trainer.samples import (
     build_datasets,
     data_order,
@@ -54,9 +56,10 @@ from trainer.samples import (
 
 class Trainer:
     """The engine, the data and the position: `run()` trains from the position to train_iters. `resume`: the
-    --load directory and choose_checkpoint's answer for it, or None."""
+    --load directory and choose_checkpoint's answer for it, or None; `weights`: (the --load directory, the
+    checkpoint in it) whose weights start the run at step 0 (finetune), or None."""
 
-    def __init__(self, config: NeoXConfig, sources: dict, resume: tuple | None, tokenizer: str | None):
+    def __init__(self, config: NeoXConfig, sources: dict, resume: tuple | None, tokenizer: str | None, weights=None):
         save = config.paths.save
         self.config, self.save, self.tokenizer = config, Path(save) if save else None, tokenizer
         deepspeed = init_distributed()
@@ -66,7 +69,7 @@ class Trainer:
         self.data = self.build_data(sources)
         p = config.parallel
         self.pipelined = p.pipelined
-        model, compiled = self.build_model()
+        model, compiled = self.build_model(weights and weights[1])
         optimizer = make_optimizer(model, config.optimizer, config.precision.fp16)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -78,12 +81,17 @@ class Trainer:
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
-        self.step, self.run_id, self.protected, note = 0, uuid.uuid4().hex, set(), None
+        self.step, self.protected, note = 0, set(), None
+        self.identity = {"run_id": uuid.uuid4().hex}
+        if weights is not None:
+            self.identity["started_from"] = str(weights[0].resolve())
+            note = f"starting at step 0 from the weights of {weights[1]} (a new optimizer, schedule and data order)"
         if resume is not None:
             load, chosen = resume
             layout = (p.model_parallel_size, p.pipe_parallel_size, self.dp)
             state = load_training_checkpoint(self.engine, load, chosen, config, layout, self.tp_rank, self.pipelined)
-            self.step, self.run_id, note = state["iteration"], state["run_id"] or self.run_id, state.get("note")
+            self.step, note = state["iteration"], state.get("note")
+            self.identity.update(state["identity"])
             if state["fallback"]:  # the newest checkpoint that verifies is never pruned by this run
                 self.protected.add(state["tag"])
             if self.rank == 0 and state.get("data_order"):
@@ -112,9 +120,10 @@ class Trainer:
         self.ahead = None  # (step, future): the next step's micro-batches, read while this step computes
         self.data_wait = 0.0
 
-    def build_model(self):
+    def build_model(self, weights: Path | None):
         """(this rank's model, the number of blocks compiled): the pipeline's stage and TP slice, or the whole
-        model; activation checkpointing and compile applied from outside the model."""
+        model, with the weights of the checkpoint `weights` if given; activation checkpointing and compile applied
+        from outside the model."""
         config = self.config
         if self.pipelined:  # tensor x pipeline x data: trainer/pipeline.py
             model, grid = build_pipeline(config, self.world)
@@ -122,8 +131,14 @@ class Trainer:
         else:
             torch.manual_seed(config.training.seed)
             model, self.dp_rank, self.tp_rank = GPTNeoX(config.model), self.rank, 0
-            if config.model.checkpoint_activations:  # the pipeline engine checkpoints its own layers
-                checkpoint_blocks(model)
+        if weights is not None:  # before DeepSpeed copies them (fp32 masters, ZeRO partitions)
+            p = config.parallel
+            full = load_state_dict(weights)
+            model.load_state_dict(
+                local_state(full, model, self.tp_rank, p.model_parallel_size, self.pipelined, config.model.num_layers)
+            )
+        if config.model.checkpoint_activations and not self.pipelined:  # the pipeline engine checkpoints its own
+            checkpoint_blocks(model)
         compile_blocks = config.training.compile if config.training.compile is not None else self.device is not None
         blocks = [m for m in model.modules() if isinstance(m, Block)] if compile_blocks else []
         for block in blocks:  # default on CUDA; regional: one graph per block shape, reused by every block
@@ -290,7 +305,7 @@ class Trainer:
             state = {"iteration": self.step, "consumed_samples": self.step * self.global_batch}
             state["data_order"] = self.order() if self.rank == 0 else None  # rank 0 writes mp_rank_00's states
             save_training_checkpoint(
-                self.engine, self.config, self.save, self.step, state, self.tokenizer, self.run_id, self.protected
+                self.engine, self.config, self.save, self.step, state, self.tokenizer, self.identity, self.protected
             )
 
     def flush(self) -> float:
@@ -422,7 +437,7 @@ def train(config: NeoXConfig) -> dict:
     directory's lock (rank 0) for the whole run. Paths, data and precision come resolved in `config`. A run whose
     checkpoint is at train_iters already (a finished job requeued) returns at once, building nothing:
     {"step", "finished": the checkpoint}."""
-    sources, tokenizer, load = check_run(config)
+    sources, tokenizer, load, weights = check_run(config)
     save = config.paths.save
     owner = save is not None and int(os.environ.get("RANK", 0)) == 0
     if owner:
@@ -431,11 +446,12 @@ def train(config: NeoXConfig) -> dict:
         with RunLock(Path(save)) if owner else contextlib.nullcontext():
             init_distributed()
             resume = (Path(load), choose_checkpoint(Path(load))) if load is not None else None  # verified
+            weights = (weights, starting_weights(weights)) if weights is not None else None  # verified
             if resume is not None and step_of(resume[1][0]) >= config.training.train_iters:
                 dist.barrier()
                 return {"step": step_of(resume[1][0]), "finished": str(resume[0] / resume[1][0])}
             with long_lived():
-                trainer = Trainer(config, sources, resume, tokenizer)
+                trainer = Trainer(config, sources, resume, tokenizer, weights)
             results = trainer.run()
             dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
             return results

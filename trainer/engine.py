@@ -4,6 +4,7 @@ parameter groups, and the learning-rate schedule. Nothing here is kept by hand b
 import math
 import os
 import socket
+import warnings
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ def init_distributed():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    # DeepSpeed's collectives call it, torch 2.13 deprecates it: a line from every rank that no user can act on
+    warnings.filterwarnings("ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated")
     # the shared-memory op serves inference only; compiling it costs ~60 s at every CPU start
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if torch.cuda.is_available():

@@ -114,6 +114,26 @@ def test_every_switch_accepted_with_no_effect_is_named_in_the_readme():
     assert [key for key in sorted(SWITCHES) if f"`{key}`" not in readme] == []
 
 
+def test_checkpoints_are_saved_on_gpt_neox_schedules(tmp_path):
+    """checkpoint_factor linear or log and extra_save_iters, as gpt-neox's is_save_iter; a --set of one name of the
+    save interval wins over the file's other name."""
+
+    def saved(**keys):
+        return [s for s in range(0, 1001) if build({"num_layers": 2, **keys}).training.saves_at(s)]
+
+    assert saved(checkpoint_factor=250) == [250, 500, 750, 1000]
+    assert saved(checkpoint_factor=2, checkpoint_scale="log") == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    pythia = saved(checkpoint_factor=1000, extra_save_iters=[0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+    assert pythia == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000]
+    assert saved(save_interval=0) == []
+    with pytest.raises(ConfigError, match="checkpoint_factor: a whole number"):
+        build({"num_layers": 2, "checkpoint_factor": 1.5, "checkpoint_scale": "log"})
+    with pytest.raises(ConfigError, match="checkpoint_scale: 'linear' or 'log'"):
+        build({"num_layers": 2, "checkpoint_scale": "exponential"})
+    file = write(tmp_path, "save.yml", "save_interval: 100\n")
+    assert load_config(file, ["checkpoint_factor=7"]).training.save_interval == 7
+
+
 def test_the_config_is_built_once_and_never_changed(tmp_path):
     config = load_config(write(tmp_path, "neox.yml", NEOX_STYLE), flags={"save": tmp_path / "run"}, device="cpu")
     assert config.paths.save == str(tmp_path / "run") and config.precision.bf16

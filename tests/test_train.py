@@ -200,10 +200,14 @@ def test_fp16_on_cpu_and_a_load_without_checkpoint_say_so_and_train(shards, tmp_
         "fp16=true",
         "--set",
         "train_iters=1",
+        "--set",
+        "extra_save_iters=[0]",  # Pythia's step 0 checkpoint: the weights before the first step
     )
     assert "fp16 needs a GPU" in result.stderr and "training in fp32" in result.stderr
     assert "no checkpoint in" in result.stderr and "starting from step 0" in result.stderr
     assert losses(tmp_path / "run")[0][0] == 1
+    assert sorted(p.name for p in (tmp_path / "run").glob("global_step*")) == ["global_step0", "global_step1"]
+    Cli().ok("verify", tmp_path / "run")
 
 
 @pytest.mark.slow

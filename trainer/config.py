@@ -141,6 +141,8 @@ class TrainingConfig:
     stop_after_nonfinite_steps: int = 3  # ours: this many optimizer steps in a row with a nan/inf loss end the run
     universal_checkpoint: bool = True  # ours: each checkpoint also in DCP form, so another layout keeps Adam's state
     finetune: bool = False  # gpt-neox's: --load's weights only; step 0, a fresh optimizer, schedule and data order
+    checkpoint_scale: str = "linear"  # gpt-neox's: "log" saves at steps 1, f, f^2, ... (f: save_interval) instead
+    extra_save_iters: list[int] | None = None  # gpt-neox's: more steps to save at (Pythia's 0, 1, 2, 4, ..., 512)
 
     def __post_init__(self):
         check_at_least(
@@ -157,6 +159,27 @@ class TrainingConfig:
             "stop_after_nonfinite_steps",
         )
         check_at_least(self, 0, "save_interval", "eval_interval", "eval_iters")
+        if self.checkpoint_scale not in ("linear", "log"):
+            raise ValueError(f"checkpoint_scale: 'linear' or 'log', got {self.checkpoint_scale!r}")
+        if self.checkpoint_scale == "log" and self.save_interval < 2:
+            raise ValueError(f"checkpoint_factor: at least 2 with checkpoint_scale: log, got {self.save_interval}")
+        if any(step < 0 for step in self.extra_save_iters or []):
+            raise ValueError(f"extra_save_iters: steps are at least 0, got {self.extra_save_iters}")
+
+    def saves_at(self, step: int) -> bool:
+        """Whether step `step` is saved on schedule, as gpt-neox's is_save_iter: every save_interval steps
+        (checkpoint_factor), or at its powers with checkpoint_scale: log, and at extra_save_iters (0: before the
+        first step). The last step and a signalled stop are saved besides."""
+        if step in (self.extra_save_iters or []):
+            return True
+        if not self.save_interval or step == 0:
+            return False
+        if self.checkpoint_scale == "log":
+            power = 1
+            while power < step:
+                power *= self.save_interval
+            return power == step
+        return step % self.save_interval == 0
 
 
 @dataclass(frozen=True)

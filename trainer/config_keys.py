@@ -36,6 +36,8 @@ SWITCHES = {
     "zero_allow_untested_optimizer",
     "attention_softmax_in_fp32",
     "apply_query_key_layer_scaling",
+    "num_workers",  # the data loader's processes: the trainer reads the next batch in a thread of its own
+    "auto_cast",  # DeepSpeed's fp16 casting of the inputs: the trainer casts for its precision itself
 }
 # Architecture keys: accepted when they describe a dense GPT-NeoX, refused otherwise (refuse_other_architectures).
 ARCHITECTURE = {
@@ -128,6 +130,10 @@ def flatten(raw: dict) -> dict:
         elif key in ("optimizer", "zero_optimization"):
             raise ConfigError(f"{key}: expected a mapping like {key}: {{...}}, got {value!r}")
         elif key == "checkpoint_factor":  # gpt-neox's current name for save_interval
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            elif isinstance(value, float):
+                raise ConfigError(f"checkpoint_factor: a whole number of steps here, got {value}")
             flat.setdefault("save_interval", value)
         elif key == "precision":  # gpt-neox's other spelling of fp16/bf16
             if value not in ("fp16", "bfloat16", "fp32", None):
@@ -203,8 +209,12 @@ def apply_overrides(raw: dict, overrides: list[str], known: set[str]) -> dict:
                 f"--set {key}={value!r}: {key} is a mapping (like {key}: {{...}}); set one of its "
                 f"keys instead, e.g. --set lr=... for the optimizer"
             )
+        raw.pop(SAME_AS.get(key), None)  # the other name of the same setting: --set wins over the file's
         raw[key] = value
     return raw
+
+
+SAME_AS = {"checkpoint_factor": "save_interval", "save_interval": "checkpoint_factor"}  # two names, one setting
 
 
 def read_config_file(path: str | Path) -> dict:

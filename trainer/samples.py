@@ -280,7 +280,7 @@ def data_order(dataset: BlendedDataset, config: NeoXConfig, global_batch: int, d
         }
         for d, w in zip(dataset.sources, dataset.weights)
     ]
-    positions = np.arange((step - 1) * global_batch, step * global_batch)
+    positions = np.arange(max(0, step - 1) * global_batch, step * global_batch)  # step 0: none yet
     positions %= readable(len(dataset), t.train_micro_batch_size_per_gpu * dp)
     digest = xxhash.xxh3_64()
     for i in positions:

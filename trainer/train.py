@@ -367,6 +367,8 @@ class Trainer:
         """run()'s work, with the signals routed to on_signal."""
         t = self.config.training
         results = {"start_step": self.step}
+        if self.step == 0 and t.saves_at(0):  # gpt-neox's step 0 checkpoint: the weights before any step
+            self.checkpoint()
         if self.step == 0 and t.eval_interval:
             results["first_valid"] = self.record(self.evaluate("valid"))
         self.timeline, self.pending = Timeline(self.device is not None), []
@@ -378,7 +380,7 @@ class Trainer:
             self.pending.append((self.step, loss, lr, grad_norm, self.data_wait, skipped, self.timeline.mark()))
             stop = bool(t.exit_interval) and self.step % t.exit_interval == 0
             signalled = self.signalled_on_any_rank()
-            save = t.save_interval and self.step % t.save_interval == 0 or self.step == t.train_iters or stop
+            save = t.saves_at(self.step) or self.step == t.train_iters or stop
             evaluate = t.eval_interval and self.step % t.eval_interval == 0
             if save or signalled or evaluate or self.step % t.log_interval == 0:
                 results["train_loss"] = self.flush()

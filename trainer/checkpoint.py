@@ -371,7 +371,7 @@ def load_training_checkpoint(
     """Restore this run from `load`'s checkpoint `chosen` (choose_checkpoint's answer): everything when it was
     saved in the same (TP, PP, DP) layout, else weights, step, data position and schedule (trainer/reshard.py).
     Returns the step, the data position and its order's record, the tag, whether it was a fallback and the run's
-    id."""
+    identity."""
     import torch.distributed as dist
 
     tag, fallback, identity = chosen

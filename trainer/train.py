@@ -81,7 +81,7 @@ class Trainer:
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
-        self.step, self.protected, note = 0, set(), None
+        self.step, self.protected, self.resumed, note = 0, set(), resume is not None, None
         self.identity = {"run_id": uuid.uuid4().hex}
         if weights is not None:
             self.identity["started_from"] = str(weights[0].resolve())
@@ -367,7 +367,7 @@ class Trainer:
         """run()'s work, with the signals routed to on_signal."""
         t = self.config.training
         results = {"start_step": self.step}
-        if self.step == 0 and t.saves_at(0):  # gpt-neox's step 0 checkpoint: the weights before any step
+        if not self.resumed and t.saves_at(0):  # gpt-neox's step 0 checkpoint: the weights before any step
             self.checkpoint()
         if self.step == 0 and t.eval_interval:
             results["first_valid"] = self.record(self.evaluate("valid"))

@@ -92,3 +92,4 @@ def test_plan_reads_a_small_run_in_small_units(run):
     assert "layout              1 GPU = TP 1" in out
     run_line = next(line for line in out.splitlines() if line.startswith("run"))
     assert "204.8K tokens" in run_line and "seconds" in run_line and "0.00 GPU-hours" in run_line
+    assert "checkpoints         2 saved, 318.6 MB each (DeepSpeed's files 159.3 MB + universal copy 159.3 MB)" in out

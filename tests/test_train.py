@@ -151,6 +151,17 @@ def test_a_run_starts_from_the_weights_of_an_import_or_of_a_run_with_finetune(sh
     assert_clean_error(other.stderr, f"--save {b} holds a run at step 3 that did not start from the weights of")
 
 
+def test_plan_sizes_the_checkpoints_train_writes(straight, run):
+    """plan's checkpoint size is what train writes (DeepSpeed's files, the universal copy; the tokenizer is the
+    rest), for the steps it saves."""
+    planned = json.loads(run.ok("plan", "--config", ROOT / "configs" / "tiny.yml", *SMALL, "--json").output)
+    written = sum(f.stat().st_size for f in (straight / "global_step6").rglob("*") if f.is_file())
+    assert sum(planned["checkpoint_bytes"].values()) == pytest.approx(written, rel=0.03)
+    assert (
+        planned["checkpoints"] == 3 and len(list(straight.glob("global_step*"))) == planned["checkpoints_on_disk"] - 1
+    )
+
+
 def test_validation_loss_falls_and_is_reported_per_component(straight):
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in rows if r["kind"] == "valid"]

@@ -8,6 +8,9 @@ Formulas (bytes per parameter, FLOPs per step, activations per layer) are the st
 - activations per layer and micro-batch, Korthikanti et al. (2022), with TP t and the attention matrix not stored
   (scaled_dot_product_attention): s b h (10 + 24 / t) bytes at 2 bytes per value; with checkpointing 2 s b h
   (the block's input) plus one block recomputed at a time. 1F1B keeps up to PP micro-batches in flight.
+- a checkpoint, all ranks' files: DeepSpeed's (the weights in the training precision and Adam's fp32 states: 14
+  bytes a parameter mixed, 12 in fp32) and the universal copy (fp32 value and two moments: 12), saved at the steps
+  the schedule names (save_interval or checkpoint_factor, linear or log, extra_save_iters) and the last.
 """
 
 import os
@@ -35,6 +38,9 @@ class Plan:
     days: float
     gpu_hours: float
     total_tokens: float
+    checkpoint_bytes: dict
+    checkpoints: int
+    checkpoints_on_disk: int
 
 
 def count_parameters(config: NeoXConfig) -> tuple[int, int]:
@@ -78,6 +84,20 @@ def step_flops(config: NeoXConfig, global_batch: int) -> tuple[float, float]:
     return 72 * (transformer + head), recompute * transformer + 72 * head
 
 
+def checkpoint_bytes(config: NeoXConfig, parameters: int) -> dict:
+    """Bytes of one checkpoint, all ranks' files together, by part (see the module's notes)."""
+    return {
+        "deepspeed": parameters * (14 if config.precision.mixed else 12),
+        "universal": parameters * 12 if config.training.universal_checkpoint else 0,
+    }
+
+
+def saved_steps(config: NeoXConfig) -> list[int]:
+    """The steps a run from step 0 saves: its schedule's, and the last."""
+    t = config.training
+    return [s for s in range(t.train_iters + 1) if t.saves_at(s) or s == t.train_iters]
+
+
 def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0) -> Plan:
     """Parameters, layout, memory per GPU, FLOPs and time of a run on `gpus` GPUs at `tflops` each."""
     p = config.parallel
@@ -90,6 +110,7 @@ def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0
     batch = config.global_batch(gpus)
     model_flops, hardware_flops = step_flops(config, batch)
     seconds = hardware_flops * config.training.train_iters / (gpus * tflops * 1e12)
+    saved, keep = saved_steps(config), config.training.keep_last_n_checkpoints
     return Plan(
         parameters=total,
         non_embedding_parameters=non_embedding,
@@ -112,6 +133,9 @@ def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0
         days=seconds / 86400,
         gpu_hours=seconds * gpus / 3600,
         total_tokens=float(batch * config.training.seq_length * config.training.train_iters),
+        checkpoint_bytes=checkpoint_bytes(config, total),
+        checkpoints=len(saved),
+        checkpoints_on_disk=min(len(saved), keep + 1) if keep else len(saved),  # a new one is written, then pruning
     )
 
 
@@ -132,6 +156,27 @@ def duration(days: float) -> str:
     return f"{seconds:,.1f} seconds"
 
 
+def gb(n: float) -> str:
+    """Bytes as disks count them: 321.3 MB, 533.1 GB, 160.0 TB."""
+    for scale, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB")):
+        if n >= scale:
+            return f"{n / scale:,.1f} {suffix}"
+    return f"{n / 1e3:,.1f} KB"
+
+
+def describe_checkpoints(plan: Plan) -> str:
+    """The checkpoints line: how many, how large, and the disk they hold at most."""
+    size = sum(plan.checkpoint_bytes.values())
+    parts = f"DeepSpeed's files {gb(plan.checkpoint_bytes['deepspeed'])}"
+    if plan.checkpoint_bytes["universal"]:
+        parts += f" + universal copy {gb(plan.checkpoint_bytes['universal'])}"
+    kept = "all kept" if plan.checkpoints_on_disk == plan.checkpoints else f"at most {plan.checkpoints_on_disk} on disk"
+    return (
+        f"checkpoints         {plan.checkpoints:,} saved, {gb(size)} each ({parts}); {kept}: "
+        f"{gb(size * plan.checkpoints_on_disk)}"
+    )
+
+
 def describe(plan: Plan) -> str:
     """The plan as `neox-data plan` prints it."""
     lay, mem = plan.layout, plan.memory_gib
@@ -148,6 +193,7 @@ def describe(plan: Plan) -> str:
         f"{plan.hardware_flops_per_step:.3e} with recomputation",
         f"run                 {tokens(plan.total_tokens)} tokens: {duration(plan.days)}, "
         f"{plan.gpu_hours:,.{0 if plan.gpu_hours >= 10 else 2}f} GPU-hours at {plan.tflops_per_gpu:g} TFLOPS per GPU",
+        describe_checkpoints(plan),
     ]
     return "\n".join(lines)
 

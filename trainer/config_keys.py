@@ -38,6 +38,8 @@ SWITCHES = {
     "apply_query_key_layer_scaling",
     "num_workers",  # the data loader's processes: the trainer reads the next batch in a thread of its own
     "auto_cast",  # DeepSpeed's fp16 casting of the inputs: the trainer casts for its precision itself
+    "fp32_allreduce",  # gpt-neox: the norms' gradients under sequence parallelism in fp32 (no sequence parallel here)
+    "log_grad_norm",  # every logged step has its gradient norm here
 }
 # Architecture keys: accepted when they describe a dense GPT-NeoX, refused otherwise (refuse_other_architectures).
 ARCHITECTURE = {

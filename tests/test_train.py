@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, SMALL, TINY, Cli, assert_clean_error, assert_same_losses, launch, layout, losses, train
+from helpers import NEOX, ROOT, SMALL, TINY, Cli, assert_clean_error, assert_same_losses, launch, layout, losses, train
 
 
 def weights(run: Path, tag: str) -> dict:
@@ -184,6 +184,11 @@ def test_validation_loss_falls_and_is_reported_per_component(straight):
         ([], "no training data"),
         (["--set", "lr_decay_style=exponential"], "lr_decay_style"),
         (["--set", "finetune=true"], "finetune: true needs --load"),
+        (["--set", "tokenizer=/nonexistent/tokenizer.json"], "tokenizer: tokenizer not found: /nonexistent"),
+        (
+            ["--set", "tokenizer_type=HFTokenizer", "--set", "vocab_file=/etc/hostname"],
+            "vocab_file: /etc/hostname: not a",
+        ),
         (
             ["--set", "finetune=true", "--load", "/nonexistent/run"],
             "finetune: --load /nonexistent/run holds no checkpoint",
@@ -213,12 +218,15 @@ def test_fp16_on_cpu_and_a_load_without_checkpoint_say_so_and_train(shards, tmp_
         "train_iters=1",
         "--set",
         "extra_save_iters=[0]",  # Pythia's step 0 checkpoint: the weights before the first step
+        "--set",
+        "tokenizer=gpt-neox-20b",  # a bundled name (before, it shipped an empty tokenizer/)
     )
     assert "fp16 needs a GPU" in result.stderr and "training in fp32" in result.stderr
     assert "no checkpoint in" in result.stderr and "starting from step 0" in result.stderr
     assert losses(tmp_path / "run")[0][0] == 1
     assert sorted(p.name for p in (tmp_path / "run").glob("global_step*")) == ["global_step0", "global_step1"]
     Cli().ok("verify", tmp_path / "run")
+    assert (tmp_path / "run" / "global_step0" / "tokenizer" / "tokenizer.json").read_bytes() == NEOX.read_bytes()
 
 
 @pytest.mark.slow

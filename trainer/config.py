@@ -200,25 +200,25 @@ class DataConfig:
     weighted_sampler_alpha: float = 1.0  # ... p ~ (n / N) ** alpha; 1: as many as the documents, 0: equal
     tokenizer: str | None = None  # ours: a tokenizer.json (or bundled name) to ship with checkpoints
     vocab_file: str | None = None  # gpt-neox's: with tokenizer_type HFTokenizer, that tokenizer.json
-    tokenizer_type: str | None = None  # gpt-neox's; only HFTokenizer's vocab_file is a tokenizer.json
+    tokenizer_type: str | None = None  # gpt-neox's (unset: its default, GPT2BPETokenizer); HFTokenizer's is a .json
 
     def __post_init__(self):
         for split in SPLITS:
             paths, weights = getattr(self, f"{split}_data_paths"), getattr(self, f"{split}_data_weights")
             if weights is not None and len(weights) != len(paths or []):
                 raise ConfigError(f"{split}_data_weights: {len(weights)} weights for {len(paths or [])} paths")
-        if self.vocab_file and self.tokenizer_type not in (None, "HFTokenizer") and not self.tokenizer:
+        if self.vocab_file and self.tokenizer_type != "HFTokenizer" and not self.tokenizer:
+            kind = self.tokenizer_type or "GPT2BPETokenizer (gpt-neox's default)"
             warnings.warn(
-                f"tokenizer_type {self.tokenizer_type}: vocab_file {self.vocab_file} is not a "
-                "tokenizer.json; checkpoints ship the shards' tokenizer (or set tokenizer)",
+                f"tokenizer_type {kind}: vocab_file {self.vocab_file} is not a tokenizer.json; checkpoints ship "
+                "the shards' tokenizer (or set tokenizer, or tokenizer_type: HFTokenizer)",
                 stacklevel=2,
             )
 
     @property
     def tokenizer_file(self) -> str | None:
         """The tokenizer to ship with checkpoints, when the config names one."""
-        hf = self.tokenizer_type in (None, "HFTokenizer")
-        return self.tokenizer or (self.vocab_file if hf else None)
+        return self.tokenizer or (self.vocab_file if self.tokenizer_type == "HFTokenizer" else None)
 
 
 @dataclass(frozen=True)

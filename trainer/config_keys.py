@@ -76,6 +76,8 @@ ELSEWHERE = {
     "wandb_group": "no Weights & Biases here: metrics go to metrics.jsonl and TensorBoard",
     "wandb_host": "no Weights & Biases here: metrics go to metrics.jsonl and TensorBoard",
     "eval_tasks": "no evaluation during training here: run neox-data evaluate on a checkpoint",
+    "merge_file": "GPT-2 BPE's merges: checkpoints ship a tokenizer.json, HFTokenizer's vocab_file or the shards'",
+    "checkpoint_validation_with_forward_pass": "every checkpoint carries checksums, verified before it loads",
 }
 
 

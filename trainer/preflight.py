@@ -6,8 +6,9 @@ import warnings
 from pathlib import Path
 
 from pile_tools.checksums import read_checksums
+from tokenizer.engine import TokenizerError, load_reference, resolve_tokenizer
 from trainer.checkpoint import has_run, holds_weights, step_of
-from trainer.config import ConfigError, NeoXConfig, load_config
+from trainer.config import ConfigError, DataConfig, NeoXConfig, load_config
 from trainer.samples import check_shards, data_directory, resolve_sources, shards_manifest
 
 
@@ -65,6 +66,20 @@ def check_started_from(save: Path, tag: str, load: Path) -> None:
     )
 
 
+def shipped_tokenizer(data: DataConfig, shards: dict) -> str | None:
+    """The tokenizer.json that checkpoints ship: the config's (`tokenizer`, a file or a bundled name, or
+    HFTokenizer's `vocab_file`), which must be a tokenizers file, else the one the shards were built with."""
+    if data.tokenizer_file is None:
+        path = shards.get("path")
+        return path if path and Path(path).is_file() else None
+    try:
+        path = resolve_tokenizer(data.tokenizer_file)
+        load_reference(path)
+    except TokenizerError as e:
+        raise ConfigError(f"{'tokenizer' if data.tokenizer else 'vocab_file'}: {e}") from None
+    return str(path)
+
+
 def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | None]:
     """Every check that needs no process group: sources, shards, vocabulary, layout, batch, --save, --load.
 
@@ -108,9 +123,7 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | 
             f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model {config.model.vocab_size:,}"
         )
     check_shards(sources, config.model.vocab_size)
-    tokenizer = config.data.tokenizer_file
-    if tokenizer is None and shards.get("path") and Path(shards["path"]).is_file():
-        tokenizer = shards["path"]
+    tokenizer = shipped_tokenizer(config.data, shards)
     if save is None:
         warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
     return sources, tokenizer, load, weights

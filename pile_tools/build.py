@@ -21,7 +21,7 @@ from pile_tools.assemble import assemble
 from pile_tools.components import load_epochs, split_weights
 from pile_tools.ground import InputError, write_json
 from pile_tools.indexed import token_dtype
-from pile_tools.join import Joiner
+from pile_tools.join import Joiner, holds_its_tokens
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
 from pile_tools.reader import HF_PREFIX, Part, cut_into_parts, discover, guard_sample, part_bytes
 from pile_tools.runlock import NAME as LOCK
@@ -274,6 +274,20 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
         return run_build(out, plan, start, timings, **run)
 
 
+def give_back_joined(parts_dir: Path, mine: list[int], echo) -> None:
+    """A rank's parts that a single-machine run in the same directory joined into its shards, keeping no tokens of
+    them, are removed to be encoded again: merge-shards joins parts, and needs each part's tokens."""
+    joined = [i for i in mine if (parts_dir / f"{i:05d}" / "receipt.json").is_file()]
+    joined = [i for i in joined if not holds_its_tokens(parts_dir / f"{i:05d}")]
+    for i in joined:
+        shutil.rmtree(parts_dir / f"{i:05d}")
+    if joined:
+        echo(
+            f"warning: {len(joined)} part(s) of this rank were joined by a run without --world-size and kept no "
+            "tokens of their own; they are encoded again for merge-shards"
+        )
+
+
 def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, rank, world_size, strict, echo):
     """build_shards' work, once this process holds the output directory (or its rank's share)."""
     if claim_output(out, plan):
@@ -285,6 +299,8 @@ def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, ra
     for stale in parts_dir.glob("*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     joiner = Joiner(out, parts_dir, len(parts), echo) if world_size == 1 else None  # joins while the parts encode
+    if joiner is None:
+        give_back_joined(parts_dir, [p.index for p in parts if p.index % world_size == rank], echo)
     todo = [  # after the joiner's start: it may drop parts it cannot vouch for
         p
         for p in parts

@@ -152,6 +152,14 @@ def read_receipt(where: Path, complete: bool = False) -> dict:
         raise PartNotWhole(f"{where / 'receipt.json'}: cannot read this committed part's receipt ({e})") from None
 
 
+def holds_its_tokens(where: Path) -> bool:
+    """Whether a committed part still holds every shard it made (a single-machine run removes them once joined)."""
+    try:
+        return all(Path(f"{where / prefix}.bin").is_file() for prefix in read_receipt(where)["shards"])
+    except PartNotWhole:
+        return False
+
+
 class Joiner(threading.Thread):
     """Appends committed parts to the final shards in part order, in a thread started at once beside the
     encoding, and removes each part's tokens once they are synced into the shards and journaled. A rerun takes up
@@ -197,11 +205,7 @@ class Joiner(threading.Thread):
             tmp.unlink()
         redo = 0
         for where in (p for p in self.parts_dir.iterdir() if p.name.isdigit()):
-            try:
-                whole = all(Path(f"{where / prefix}.bin").is_file() for prefix in read_receipt(where)["shards"])
-            except PartNotWhole:
-                whole = False
-            if not whole:
+            if not holds_its_tokens(where):
                 shutil.rmtree(where)
                 redo += 1
         self.journal.unlink()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -273,6 +274,15 @@ def test_sigkill_midway_then_rerun_is_identical(tmp_path, sample_docs, run):
     assert joined >= 1 and not list(committed.glob("00000/*/*.bin"))  # part 0's tokens: in the shards alone
     total = json.loads((out / "plan.json").read_text())["parts"]
     assert done < len(total), "the run finished before it was killed; the test needs more parts"
+    ranked = tmp_path / "ranked"  # the same state, finished by two ranks instead: joined parts are encoded again
+    shutil.copytree(out, ranked)
+    for rank in (0, 1):
+        rerun = run.ok(
+            "build-shards", tmp_path / "all.jsonl", *args, "--output", ranked, "--rank", rank, "--world-size", 2
+        )
+        assert rank or "were joined by a run without --world-size" in rerun.output
+    run.ok("merge-shards", ranked, "--output", ranked)
+    assert tree_bytes(ranked) == tree_bytes(tmp_path / "clean")
     result = run.ok("build-shards", tmp_path / "all.jsonl", *args, "--output", out)
     assert f"encoding {len(total) - done} of {len(total)} parts" in result.output
     assert tree_bytes(out) == tree_bytes(tmp_path / "clean")

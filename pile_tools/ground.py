@@ -107,6 +107,13 @@ def write_text(path: Path, text: str, durable: bool = False) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def file_mode() -> int:
+    """The mode a new file gets from open() under this process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def sync_to_disk(path: Path) -> None:
     """Flush a file's data, or a directory's entries, from the page cache to the disk. The fsync reaches the
     pages whichever process of this machine wrote them, and raises what the write-back met (EIO, ENOSPC), which

@@ -4,6 +4,7 @@ checkpoint, and bad configs that fail before any work."""
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +110,9 @@ def test_export_of_a_training_run_loads_in_transformers(straight, tmp_path, run)
     from trainer.checkpoint import load_checkpoint
 
     run.ok("export-hf", straight, "--output", tmp_path / "hf")
+    mask = os.umask(0)
+    os.umask(mask)  # safetensors writes 0600; the export is read by others too (a shared cluster directory)
+    assert stat.S_IMODE((tmp_path / "hf" / "model.safetensors").stat().st_mode) == 0o666 & ~mask
     ours, _ = load_checkpoint(straight)
     hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(0, 50000, (2, 16))

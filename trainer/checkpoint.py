@@ -13,6 +13,7 @@ a rename of the output layer at most: `embed_out` here and in transformers 4 and
 """
 
 import json
+import os
 import shutil
 import socket
 import warnings
@@ -29,7 +30,7 @@ from pile_tools.checksums import (
     verify_directory,
     write_checksums,
 )
-from pile_tools.ground import WriteError, sync_to_disk, write_failure, write_text, writing
+from pile_tools.ground import WriteError, file_mode, sync_to_disk, write_failure, write_text, writing
 from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
 from trainer.model import GPTNeoX
@@ -57,6 +58,7 @@ def save_weights(model: GPTNeoX, path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path, metadata={"format": "pt"})
+    os.chmod(path, file_mode())  # safetensors creates it 0600: unreadable to the rest of a cluster's group
 
 
 def save_checkpoint(model: GPTNeoX, config: NeoXConfig, path: str | Path, tokenizer: Path | None = None) -> Path:

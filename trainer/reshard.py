@@ -12,7 +12,6 @@ from before it) the moments restart, with a warning.
 
 import re
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -84,33 +83,13 @@ def local_state(full: dict, module, tp_rank: int, tp: int, pipelined: bool, num_
     return out
 
 
-class SafetensorsWeights(Mapping):
-    """A safetensors file's tensors by name, each read when asked for: a rank that takes its slice of each holds
-    one whole tensor at a time, not the whole model (82 GB for the 20B in fp32)."""
-
-    def __init__(self, path: Path):
-        from safetensors import safe_open
-
-        self.file = safe_open(str(path), framework="pt")
-        self.names = list(self.file.keys())
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self.file.get_tensor(name)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def load_state_dict(path: Path, lazy: bool = False) -> Mapping:
-    """The weights of a checkpoint directory, in fp32: safetensors (read tensor by tensor when `lazy`), DeepSpeed's
-    model states, or a pipelined run's layer files joined across TP ranks."""
+def load_state_dict(path: Path) -> dict:
+    """The weights of a checkpoint directory, in fp32: safetensors, DeepSpeed's model states, or a pipelined run's
+    layer files joined across TP ranks."""
     from safetensors.torch import load_file
 
     if (path / "model.safetensors").is_file():
-        return SafetensorsWeights(path / "model.safetensors") if lazy else load_file(path / "model.safetensors")
+        return load_file(path / "model.safetensors")
     if path.is_dir() and is_pipelined(path):  # any TP x PP layout: one full state dict
         return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
     states = path / "mp_rank_00_model_states.pt"

@@ -133,7 +133,7 @@ class Trainer:
             model, self.dp_rank, self.tp_rank = GPTNeoX(config.model), self.rank, 0
         if weights is not None:  # before DeepSpeed copies them (fp32 masters, ZeRO partitions)
             p = config.parallel
-            full = load_state_dict(weights, lazy=True)  # safetensors: each rank reads its tensors only
+            full = load_state_dict(weights)
             model.load_state_dict(
                 local_state(full, model, self.tp_rank, p.model_parallel_size, self.pipelined, config.model.num_layers)
             )

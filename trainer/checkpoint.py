@@ -34,7 +34,7 @@ from pile_tools.ground import WriteError, file_mode, sync_to_disk, write_failure
 from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
 from trainer.model import GPTNeoX
-from trainer.reshard import checkpoint_layout, is_pipelined, load_other_layout, load_state_dict
+from trainer.reshard import checkpoint_layout, load_other_layout, load_state_dict
 from trainer.universal import innermost, save_universal
 
 
@@ -341,16 +341,6 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, dict]:
             return tag, tag != latest, run_identity(read_checksums(load / tag))
         warn_once(f"{tag} does not verify: {first_problem(problems)}; trying the previous checkpoint")
     raise ConfigError(f"--load: no checkpoint in {load} verifies (tried {', '.join(candidates) or 'none'})")
-
-
-def holds_weights(path: Path) -> bool:
-    """Whether a directory is a checkpoint whose weights a run can start from: config.yml with model.safetensors
-    (import-hf's output), DeepSpeed's model states, or a pipelined run's layer files."""
-    if not (path / "config.yml").is_file():
-        return False
-    return (
-        (path / "model.safetensors").is_file() or (path / "mp_rank_00_model_states.pt").is_file() or is_pipelined(path)
-    )
 
 
 def starting_weights(path: Path) -> Path:

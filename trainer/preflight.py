@@ -7,8 +7,9 @@ from pathlib import Path
 
 from pile_tools.checksums import read_checksums
 from tokenizer.engine import TokenizerError, load_reference, resolve_tokenizer
-from trainer.checkpoint import has_run, holds_weights, step_of
+from trainer.checkpoint import has_run, step_of
 from trainer.config import ConfigError, DataConfig, NeoXConfig, load_config
+from trainer.reshard import holds_weights
 from trainer.samples import check_shards, data_directory, resolve_sources, shards_manifest
 
 

@@ -83,22 +83,31 @@ def local_state(full: dict, module, tp_rank: int, tp: int, pipelined: bool, num_
     return out
 
 
+def holds_weights(path: Path) -> bool:
+    """Whether a directory is a checkpoint with weights: config.yml with model.safetensors (import-hf's output),
+    DeepSpeed's model states, or a pipelined run's layer files."""
+    if not (path / "config.yml").is_file():
+        return False
+    return (
+        (path / "model.safetensors").is_file() or (path / "mp_rank_00_model_states.pt").is_file() or is_pipelined(path)
+    )
+
+
 def load_state_dict(path: Path) -> dict:
     """The weights of a checkpoint directory, in fp32: safetensors, DeepSpeed's model states, or a pipelined run's
     layer files joined across TP ranks."""
     from safetensors.torch import load_file
 
-    if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
-    if path.is_dir() and is_pipelined(path):  # any TP x PP layout: one full state dict
-        return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
-    states = path / "mp_rank_00_model_states.pt"
-    if not states.is_file():
+    if not path.is_dir() or not holds_weights(path):
         raise ConfigError(
             f"{path}: not a checkpoint (config.yml with model.safetensors or DeepSpeed's "
             "mp_rank_00_model_states.pt expected)"
         )
-    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if is_pipelined(path):  # any TP x PP layout: one full state dict
+        return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
+    module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     return {k: v.float() for k, v in module.items()}
 
 

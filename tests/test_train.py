@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -153,6 +154,21 @@ def test_a_run_starts_from_the_weights_of_an_import_or_of_a_run_with_finetune(sh
     assert [s for s, _ in losses(b)] == [1, 2, 3]
     other = train("--data", shards, "--load", tmp_path / "imported", "--save", b, *short, *finetune, check=False)
     assert_clean_error(other.stderr, f"--save {b} holds a run at step 3 that did not start from the weights of")
+
+
+def test_checkpoints_ship_the_tokenizer_the_config_names_and_a_stranger_to_the_shards_is_named(shards):
+    from trainer.config import DataConfig
+    from trainer.preflight import shipped_tokenizer
+
+    built_with = json.loads((shards / "manifest.json").read_text())["tokenizer"]
+    assert shipped_tokenizer(DataConfig(), built_with) == built_with["path"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same tokenizer, by its bundled name: nothing to say
+        assert (
+            Path(shipped_tokenizer(DataConfig(tokenizer="gpt-neox-20b"), built_with)).read_bytes() == NEOX.read_bytes()
+        )
+    with pytest.warns(UserWarning, match="tokenizer: gpt2 is not the tokenizer the shards were built with"):
+        shipped_tokenizer(DataConfig(tokenizer="gpt2"), built_with)
 
 
 def test_plan_sizes_the_checkpoints_train_writes(straight, run):

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from pile_tools.checksums import read_checksums
-from tokenizer.engine import TokenizerError, load_reference, resolve_tokenizer
+from tokenizer.engine import TokenizerError, file_sha256, load_reference, resolve_tokenizer
 from trainer.checkpoint import has_run, step_of
 from trainer.config import ConfigError, DataConfig, NeoXConfig, load_config
 from trainer.reshard import holds_weights
@@ -73,11 +73,18 @@ def shipped_tokenizer(data: DataConfig, shards: dict) -> str | None:
     if data.tokenizer_file is None:
         path = shards.get("path")
         return path if path and Path(path).is_file() else None
+    key = "tokenizer" if data.tokenizer else "vocab_file"
     try:
         path = resolve_tokenizer(data.tokenizer_file)
         load_reference(path)
     except TokenizerError as e:
-        raise ConfigError(f"{'tokenizer' if data.tokenizer else 'vocab_file'}: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
+    if shards.get("sha256") and file_sha256(path) != shards["sha256"]:
+        warnings.warn(
+            f"{key}: {data.tokenizer_file} is not the tokenizer the shards were built with ({shards.get('path')}, "
+            "manifest.json): checkpoints ship it, and decode the model's ids with it",
+            stacklevel=3,
+        )
     return str(path)
 
 

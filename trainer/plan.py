@@ -139,12 +139,18 @@ def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0
     )
 
 
-def tokens(n: float) -> str:
-    """A token count as people say it: 471.9B, 1.2M, 4,096."""
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+def in_units(n: float, units: tuple, below: str) -> str:
+    """`n` with one decimal in the largest of `units` ((scale, suffix), largest first) it reaches; `below` formats
+    a smaller one."""
+    for scale, suffix in units:
         if n >= scale:
             return f"{n / scale:,.1f}{suffix}"
-    return f"{n:,.0f}"
+    return below.format(n)
+
+
+def tokens(n: float) -> str:
+    """A token count as people say it: 471.9B, 1.2M, 4,096."""
+    return in_units(n, ((1e9, "B"), (1e6, "M"), (1e3, "K")), "{:,.0f}")
 
 
 def duration(days: float) -> str:
@@ -158,10 +164,7 @@ def duration(days: float) -> str:
 
 def gb(n: float) -> str:
     """Bytes as disks count them: 321.3 MB, 533.1 GB, 160.0 TB."""
-    for scale, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB")):
-        if n >= scale:
-            return f"{n / scale:,.1f} {suffix}"
-    return f"{n / 1e3:,.1f} KB"
+    return in_units(n, ((1e12, " TB"), (1e9, " GB"), (1e6, " MB"), (1e3, " KB")), "{:,.0f} bytes")
 
 
 def describe_checkpoints(plan: Plan) -> str:

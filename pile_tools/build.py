@@ -277,10 +277,10 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
 def give_back_joined(parts_dir: Path, mine: list[int], echo) -> None:
     """A rank's parts that a single-machine run in the same directory joined into its shards, keeping no tokens of
     them, are removed to be encoded again: merge-shards joins parts, and needs each part's tokens."""
-    joined = [i for i in mine if (parts_dir / f"{i:05d}" / "receipt.json").is_file()]
-    joined = [i for i in joined if not holds_its_tokens(parts_dir / f"{i:05d}")]
-    for i in joined:
-        shutil.rmtree(parts_dir / f"{i:05d}")
+    parts = [parts_dir / f"{i:05d}" for i in mine]
+    joined = [where for where in parts if (where / "receipt.json").is_file() and not holds_its_tokens(where)]
+    for where in joined:
+        shutil.rmtree(where)
     if joined:
         echo(
             f"warning: {len(joined)} part(s) of this rank were joined by a run without --world-size and kept no "

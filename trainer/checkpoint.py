@@ -89,12 +89,16 @@ def checkpoint_dir(path: str | Path) -> Path:
     return path / latest.read_text().strip() if latest.is_file() else path
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, on_all_ranks: bool = False) -> None:
     """A ConfigError naming the first file of the checkpoint that does not match its checksums.json; a note for a
-    checkpoint written before checksums."""
-    problems = verify_directory(path)
+    checkpoint written before checksums. `on_all_ranks`: the ranks share the hashing, and rank 0 notes."""
+    problems = verify_on_all_ranks(path) if on_all_ranks else verify_directory(path)
     if problems is None:
-        warnings.warn(f"{path} was written before checkpoints carried checksums: not verified", stacklevel=2)
+        note = f"{path} was written before checkpoints carried checksums: not verified"
+        if on_all_ranks:
+            warn_once(note)
+        else:
+            warnings.warn(note, stacklevel=2)
     elif problems:
         raise ConfigError(f"{path} does not verify: {first_problem(problems)}")
 
@@ -349,11 +353,7 @@ def starting_weights(path: Path) -> Path:
     if has_run(path) is not None:
         tag, _, _ = choose_checkpoint(path)
         return path / tag
-    problems = verify_on_all_ranks(path)
-    if problems is None:
-        warn_once(f"{path} was written before checkpoints carried checksums: its weights load unverified")
-    elif problems:
-        raise ConfigError(f"--load {path} does not verify: {first_problem(problems)}")
+    verify_checkpoint(path, on_all_ranks=True)
     return path
 
 

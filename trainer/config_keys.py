@@ -205,6 +205,9 @@ def parse_override(item: str, known: set[str]) -> tuple[str, object]:
     return key, parsed
 
 
+SAME_AS = {"checkpoint_factor": "save_interval", "save_interval": "checkpoint_factor"}  # two names, one setting
+
+
 def apply_overrides(raw: dict, overrides: list[str], known: set[str]) -> dict:
     """The file's keys with --set's on top; replacing one of gpt-neox's mappings needs a mapping."""
     for key, value in (parse_override(item, known) for item in overrides):
@@ -216,9 +219,6 @@ def apply_overrides(raw: dict, overrides: list[str], known: set[str]) -> dict:
         raw.pop(SAME_AS.get(key), None)  # the other name of the same setting: --set wins over the file's
         raw[key] = value
     return raw
-
-
-SAME_AS = {"checkpoint_factor": "save_interval", "save_interval": "checkpoint_factor"}  # two names, one setting
 
 
 def read_config_file(path: str | Path) -> dict:

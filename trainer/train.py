@@ -449,9 +449,10 @@ def train(config: NeoXConfig) -> dict:
             init_distributed()
             resume = (Path(load), choose_checkpoint(Path(load))) if load is not None else None  # verified
             weights = (weights, starting_weights(weights)) if weights is not None else None  # verified
-            if resume is not None and step_of(resume[1][0]) >= config.training.train_iters:
+            done = resume[0] / resume[1][0] if resume is not None else None  # the checkpoint it resumes from
+            if done is not None and step_of(done.name) >= config.training.train_iters:
                 dist.barrier()
-                return {"step": step_of(resume[1][0]), "finished": str(resume[0] / resume[1][0])}
+                return {"step": step_of(done.name), "finished": str(done)}
             with long_lived():
                 trainer = Trainer(config, sources, resume, tokenizer, weights)
             results = trainer.run()

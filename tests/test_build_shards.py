@@ -263,8 +263,12 @@ def test_sigkill_midway_then_rerun_is_identical(tmp_path, sample_docs, run):
     committed = out / ".parts"  # NNNNN/ are committed parts; NNNNN.tmp-PID/ are not, receipt or not
     journal = committed / "joined.json"  # the joined parts, whose tokens are then only in the final shards
     deadline = time.time() + 120
-    while not (len(list(committed.glob("[0-9]????/receipt.json"))) >= 5 and journal.is_file()):
-        assert time.time() < deadline, "no 5 committed parts and a journal within 120 s"
+
+    def part_0_joined() -> bool:  # the journal is written first, then the part's tokens removed: wait for both
+        return journal.is_file() and not list(committed.glob("00000/*/*.bin"))
+
+    while not (len(list(committed.glob("[0-9]????/receipt.json"))) >= 5 and part_0_joined()):
+        assert time.time() < deadline, "no 5 committed parts and part 0 joined within 120 s"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

@@ -4,7 +4,6 @@ Shards are joined in part order, so the bytes depend only on the plan: not on wo
 Every final file is written under a temp name and renamed; manifest.json comes last and marks the run done.
 """
 
-import json
 import os
 import shutil
 import time
@@ -17,10 +16,11 @@ import numpy as np
 
 import pile_tools
 from pile_tools.components import SPLITS, epochs_for, load_epochs
-from pile_tools.ground import InputError, write_json, writing
+from pile_tools.ground import InputError, writing
 from pile_tools.indexed import Shard, write_index
-from pile_tools.join import JoinedShard, PartNotWhole, read_receipt
+from pile_tools.join import RANK_MARK, JoinedShard, PartNotWhole, read_receipt
 from pile_tools.reader import report_skips
+from pile_tools.shards_dir import PLAN, write_blend, write_manifest
 
 
 def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
@@ -41,9 +41,32 @@ def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
         shown = ", ".join(map(str, missing[:20])) + (" ..." if len(missing) > 20 else "")
         raise InputError(
             f"{len(missing)} of {len(plan['parts'])} parts are not done yet (parts {shown}); "
-            f"finish every --rank of the run first"
+            f"{unfinished_ranks(missing, dirs)}"
         )
     return found
+
+
+def unfinished_ranks(missing: list[int], dirs: list[Path]) -> str:
+    """Which `--rank` runs to finish for the `missing` parts, and where they write, from the rank-R-of-N marks
+    the ranks leave in their directories."""
+    marks = {}
+    for d in dirs:
+        for mark in (d / ".parts").glob(f"{RANK_MARK}*-of-*"):
+            rank, _, world = mark.name.removeprefix(RANK_MARK).partition("-of-")
+            if rank.isdigit() and world.isdigit():
+                marks[int(rank), int(world)] = d
+    worlds = {world for _, world in marks}
+    if len(worlds) != 1:
+        return "finish every --rank of the run first"
+    world = worlds.pop()
+    ranks = sorted({i % world for i in missing})
+    where = [
+        f"--rank {r} --world-size {world} (output {marks[r, world]})"
+        if (r, world) in marks
+        else f"--rank {r} --world-size {world} (never started in {', '.join(map(str, dirs))})"
+        for r in ranks
+    ]
+    return f"run build-shards again for {'; '.join(where)}, then merge-shards"
 
 
 def append_file(out, src: Path) -> None:
@@ -167,20 +190,7 @@ def warn_premixed(receipts, weights: str, echo) -> None:
             )
 
 
-def read_manifest(path: Path) -> dict:
-    """A build-shards manifest.json; {} where there is none (shards of Megatron, gpt-neox) or it is unreadable."""
-    try:
-        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def manifest_entries(manifest: dict) -> dict[str, dict]:
-    """Each shard's record in a manifest (documents, tokens, max_id, xxh3_128, ...), by prefix ('train/github')."""
-    return {e["prefix"]: e for c in manifest.get("components", {}).values() for e in c.get("splits", {}).values()}
-
-
-def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, timings: dict) -> dict:
+def record_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, timings: dict) -> dict:
     """manifest.json: the run's plan, inputs, per-shard counts, max_id and xxh3, skips and timing."""
     skipped, examples = defaultdict(int), []
     for _, r in receipts:
@@ -213,7 +223,7 @@ def write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, t
         "wall_seconds": round(time.time() - start, 3),
         "timings": {k: round(v, 3) if isinstance(v, float) else v for k, v in timings.items()},  # wall, by phase
     }
-    write_json(out / "manifest.json", manifest)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -292,15 +302,15 @@ def assemble(
     blend = build_blend(out, shards, epochs, plan["options"]["weights"])
     if plan["options"]["materialize"]:
         blend["materialized"] = materialize(out, shards, epochs, plan["options"]["seed"], dtype)
-    write_json(out / "blend.json", blend)
+    write_blend(out, blend)
     timings["blend_and_materialize"] = time.time() - mark
     phases = defaultdict(float)
     for _, r in receipts:
         for phase, seconds in r.get("phase_seconds", {}).items():
             phases[phase] += seconds
     timings["parts_cpu_seconds"] = {k: round(v, 3) for k, v in phases.items()}  # summed over the workers
-    manifest = write_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, timings)
+    manifest = record_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, timings)
     report_skips(manifest["skipped"], manifest["skip_examples"], echo)
     remove_parts(out / ".parts")
-    (out / "plan.json").unlink(missing_ok=True)
+    (out / PLAN).unlink(missing_ok=True)
     return manifest

@@ -5,8 +5,6 @@ Its hash, the fingerprint, is what lets a rerun resume, lets `--rank` runs be me
 different runs in one directory. Workers, rank and world size are not in it: they never change the bytes.
 """
 
-import hashlib
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -19,13 +17,14 @@ from tqdm import tqdm
 
 from pile_tools.assemble import assemble
 from pile_tools.components import load_epochs, split_weights
-from pile_tools.ground import InputError, write_json
+from pile_tools.ground import InputError
 from pile_tools.indexed import token_dtype
-from pile_tools.join import Joiner, holds_its_tokens
+from pile_tools.join import RANK_MARK, Joiner, holds_its_tokens, whole_part_problem
 from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thresholds
 from pile_tools.reader import HF_PREFIX, Part, cut_into_parts, discover, guard_sample, part_bytes
 from pile_tools.runlock import NAME as LOCK
 from pile_tools.runlock import RunLock
+from pile_tools.shards_dir import MANIFEST, PLAN, fingerprint, read_fingerprint, read_plan, write_plan
 from tokenizer.engine import ENGINES, choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 
 
@@ -76,8 +75,7 @@ def work_plan(inputs, tokenizer, *, split, weights, component, part_size, max_do
         "inputs": [describe_input(s) for s in sources],
         "parts": [asdict(p) for p in cut_into_parts(sources, part_size)],
     }
-    decisive = {**plan, "tokenizer": {k: v for k, v in plan["tokenizer"].items() if k != "path"}}
-    plan["fingerprint"] = hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+    plan["fingerprint"] = fingerprint(plan)
     return plan
 
 
@@ -89,23 +87,29 @@ def committed_parts(out: Path) -> list[Path]:
 def claim_output(out: Path, plan: dict) -> bool:
     """Check `out` can take this run; True when it already holds this run's finished shards.
 
-    A different run's plan.json with no committed part (a run that failed at once) is no work to protect."""
-    for name in ("manifest.json", "plan.json"):
+    A different run's plan.json with no committed part (a run that failed at once), or a damaged one, is no work
+    to protect."""
+    for name in (MANIFEST, PLAN):
         if (out / name).is_file():
-            theirs = json.loads((out / name).read_text()).get("fingerprint")
+            try:
+                theirs = read_fingerprint(out / name)
+            except InputError:
+                if name == MANIFEST or committed_parts(out):
+                    raise
+                theirs = None
             if theirs == plan["fingerprint"]:
-                return name == "manifest.json"
-            if name == "manifest.json" or committed_parts(out):
+                return name == MANIFEST
+            if name == MANIFEST or committed_parts(out):
                 raise InputError(
                     f"{out} holds the shards of a different run ({name} fingerprint {theirs}, this run "
                     f"{plan['fingerprint']}: inputs, tokenizer or options differ); use another --output or remove it"
                 )
             shutil.rmtree(out / ".parts", ignore_errors=True)
-            (out / "plan.json").unlink()
+            (out / PLAN).unlink()
     if out.is_dir() and any(not p.name.startswith(LOCK) for p in out.iterdir()):
         raise InputError(f"{out} is not empty and holds no neox-data run; use an empty or new --output directory")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "plan.json", plan)
+    write_plan(out, plan)
     return False
 
 
@@ -269,23 +273,41 @@ def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, 
     timings = {"plan_parts": time.time() - start}
     out = Path(output)
     one = world_size == 1
-    with RunLock(out, ".lock" if one else f".lock-rank{rank}", str(out) if one else f"{out} (rank {rank})"):
+    lock = LOCK if one else f"{LOCK}-rank{rank}"
+    with RunLock(
+        out, lock, str(out) if one else f"{out} (rank {rank})", excludes=(f"{LOCK}-rank*",) if one else (LOCK,)
+    ):
         run = dict(workers=workers, rank=rank, world_size=world_size, strict=strict, echo=echo)
         return run_build(out, plan, start, timings, **run)
 
 
-def give_back_joined(parts_dir: Path, mine: list[int], echo) -> None:
-    """A rank's parts that a single-machine run in the same directory joined into its shards, keeping no tokens of
-    them, are removed to be encoded again: merge-shards joins parts, and needs each part's tokens."""
-    parts = [parts_dir / f"{i:05d}" for i in mine]
-    joined = [where for where in parts if (where / "receipt.json").is_file() and not holds_its_tokens(where)]
-    for where in joined:
+def give_back_unfit(parts_dir: Path, mine: list[int], echo) -> None:
+    """Remove a rank's committed parts that merge-shards could not join, to be encoded again: those a
+    single-machine run in the same directory joined into its shards, keeping no tokens of them, and those cut
+    short or damaged since (their shards' sizes are not as their receipts record)."""
+    joined, broken = [], []
+    for where in (parts_dir / f"{i:05d}" for i in mine):
+        if not (where / "receipt.json").is_file():
+            continue
+        if not holds_its_tokens(where):
+            joined.append(where)
+        elif (problem := whole_part_problem(where)) is not None:
+            broken.append(problem)
+        else:
+            continue
         shutil.rmtree(where)
     if joined:
         echo(
             f"warning: {len(joined)} part(s) of this rank were joined by a run without --world-size and kept no "
             "tokens of their own; they are encoded again for merge-shards"
         )
+    if broken:
+        echo(f"warning: {len(broken)} committed part(s) of this rank are not whole, and are encoded again: {broken[0]}")
+
+
+def mark_rank(parts_dir: Path, rank: int, world_size: int) -> None:
+    """Leave `.parts/rank-R-of-N`, which tells merge-shards which directory a rank writes to."""
+    (parts_dir / f"{RANK_MARK}{rank}-of-{world_size}").touch()
 
 
 def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, rank, world_size, strict, echo):
@@ -296,11 +318,14 @@ def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, ra
     parts = [Part(**p) for p in plan["parts"]]
     parts_dir = out / ".parts"
     parts_dir.mkdir(exist_ok=True)
-    for stale in parts_dir.glob("*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    mine = [p.index for p in parts if p.index % world_size == rank]
+    for stale in parts_dir.glob("*.tmp-*"):  # another rank's, in a shared directory, may be under way
+        if stale.name[:5].isdigit() and int(stale.name[:5]) in mine:
+            shutil.rmtree(stale, ignore_errors=True)
     joiner = Joiner(out, parts_dir, len(parts), echo) if world_size == 1 else None  # joins while the parts encode
     if joiner is None:
-        give_back_joined(parts_dir, [p.index for p in parts if p.index % world_size == rank], echo)
+        mark_rank(parts_dir, rank, world_size)
+        give_back_unfit(parts_dir, mine, echo)
     todo = [  # after the joiner's start: it may drop parts it cannot vouch for
         p
         for p in parts
@@ -330,16 +355,16 @@ def merge_shards(dirs: list[str], output: str, echo=print) -> Path:
     paths = [Path(d) for d in dirs]
     plans = []
     for d in paths:
-        if not (d / "plan.json").is_file():
+        if (plan := read_plan(d)) is None:
             raise InputError(f"{d}: no plan.json; not the output of a build-shards --rank run, or already merged")
-        plans.append(json.loads((d / "plan.json").read_text()))
+        plans.append(plan)
     if len({p["fingerprint"] for p in plans}) > 1:
         raise InputError(
             "the directories hold different runs (their plan.json fingerprints differ); "
             "merge only the ranks of one build-shards command"
         )
     out = Path(output)
-    with RunLock(out):
+    with RunLock(out, excludes=(f"{LOCK}-rank*",)):
         if out.resolve() not in [d.resolve() for d in paths] and claim_output(out, plans[0]):
             echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
             return out

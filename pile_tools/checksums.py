@@ -6,14 +6,15 @@ A directory verifies when every file it lists exists with its size and hash. Fil
 are not judged; a missing checksums.json means the directory predates checksums and cannot be vouched for.
 """
 
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Literal
 
 import xxhash
 
-from pile_tools.ground import write_json
+from pile_tools.ground import InputError, write_json
+from pile_tools.readback import Count, Inside, Record, read_record
 
 NAME = "checksums.json"
 ALGORITHM = "xxh3_128"
@@ -54,15 +55,29 @@ def write_checksums(directory: Path, files: dict[str, dict], **extra) -> None:
     write_json(directory / NAME, {"algorithm": ALGORITHM, "files": files, **extra}, durable=True)
 
 
+class FileRecord(Record):
+    size: Count
+    xxh3_128: str
+
+
+class Checksums(Record):
+    algorithm: Literal["xxh3_128"]
+    files: dict[Inside, FileRecord]
+    run_id: str | None = None
+    started_from: str | None = None
+    step: Count | None = None
+
+
 def read_checksums(directory: Path) -> dict | None:
-    """The directory's checksums.json, or None when it has none (written before checksums existed)."""
+    """The directory's checksums.json, checked, or None when it has none (written before checksums existed). One
+    that cannot be read, or is not as this module writes it, records no file and says why: {"unreadable": why}."""
     path = directory / NAME
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (ValueError, OSError):
-        return {"algorithm": ALGORITHM, "files": {}, "unreadable": True}
+        return read_record(path, Checksums)
+    except InputError as e:
+        return {"algorithm": ALGORITHM, "files": {}, "unreadable": str(e)}
 
 
 def check_files(directory: Path, recorded: dict, names: list[str]) -> list[str]:
@@ -86,7 +101,7 @@ def verify_directory(directory: Path, part: tuple[int, int] = (0, 1)) -> list[st
     if recorded is None:
         return None
     if recorded.get("unreadable"):
-        return [f"{directory / NAME}: unreadable"] if part[0] == 0 else []
+        return [recorded["unreadable"]] if part[0] == 0 else []
     return check_files(directory, recorded, sorted(recorded["files"])[part[0] :: part[1]])
 
 

@@ -65,12 +65,17 @@ def read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray
     """Return (dtype, sizes, pointers, doc_idx) of an `.idx` file, memory-mapped."""
     with open(path, "rb") as f:
         header = f.read(len(MAGIC) + 25)
+        size = os.fstat(f.fileno()).st_size
     if header[: len(MAGIC)] != MAGIC:
         raise ValueError(f"{path}: not a Megatron MMapIndexedDataset index (bad magic)")
+    if len(header) < len(MAGIC) + 25:
+        raise ValueError(f"{path}: {size} bytes, shorter than an index's header (cut short)")
     version, code, n, m = struct.unpack("<QBQQ", header[len(MAGIC) :])
     if version != VERSION or code not in DTYPES:
         raise ValueError(f"{path}: unsupported index version {version} or dtype code {code}")
     offset = len(header)
+    if size < offset + 12 * n + 8 * m:  # sizes, pointers and doc_idx as the header counts them
+        raise ValueError(f"{path}: {size:,} bytes, where its header's {n:,} documents need {offset + 12 * n + 8 * m:,}")
     sizes = np.memmap(path, "<i4", "r", offset, (n,)) if n else np.zeros(0, np.int32)
     pointers = np.memmap(path, "<i8", "r", offset + 4 * n, (n,)) if n else np.zeros(0, np.int64)
     doc_idx = np.memmap(path, "<i8", "r", offset + 12 * n, (m,))

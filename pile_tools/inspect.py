@@ -1,6 +1,5 @@
 """inspect: counts per shard, a consistency check of each .bin/.idx pair, and documents decoded back."""
 
-import json
 import warnings
 from pathlib import Path
 
@@ -8,6 +7,7 @@ import numpy as np
 
 from pile_tools.ground import InputError
 from pile_tools.indexed import Shard, check_pair
+from pile_tools.shards_dir import manifest_tokenizer, read_manifest
 
 
 def find_shards(target: Path) -> tuple[list[Path], Path | None]:
@@ -28,7 +28,7 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
     """Print the table; an InputError after it when any pair is corrupt (so the command exits non-zero)."""
     root = Path(target)
     prefixes, manifest_path = find_shards(root)
-    manifest = json.loads(manifest_path.read_text()) if manifest_path else None
+    manifest = read_manifest(manifest_path) if manifest_path else None
     decoder = load_decoder(tokenizer, manifest) if decode else None
     base = root if root.is_dir() else prefixes[0].parent
     echo(f"{'shard':<40} {'dtype':>6} {'documents':>10} {'tokens':>13} {'tok/doc':>8}  check")
@@ -59,8 +59,9 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
     echo(f"{'total':<40} {'':>6} {total_docs:>10,} {total_tokens:>13,}")
     if manifest:
         skipped = manifest.get("skipped") or {}
+        weights = manifest["options"].get("weights")
         echo(
-            f"tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}..., weights {manifest['options']['weights']}, "
+            f"tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}..., weights {weights}, "
             f"skipped lines: {sum(skipped.values())}"
         )
     if corrupt:
@@ -73,9 +74,12 @@ def load_decoder(tokenizer: str | None, manifest: dict | None):
 
     if tokenizer is None and manifest is None:
         raise InputError("--decode needs --tokenizer: there is no manifest.json naming the one used")
-    path = resolve_tokenizer(tokenizer) if tokenizer else Path(manifest["tokenizer"]["path"])
-    if not path.is_file():
-        raise InputError(f"the manifest's tokenizer {path} is gone; pass --tokenizer")
+    path = resolve_tokenizer(tokenizer) if tokenizer else manifest_tokenizer(manifest)
+    if path is None:
+        raise InputError(
+            f"the manifest's tokenizer {manifest['tokenizer']['path']} is gone, or is no longer the file the shards "
+            "were built with (its sha256 differs); pass --tokenizer"
+        )
     if tokenizer and manifest and file_sha256(path) != manifest["tokenizer"]["sha256"]:
         built = manifest["tokenizer"]["sha256"][:12]
         warnings.warn(

@@ -25,10 +25,12 @@ import numpy as np
 import xxhash
 
 from pile_tools.ground import InputError, write_json, writing
-from pile_tools.indexed import read_index, write_index
+from pile_tools.indexed import check_pair, read_index, write_index
+from pile_tools.readback import relative_inside
 
 CHUNK = 8 << 20
 JOURNAL = "joined.json"  # in the parts directory
+RANK_MARK = "rank-"  # .parts/rank-R-of-N: a build-shards --rank R --world-size N writes to this directory
 # What is read of a part's receipt (pile_tools/parts.py writes it), and of each shard it records
 RECEIPT_KEYS = ("source", "start", "engine", "shards", "skipped", "skip_examples", "components_seen", "seconds")
 SHARD_KEYS = ("component", "documents", "tokens", "text_bytes")
@@ -141,15 +143,41 @@ def read_receipt(where: Path, complete: bool = False) -> dict:
         receipt = json.loads((where / "receipt.json").read_text())
         if not isinstance(receipt, dict) or not isinstance(receipt.get("shards"), dict):
             raise ValueError("no shards recorded")
+        for prefix in receipt["shards"]:
+            relative_inside(prefix)
         if complete:
             missing = [key for key in RECEIPT_KEYS if key not in receipt]
             for prefix, stat in receipt["shards"].items():
                 missing += [f"{prefix} {key}" for key in SHARD_KEYS if not isinstance(stat, dict) or key not in stat]
+                if isinstance(stat, dict) and "tokens" in stat and not is_count(stat["tokens"]):
+                    missing.append(f"{prefix} tokens as a count")
             if missing:
                 raise ValueError(f"it records no {', '.join(missing)}")
         return receipt
     except (OSError, ValueError) as e:
         raise PartNotWhole(f"{where / 'receipt.json'}: cannot read this committed part's receipt ({e})") from None
+
+
+def is_count(value) -> bool:
+    """Whether a value read back is a count: a non-negative JSON integer."""
+    return type(value) is int and value >= 0
+
+
+def whole_part_problem(where: Path) -> str | None:
+    """What makes the committed part `where` unfit to merge, from its receipt and its shards' sizes (no hashing),
+    or None: a receipt that cannot be read, a shard whose .bin and .idx disagree or whose tokens are not those
+    the receipt records."""
+    try:
+        shards = read_receipt(where, complete=True)["shards"]
+        for prefix, stat in shards.items():
+            if (problem := check_pair(where / prefix)) is not None:
+                return problem
+            tokens = int(np.asarray(read_index(Path(f"{where / prefix}.idx"))[1], np.int64).sum())
+            if tokens != stat["tokens"]:
+                return f"{where / prefix}.idx: {tokens:,} tokens, where its receipt records {stat['tokens']:,}"
+    except (PartNotWhole, OSError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def holds_its_tokens(where: Path) -> bool:

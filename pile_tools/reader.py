@@ -9,6 +9,7 @@ import gzip
 import io
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pile_tools.ground import InputError
 
 SUFFIXES = (".jsonl.zst", ".jsonl.zstd", ".jsonl.gz", ".jsonl", ".txt")
 HF_PREFIX = "hf:"
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark, which Windows editors put before a file's first line
 GUARD_BYTES = 1 << 19  # text encoded by both the fast engine and `tokenizers` before the run
 GUARD_DOC_CHARS = 64 << 10
 MAX_EXAMPLES = 3  # messages kept per skip reason and part; the counts are always complete
@@ -56,9 +58,33 @@ def looks_local(item: str) -> bool:
     return str(parent) not in ("", ".") and parent.is_dir()
 
 
+def files_under(directory: Path) -> list[Path]:
+    """The input files under `directory`, sorted, symlinked subdirectories followed (each real directory once, so
+    a link that points back up ends there)."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        found += [Path(root) / f for f in files if f.endswith(SUFFIXES) and (Path(root) / f).is_file()]
+    return sorted(found)
+
+
+def once_each(sources: list[str]) -> list[str]:
+    """The sources with any given twice (a file and its directory, two links to one file) kept at its first
+    place, with a warning: reading it twice would double its documents."""
+    kept, twice = list(dict.fromkeys(sources)), len(sources) - len(set(sources))
+    if twice:
+        again = [s for i, s in enumerate(sources) if s in sources[:i]]
+        warnings.warn(f"{again[0]}{f' and {twice - 1} more' if twice > 1 else ''} given twice: read once", stacklevel=3)
+    return kept
+
+
 def discover(inputs: list[str]) -> list[str]:
     """Expand inputs into sources: files in the order given, directories' files sorted, HF dataset names
-    (`hf:owner/name[:split]`, or an `owner/name` that cannot be a local path)."""
+    (`hf:owner/name[:split]`, or an `owner/name` that cannot be a local path). A file reached twice is read once."""
     sources = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -73,7 +99,7 @@ def discover(inputs: list[str]) -> list[str]:
                 check_hub_reachable(name)  # at once, before any work, not after the libraries' retries
             sources.append(HF_PREFIX + name)
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+            found = files_under(path)
             if not found:
                 raise InputError(f"{item}: directory holds no {', '.join(SUFFIXES)} files")
             sources.extend(str(p.resolve()) for p in found)
@@ -83,7 +109,7 @@ def discover(inputs: list[str]) -> list[str]:
             sources.append(str(path.resolve()))
         else:
             raise InputError(f"{item}: no such file or directory")
-    return sources
+    return once_each(sources)
 
 
 def part_bytes(part: Part) -> int:
@@ -228,7 +254,7 @@ class PartReader:
                     return
                 number += 1
                 pos += len(line)
-                yield number, line
+                yield number, line.removeprefix(BOM) if pos == len(line) else line
         except (OSError, EOFError) as e:  # gzip's truncated or non-gzip files
             raise InputError(f"{source}: cannot read past line {number} ({e})") from None
 
@@ -285,6 +311,7 @@ class PartReader:
         with self._raw:
             data = self._raw.read()
             self._end = len(data)
+        data = data.removeprefix(BOM)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:

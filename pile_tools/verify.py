@@ -8,7 +8,6 @@ is one line naming the shard (and the document). For a checkpoint (a directory h
 (holding such checkpoints): every recorded file is there with its size and xxh3-128, and `latest` names one.
 """
 
-import json
 import os
 import threading
 import time
@@ -19,12 +18,13 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from pile_tools.assemble import manifest_entries, read_manifest
 from pile_tools.checksums import NAME as CHECKSUMS
 from pile_tools.checksums import check_files, read_checksums
 from pile_tools.ground import InputError
 from pile_tools.indexed import check_pair, read_index
 from pile_tools.inspect import find_shards
+from pile_tools.rundir import LATEST, read_latest
+from pile_tools.shards_dir import BLEND, manifest_entries, read_blend, read_manifest
 
 CHUNK = 32 << 20  # bytes of .bin per read: large enough for numpy and xxhash to run at memory speed
 MAX_LINES = 20  # problems of one kind listed per shard; the count is always complete
@@ -126,21 +126,24 @@ def verify_shard(prefix: Path, name: str, entry: dict, vocab, eod, progress) -> 
 
 
 def check_blend(root: Path) -> list[str]:
-    """blend.json's shards exist, with the token counts it records."""
-    path = root / "blend.json"
-    if not path.is_file():
-        return []
+    """blend.json is well formed, its weights finite and >= 0 with a positive sum per split, and its shards exist
+    with the token counts it records."""
+    try:
+        splits = read_blend(root)
+    except InputError as e:
+        return [str(e)]
     problems = []
-    for split, info in json.loads(path.read_text())["splits"].items():
-        for row in info["shards"]:
-            prefix = root / row["prefix"]
+    for split, shards in (splits or {}).items():
+        if shards and sum(weight for _, weight, _ in shards) <= 0:
+            problems.append(f"{root / BLEND}: the {split} shards' weights sum to 0")
+        for prefix, _, row in shards:
             if not Path(f"{prefix}.idx").is_file():
-                problems.append(f"blend.json: {split} shard {row['prefix']} does not exist")
-            elif check_pair(prefix) is None:
+                problems.append(f"{BLEND}: {split} shard {row['prefix']} does not exist")
+            elif check_pair(prefix) is None and row.get("tokens") is not None:
                 tokens = int(np.asarray(read_index(Path(f"{prefix}.idx"))[1], np.int64).sum())
                 if tokens != row["tokens"]:
                     problems.append(
-                        f"blend.json: {row['prefix']} holds {tokens:,} tokens, blend.json records {row['tokens']:,}"
+                        f"{BLEND}: {row['prefix']} holds {tokens:,} tokens, {BLEND} records {row['tokens']:,}"
                     )
     return problems
 
@@ -155,17 +158,19 @@ def checkpoints_in(root: Path) -> list[Path]:
 
 def check_latest(root: Path, checkpoints: list[Path]) -> list[str]:
     """A run's `latest` names one of its checkpoints."""
-    latest = root / "latest"
-    if not latest.is_file():
+    try:
+        tag = read_latest(root)
+    except InputError as e:
+        return [str(e)]
+    if tag is None or root / tag in checkpoints:
         return []
-    tag = latest.read_text().strip()
-    return [] if root / tag in checkpoints else [f"{latest}: names {tag}, which holds no checkpoint with checksums"]
+    return [f"{root / LATEST}: names {tag}, which holds no checkpoint with checksums"]
 
 
 def verify_checkpoint(where: Path, recorded: dict, pool: ThreadPoolExecutor, progress) -> list[str]:
     """The problems of one checkpoint's files against its checksums.json (`recorded`), hashed on the pool."""
     if recorded.get("unreadable"):
-        return [f"{where / CHECKSUMS}: unreadable"]
+        return [recorded["unreadable"]]
 
     def check(name: str) -> list[str]:
         problems = check_files(where, recorded, [name])
@@ -201,10 +206,15 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
         if any(root.glob("global_step*")) or any(root.glob("mp_rank_*_model_states.pt")):
             raise InputError(f"{root}: checkpoints without checksums.json (saved before they carried checksums)")
         prefixes, manifest_path = find_shards(root)
-        manifest = read_manifest(manifest_path) if manifest_path else {}
+        try:
+            manifest = read_manifest(manifest_path) if manifest_path else {}
+        except InputError as e:  # its records cannot vouch for the shards: the rest of the audit goes on
+            problems.append(str(e))
+            manifest = {}
         vocab, eod, source = vocabulary(tokenizer, manifest)
         if vocab is None:
-            echo(f"note: {target}: no manifest.json and no --tokenizer, so ids and EOD are not checked")
+            why = "no readable manifest.json" if manifest_path else "no manifest.json"
+            echo(f"note: {target}: {why} and no --tokenizer, so ids and EOD are not checked")
         entries = manifest_entries(manifest)
         for prefix in prefixes:
             name = f"{prefix.parent.name}/{prefix.name}"

@@ -21,6 +21,7 @@ import pile_tools.runlock as runlock
 from pile_tools.checksums import verify_directory
 from pile_tools.ground import InputError
 from pile_tools.runlock import RunLock
+from trainer import data_only
 from trainer.checkpoint import machine, machine_share
 
 
@@ -317,9 +318,9 @@ def die_on(module, name):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     setattr(module, name, wrapped)
-import torch, pile_tools.checksums, trainer.checkpoint
+import torch, pile_tools.checksums, pile_tools.rundir, trainer.checkpoint
 target = {"torch.save": (torch, "save"), "hash": (pile_tools.checksums, "file_hash"),
-          "checksums": (trainer.checkpoint, "write_checksums"), "latest": (trainer.checkpoint, "write_text")}[point]
+          "checksums": (trainer.checkpoint, "write_checksums"), "latest": (pile_tools.rundir, "write_text")}[point]
 die_on(*target)
 import cli
 cli.main(sys.argv[1:])
@@ -330,7 +331,7 @@ LONG = [*SMALL, "--set", "train_iters=100", "--set", "save_interval=5", "--set",
 
 RECORDER = """
 import json, os, shutil, sys
-import torch, trainer.checkpoint
+import torch, pile_tools.rundir, trainer.checkpoint
 log = open(os.environ["EVENTS"], "a", buffering=1)
 def record(module, name, describe):
     real = getattr(module, name)
@@ -342,6 +343,7 @@ record(os, "sync", lambda: ["sync"])
 record(os, "fsync", lambda fd: ["fsync", os.readlink(f"/proc/self/fd/{fd}")])
 record(torch, "save", lambda obj, f, *args, **kwargs: ["save", str(f)])
 record(trainer.checkpoint, "write_text", lambda path, text, durable=False: ["write", str(path), durable])
+record(pile_tools.rundir, "write_text", lambda path, text, durable=False: ["write", str(path), durable])
 record(shutil, "rmtree", lambda path, *args, **kwargs: ["rmtree", str(path)])
 import cli
 cli.main(sys.argv[1:])
@@ -441,8 +443,8 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resumes_exactly(
     neox(*args)
     assert losses(run) == losses(reference)
     assert (run / "latest").read_text() == "global_step100" and latest_verifies(run)
-    a = torch.load(run / "global_step100" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-    b = torch.load(reference / "global_step100" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    a = data_only.load(run / "global_step100" / "mp_rank_00_model_states.pt")["module"]
+    b = data_only.load(reference / "global_step100" / "mp_rank_00_model_states.pt")["module"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -14,9 +14,11 @@ import pytest
 import torch
 from helpers import NEOX, ROOT, SMALL, TINY, Cli, assert_clean_error, assert_same_losses, launch, layout, losses, train
 
+from trainer import data_only
+
 
 def weights(run: Path, tag: str) -> dict:
-    return torch.load(run / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return data_only.load(run / tag / "mp_rank_00_model_states.pt")["module"]
 
 
 def test_resume_gives_the_same_losses_and_weights(shards, straight, tmp_path):
@@ -28,7 +30,7 @@ def test_resume_gives_the_same_losses_and_weights(shards, straight, tmp_path):
     assert losses(run) == losses(straight)  # bitwise, every step
     a, b = weights(run, "global_step6"), weights(straight, "global_step6")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    state = torch.load(run / "global_step6" / "mp_rank_00_model_states.pt", weights_only=False)
+    state = data_only.load(run / "global_step6" / "mp_rank_00_model_states.pt")
     assert state["consumed_samples"] == 6 * 4 and state["iteration"] == 6
     assert sorted(p.name for p in run.glob("global_step*")) == ["global_step4", "global_step6"]  # keep_last_n: 2
     assert (run / "loss.png").stat().st_size > 0 and (run / "global_step6" / "tokenizer" / "tokenizer.json").is_file()
@@ -43,7 +45,7 @@ def test_a_finished_run_trains_nothing_and_a_resume_on_other_data_says_what_chan
     done = train("--data", shards, "--save", run, "--load", run, *SMALL)
     assert f"nothing to train: {run / 'global_step6'} is at step 6 (train_iters 6)" in done.stdout
     assert "train loss" not in done.stdout and (run / "metrics.jsonl").read_bytes() == metrics
-    state = torch.load(run / "global_step6" / "mp_rank_00_model_states.pt", weights_only=False)
+    state = data_only.load(run / "global_step6" / "mp_rank_00_model_states.pt")
     assert state["data_order"]["step"] == 6 and state["data_order"]["seed"] == 1234
     longer = ["--set", "train_iters=7", "--set", "eval_interval=0", "--set", "save_interval=0"]
     other = train("--data", shards, "--save", run, "--load", run, *SMALL, *longer, "--set", "seed=7")
@@ -160,8 +162,8 @@ def test_checkpoints_ship_the_tokenizer_the_config_names_and_a_stranger_to_the_s
     from trainer.config import DataConfig
     from trainer.preflight import shipped_tokenizer
 
-    built_with = json.loads((shards / "manifest.json").read_text())["tokenizer"]
-    assert shipped_tokenizer(DataConfig(), built_with) == built_with["path"]
+    built_with = json.loads((shards / "manifest.json").read_text())
+    assert shipped_tokenizer(DataConfig(), built_with) == built_with["tokenizer"]["path"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same tokenizer, by its bundled name: nothing to say
         assert (

@@ -31,6 +31,8 @@ from pile_tools.checksums import (
     write_checksums,
 )
 from pile_tools.ground import WriteError, file_mode, sync_to_disk, write_failure, write_text, writing
+from pile_tools.rundir import BadLatest, checkpoint_dir, read_latest, step_of, tags_by_step, write_latest
+from trainer import data_only
 from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
 from trainer.model import GPTNeoX
@@ -82,13 +84,6 @@ def save_checkpoint(model: GPTNeoX, config: NeoXConfig, path: str | Path, tokeni
     return path
 
 
-def checkpoint_dir(path: str | Path) -> Path:
-    """The checkpoint a path stands for: itself, or the one a training run's `latest` names."""
-    path = Path(path)
-    latest = path / "latest"
-    return path / latest.read_text().strip() if latest.is_file() else path
-
-
 def verify_checkpoint(path: Path, on_all_ranks: bool = False) -> None:
     """A ConfigError naming the first file of the checkpoint that does not match its checksums.json; a note for a
     checkpoint written before checksums. `on_all_ranks`: the ranks share the hashing, and rank 0 notes."""
@@ -138,17 +133,6 @@ def set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
-
-
-def step_of(tag: str) -> int | None:
-    """The step of a DeepSpeed tag like global_step100, or None."""
-    return int(tag[11:]) if tag.startswith("global_step") and tag[11:].isdigit() else None
-
-
-def tags_by_step(save: Path) -> list[str]:
-    """The global_step<N> directories of a run, newest first."""
-    tags = [p.name for p in save.glob("global_step*") if p.is_dir() and step_of(p.name) is not None]
-    return sorted(tags, key=step_of, reverse=True)
 
 
 def prune_checkpoints(save: Path, keep: int, run_id: str, protected: set[str]) -> None:
@@ -252,7 +236,7 @@ def save_training_checkpoint(
     if not all_ranks(finite_states(engine)):
         raise RunError(
             f"step {step}: the weights or optimizer states hold nan or inf; not saving {where} "
-            f"(the latest checkpoint stays {read_latest(save) or 'none'})"
+            f"(the latest checkpoint stays {has_run(save) or 'none'})"
         )
     if rank == 0 and where.exists():  # a save cut short, or a checkpoint that did not verify: written anew
         shutil.rmtree(where)
@@ -279,17 +263,11 @@ def save_training_checkpoint(
     files = hash_on_all_ranks(where, names)
     if rank == 0:
         write_checksums(where, files, **identity, step=step)
-        write_text(save / "latest", tag, durable=True)
+        write_latest(save, tag)
         if config.training.keep_last_n_checkpoints:
             prune_checkpoints(save, config.training.keep_last_n_checkpoints, identity["run_id"], protected | {tag})
     dist.barrier()
     return where
-
-
-def read_latest(save: Path) -> str | None:
-    """The tag that `save`/latest names, or None."""
-    path = save / "latest"
-    return path.read_text().strip() if path.is_file() else None
 
 
 def has_run(save: Path) -> str | None:
@@ -297,7 +275,13 @@ def has_run(save: Path) -> str | None:
     if not save.is_dir():
         return None
     tags = [t for t in tags_by_step(save) if (save / t / "checksums.json").is_file()]
-    return read_latest(save) or (tags[0] if tags else None)
+    try:
+        latest = read_latest(save)
+    except BadLatest:
+        if not tags:
+            raise
+        latest = None  # choose_checkpoint says so, and takes the newest that verifies
+    return latest or (tags[0] if tags else None)
 
 
 def verify_on_all_ranks(where: Path) -> list[str] | None:
@@ -330,7 +314,12 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, dict]:
     """(tag, whether it is a fallback, its run's identity): `latest` if it verifies, else the newest older one that
     does.
     A checkpoint written before checksums loads unverified, with a note."""
-    latest, tags = read_latest(load), tags_by_step(load)
+    tags = tags_by_step(load)
+    try:
+        latest = read_latest(load)
+    except BadLatest as e:
+        warn_once(f"{e}; trying the newest checkpoint that verifies")
+        latest = None
     newest = step_of(latest) if latest else float("inf")  # no `latest`: a kill between checksums and `latest`
     candidates = ([latest] if latest else []) + [t for t in tags if step_of(t) < newest]
     legacy = not any((load / t / "checksums.json").is_file() for t in tags)  # a run from before checksums
@@ -380,5 +369,5 @@ def load_training_checkpoint(
     rng = Path(path).parent / f"rng_state_{dist.get_rank()}.pt"
     if not rng.is_file():  # a checkpoint with another layout: keep this run's seeds
         rng = Path(path).parent / "rng_state_0.pt"
-    set_rng_states(torch.load(rng, weights_only=False))
+    set_rng_states(data_only.load(rng))
     return {**state, "tag": tag, "fallback": fallback, "identity": identity}

@@ -1,7 +1,9 @@
 """GPT training samples over a Megatron shard, indexed exactly as gpt-neox indexes them (megatron/data/gpt2_dataset.py
 and blendable_dataset.py), built in numpy: the same arrays, so the same samples in the same order.
 
-Three arrays, cached next to the shard (keyed by a hash of everything that determines them):
+Three arrays, cached next to the shard (keyed by a hash of everything that determines them), and a record written
+after them, `<key>.json`, that vouches for them: what they were built from, and each one's dtype, shape and xxh3-128
+(checked at every start, at memory speed; a cache the record does not vouch for is built again, with a warning):
     doc_idx      the shard's documents tiled for as many epochs as the samples need, shuffled   int32 (epochs * N)
     sample_idx   for sample j, (position in doc_idx, token offset) of its first token           int64 (S + 1, 2)
     shuffle_idx  a seeded permutation of all S samples of those epochs                          int64 (S)
@@ -16,12 +18,15 @@ it (tests/test_neox_order.py compares whole batches with gpt-neox's own code).
 import functools
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
-from pile_tools.ground import writing
+from pile_tools.ground import InputError, write_json, writing
 from pile_tools.indexed import Shard
+from pile_tools.readback import Count, Record, read_record
 from trainer.config_keys import RunError
 
 
@@ -53,15 +58,13 @@ def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int, nu
     return np.stack([where, positions - starts[where]], axis=1)
 
 
-def cache_key(shard: Shard, documents: range, num_samples: int, seq_length: int, seed: int) -> str:
-    """A hash of everything the index arrays depend on: the shard (path, size, mtime), documents, samples,
-    seq_length, seed."""
+def built_from(shard: Shard, documents: range, num_samples: int, seq_length: int, seed: int) -> str:
+    """Everything the index arrays depend on: the shard (path, size, mtime), documents, samples, seq_length, seed."""
     stat = os.stat(f"{shard.prefix}.idx")
-    what = (
+    return (
         f"neox-order|{shard.prefix.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{len(shard)}|"
         f"{documents.start}:{documents.stop}|{num_samples}|{seq_length}|{seed}"
     )
-    return hashlib.sha256(what.encode()).hexdigest()[:16]
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -69,6 +72,65 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
+
+
+def array_hash(array: np.ndarray) -> str:
+    """xxh3-128 of an array's bytes (a memory map's: read at memory speed)."""
+    return xxhash.xxh3_128(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+class CachedArray(Record):
+    dtype: str
+    shape: list[Count]
+    xxh3_128: str
+
+
+class CacheRecord(Record):
+    built_from: str
+    arrays: dict[str, CachedArray]
+
+
+def open_cache(record_path: Path, paths: dict[str, Path], source: str) -> dict[str, np.ndarray] | None:
+    """The cached index arrays, memory-mapped, when the record beside them (written last) vouches for them: built
+    from `source`, each with its dtype, shape and xxh3-128; None when there is no record (not built yet). A record
+    or array that does not match is damage: a warning names it, and None has the arrays built again."""
+    if not record_path.is_file():
+        return None
+    try:
+        record = read_record(record_path, CacheRecord)
+        if record["built_from"] != source or sorted(record["arrays"]) != sorted(paths):
+            raise InputError(f"{record_path}: records other arrays than the sample index of this shard and run")
+        arrays = {name: open_array(paths[name], record["arrays"][name]) for name in paths}
+    except InputError as e:
+        warnings.warn(f"the sample index cache is damaged, so it is built again: {e}", stacklevel=3)
+        return None
+    return arrays
+
+
+def open_array(path: Path, want: dict) -> np.ndarray:
+    """One cached array, memory-mapped and checked against its record; an InputError naming it otherwise."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not a whole .npy array ({e})") from None
+    if str(array.dtype) != want["dtype"] or list(array.shape) != want["shape"]:
+        raise InputError(f"{path}: {array.dtype} {list(array.shape)}, recorded {want['dtype']} {want['shape']}")
+    if array_hash(array) != want["xxh3_128"]:
+        raise InputError(f"{path}: its content differs from the xxh3-128 recorded")
+    return array
+
+
+def save_cache(cache: Path, record_path: Path, paths: dict[str, Path], arrays: dict[str, np.ndarray], source: str):
+    """The arrays, then the record that vouches for them (each written atomically)."""
+    with writing(cache):
+        cache.mkdir(parents=True, exist_ok=True)
+        for name, array in arrays.items():
+            save_npy(paths[name], array)
+        described = {
+            name: {"dtype": str(a.dtype), "shape": list(a.shape), "xxh3_128": array_hash(a)}
+            for name, a in arrays.items()
+        }
+        write_json(record_path, {"built_from": source, "arrays": described})
 
 
 class GPTDataset:
@@ -90,14 +152,14 @@ class GPTDataset:
         self.documents = documents if documents is not None else range(len(self.shard))
         self.num_samples, self.seq_length = num_samples, seq_length
         cache = Path(cache_dir) if cache_dir else self.shard.prefix.parent / "index-cache"
-        stem = f"{self.shard.prefix.name}_{cache_key(self.shard, self.documents, num_samples, seq_length, seed)}"
+        source = built_from(self.shard, self.documents, num_samples, seq_length, seed)
+        stem = f"{self.shard.prefix.name}_{hashlib.sha256(source.encode()).hexdigest()[:16]}"
         paths = {name: cache / f"{stem}_{name}.npy" for name in ("doc_idx", "sample_idx", "shuffle_idx")}
-        if not all(p.is_file() for p in paths.values()):
-            with writing(cache):
-                cache.mkdir(parents=True, exist_ok=True)
-                for name, array in self.build(seed).items():
-                    save_npy(paths[name], array)
-        self.doc_idx, self.sample_idx, self.shuffle_idx = (np.load(paths[n], mmap_mode="r") for n in paths)
+        arrays = open_cache(cache / f"{stem}.json", paths, source)
+        if arrays is None:
+            save_cache(cache, cache / f"{stem}.json", paths, self.build(seed), source)
+            arrays = {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+        self.doc_idx, self.sample_idx, self.shuffle_idx = (arrays[n] for n in paths)
 
     def build(self, seed: int) -> dict[str, np.ndarray]:
         """doc_idx, sample_idx and shuffle_idx, drawn from one RandomState(seed) in gpt-neox's order."""

@@ -71,6 +71,9 @@ def generate_from_checkpoint(checkpoint: str, prompt: str | None, prompt_ids: st
         ids = tok.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise InputError("the prompt is empty")
+    vocab = model.config.vocab_size
+    if bad := [i for i in ids if not 0 <= i < vocab]:
+        raise InputError(f"--prompt-ids: {bad[0]} is not a token id of {checkpoint} (0 to {vocab - 1:,})")
     eod = tok.token_to_id("<|endoftext|>") if tok else None
     out = generate(model, ids, options.pop("max_new_tokens"), stop=eod, **options)
     decode = (lambda x: tok.decode(x)) if tok else (lambda x: "")

@@ -6,6 +6,7 @@ The config is built through transformers' own class, so transformers 4 and 5 eac
 """
 
 import json
+import pickle
 import warnings
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from pile_tools.ground import check_writable, writing
 from trainer.checkpoint import checkpoint_dir, copy_tokenizer, load_checkpoint, save_checkpoint, save_weights
 from trainer.config import ConfigError, NeoXConfig, TrainingConfig
+from trainer.data_only import WHY, Refused, unsafe_globals
 from trainer.model import GPTNeoX, ModelConfig
 
 HF_ACT = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
@@ -98,6 +100,16 @@ def check_model_type(hf_dir: Path) -> None:
         raise ConfigError(f"{path}: model_type {model_type!r}, not a GPT-NeoX model (gpt_neox)")
 
 
+def refuse_pickles(hf_dir: Path) -> None:
+    """Refuse, naming the file, PyTorch weights (`pytorch_model*.bin`, read where there is no safetensors file)
+    that would run code when loaded; transformers loads them weights-only too, but its refusal is a traceback."""
+    if any(hf_dir.glob("*.safetensors")):
+        return
+    for path in sorted(hf_dir.glob("pytorch_model*.bin")):
+        if wanted := unsafe_globals(path, with_deepspeed=False):
+            raise Refused(f"{path}: refused to load: it needs {', '.join(wanted[:3])}, {WHY}")
+
+
 def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
     """A checkpoint from a Hugging Face GPT-NeoX directory (Pythia, GPT-NeoX-20B, or our own export)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
@@ -106,7 +118,13 @@ def import_hf(hf_dir: str | Path, output: str | Path) -> Path:
     check_model_type(hf_dir)
     check_writable(Path(output).absolute().parent)
     model_config = model_config_from_hf(GPTNeoXConfig.from_pretrained(hf_dir))
-    hf_model = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    refuse_pickles(hf_dir)
+    try:
+        hf_model = GPTNeoXForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as e:
+        raise ConfigError(
+            f"{hf_dir}: transformers cannot load its weights ({' '.join(str(e).split())[:300]})"
+        ) from None
     state = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in hf_model.state_dict().items()}
     model = GPTNeoX(model_config)
     expected = set(model.state_dict())

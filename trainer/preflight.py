@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from pile_tools.checksums import read_checksums
+from pile_tools.shards_dir import manifest_tokenizer
 from tokenizer.engine import TokenizerError, file_sha256, load_reference, resolve_tokenizer
 from trainer.checkpoint import has_run, step_of
 from trainer.config import ConfigError, DataConfig, NeoXConfig, load_config
@@ -25,24 +26,54 @@ def check_save(save: str | None, load: str | None) -> None:
 
 # What decides the shapes of the weights: a checkpoint loads only into a model that agrees on all of them.
 SHAPES = ("num_layers", "hidden_size", "num_attention_heads", "intermediate_size", "padded_vocab_size")
+# What else decides the function the weights compute (the vocabulary: what each id means). A resume continues one
+# model, so it must agree on all of them; a run that starts from the weights (finetune) may change them on purpose
+# (rotary_emb_base, to extend the context), with a warning.
+FUNCTION = ("vocab_size", "rotary_pct", "rotary_emb_base", "gpt_j_residual", "layernorm_epsilon", "gelu_approximate")
 
 
-def check_load(where: Path, config: NeoXConfig) -> None:
-    """Refuse a checkpoint whose weights have other shapes than this run's model, naming them (before DeepSpeed
-    reads it and fails on the first tensor)."""
-    if not (where / "config.yml").is_file():
-        return  # a checkpoint from before config.yml: DeepSpeed's own check
-    saved = load_config(where / "config.yml").model
-    differ = [k for k in SHAPES if getattr(saved, k) != getattr(config.model, k)]
-    if not differ:
-        return
-    shapes = ", ".join(f"{k} {getattr(saved, k):,} (this run: {getattr(config.model, k):,})" for k in differ)
-    advice = "load it with the model it was trained with"
-    if differ == ["padded_vocab_size"]:  # the padding depends on TP: make_vocab_size_divisible_by x TP
-        advice = (
+def shown(value) -> str:
+    """A config value in a message: counts with thousands separators."""
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def differences(saved, model, keys: tuple[str, ...]) -> list[str]:
+    """The keys of `keys` on which two ModelConfigs differ, in words."""
+    return [
+        f"{k} {shown(getattr(saved, k))} (this run: {shown(getattr(model, k))})"
+        for k in keys
+        if getattr(saved, k) != getattr(model, k)
+    ]
+
+
+def load_advice(saved, model, shapes: list[str]) -> str:
+    """What to do about a checkpoint whose model differs from the run's."""
+    if saved.vocab_size != model.vocab_size:
+        return f"set vocab_size {saved.vocab_size} (the checkpoint's tokenizer) or load it with its own config"
+    if len(shapes) == 1 and shapes[0].startswith("padded_vocab_size"):  # the padding: divisible_by x TP
+        return (
             f"choose make_vocab_size_divisible_by so that it x model_parallel_size divides {saved.padded_vocab_size:,}"
         )
-    raise ConfigError(f"--load {where}: the checkpoint's model has {shapes}; {advice}")
+    return "load it with the model it was trained with"
+
+
+def check_load(where: Path, config: NeoXConfig, resume: bool) -> None:
+    """Refuse a checkpoint whose weights have other shapes than this run's model, or, for a resume, any other
+    architecture, naming each key that differs (before DeepSpeed reads it and fails on the first tensor, or the
+    run silently goes on with another model); a run that starts from the weights is warned of the rest."""
+    if not (where / "config.yml").is_file():
+        return  # a checkpoint from before config.yml: DeepSpeed's own check
+    saved, model = load_config(where / "config.yml").model, config.model
+    shapes, others = differences(saved, model, SHAPES), differences(saved, model, FUNCTION)
+    if shapes or (resume and others):
+        differ = ", ".join(shapes + (others if resume else []))
+        raise ConfigError(f"--load {where}: the checkpoint's model has {differ}; {load_advice(saved, model, shapes)}")
+    if others:
+        warnings.warn(
+            f"--load {where}: the checkpoint's model has {', '.join(others)}; its weights start a model that computes "
+            "another function",
+            stacklevel=3,
+        )
 
 
 def check_started_from(save: Path, tag: str, load: Path) -> None:
@@ -67,12 +98,14 @@ def check_started_from(save: Path, tag: str, load: Path) -> None:
     )
 
 
-def shipped_tokenizer(data: DataConfig, shards: dict) -> str | None:
+def shipped_tokenizer(data: DataConfig, manifest: dict) -> str | None:
     """The tokenizer.json that checkpoints ship: the config's (`tokenizer`, a file or a bundled name, or
-    HFTokenizer's `vocab_file`), which must be a tokenizers file, else the one the shards were built with."""
+    HFTokenizer's `vocab_file`), which must be a tokenizers file, else the one the shards were built with (while
+    it is still the file their manifest records)."""
+    shards = manifest.get("tokenizer", {})
     if data.tokenizer_file is None:
-        path = shards.get("path")
-        return path if path and Path(path).is_file() else None
+        path = manifest_tokenizer(manifest)
+        return str(path) if path is not None else None
     key = "tokenizer" if data.tokenizer else "vocab_file"
     try:
         path = resolve_tokenizer(data.tokenizer_file)
@@ -115,7 +148,7 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | 
             raise ConfigError(
                 f"finetune: --load {load} holds no checkpoint (a run's directory, or config.yml with weights)"
             )
-        check_load(Path(load) / tag if tag else Path(load), config)
+        check_load(Path(load) / tag if tag else Path(load), config, resume=False)
         weights, load = Path(load), None
     else:
         check_save(save, load)
@@ -123,15 +156,16 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | 
         warnings.warn(f"--load: no checkpoint in {load} yet ('latest' missing): starting from step 0", stacklevel=2)
         load = None
     if load is not None:
-        check_load(Path(load) / tag, config)
+        check_load(Path(load) / tag, config, resume=True)
     sources = resolve_sources(config.data)
-    shards = shards_manifest(data_directory(config.data)).get("tokenizer", {})
+    manifest = shards_manifest(data_directory(config.data))
+    shards = manifest.get("tokenizer", {})
     if shards.get("vocab_size", 0) > config.model.vocab_size:
         raise ConfigError(
             f"vocab_size: the shards' tokenizer has {shards['vocab_size']:,} ids, the model {config.model.vocab_size:,}"
         )
     check_shards(sources, config.model.vocab_size)
-    tokenizer = shipped_tokenizer(config.data, shards)
+    tokenizer = shipped_tokenizer(config.data, manifest)
     if save is None:
         warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
     return sources, tokenizer, load, weights

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from trainer import data_only
 from trainer.config import ConfigError, NeoXConfig, load_config
 from trainer.layout import pipeline_parts
 from trainer.tensor_parallel import partition_dim
@@ -40,7 +41,7 @@ def merge_layer_files(path: Path, num_layers: int) -> dict:
         raise ConfigError(f"{path}: expected layer files 0..{len(prefixes) - 1}, found {sorted(files)}")
     full = {}
     for layer, by_rank in files.items():
-        shards = [torch.load(by_rank[t], map_location="cpu", weights_only=True) for t in sorted(by_rank)]
+        shards = [data_only.load(by_rank[t]) for t in sorted(by_rank)]
         for key in shards[0]:
             name = prefixes[layer] + key
             dim = partition_dim(name)
@@ -107,8 +108,15 @@ def load_state_dict(path: Path) -> dict:
         return load_file(path / "model.safetensors")
     if is_pipelined(path):  # any TP x PP layout: one full state dict
         return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
-    module = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    return {k: v.float() for k, v in module.items()}
+    return {k: v.float() for k, v in model_states(path)["module"].items()}
+
+
+def model_states(path: Path) -> dict:
+    """DeepSpeed's model states of a checkpoint (weights, step, our client state), read as data only."""
+    states = data_only.load(path / "mp_rank_00_model_states.pt")
+    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+        raise ConfigError(f"{path / 'mp_rank_00_model_states.pt'}: holds no model states ('module')")
+    return states
 
 
 def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipelined: bool) -> dict:
@@ -125,7 +133,7 @@ def load_other_layout(engine, path: Path, config: NeoXConfig, tp_rank: int, pipe
         module.load_state_dict(local_state(full, module, tp_rank, tp, pipelined, config.model.num_layers))
         if hasattr(engine.optimizer, "refresh_fp32_params"):  # fp16/bf16/ZeRO: the fp32 masters follow the weights
             engine.optimizer.refresh_fp32_params()
-    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = model_states(path)
     step = int(states["iteration"])
     engine.lr_scheduler.last_epoch = step - 1
     with warnings.catch_warnings():  # torch warns of a schedule stepped before the optimizer: set on purpose here

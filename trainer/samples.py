@@ -16,7 +16,6 @@ reads is a function of the position alone: resuming restores the position exactl
 steps (gpt-neox's itertools.cycle grows host memory over a run).
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass, replace
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 import xxhash
 
-from pile_tools.assemble import manifest_entries, read_manifest
 from pile_tools.components import SPLITS, split_weights
 from pile_tools.indexed import check_pair, read_index
+from pile_tools.shards_dir import manifest_entries, manifest_tokenizer, read_blend, read_manifest
 from trainer.config import ConfigError, DataConfig, NeoXConfig
 from trainer.data import BlendedDataset, GPTDataset, blend_index, neox_weights
 
@@ -52,13 +51,11 @@ def check_prefix(prefix: Path, key: str) -> Path:
 
 def sources_from_blend(data_dir: Path, key: str) -> dict[str, list[Source]]:
     """Shards and weights of each split from a build-shards output's blend.json."""
-    path = data_dir / "blend.json"
-    if not path.is_file():
+    splits = read_blend(data_dir)
+    if splits is None:
         raise ConfigError(f"{key}: {data_dir} holds no blend.json (is it a build-shards output?)")
-    splits = json.loads(path.read_text())["splits"]
     return {
-        split: [Source(check_prefix(data_dir / s["prefix"], key), s["weight"]) for s in splits[split]["shards"]]
-        for split in SPLITS
+        split: [Source(check_prefix(prefix, key), weight) for prefix, weight, _ in splits[split]] for split in SPLITS
     }
 
 
@@ -361,7 +358,7 @@ def global_batch_at(config: NeoXConfig, step: int, world_size: int) -> np.ndarra
 def shards_tokenizer(data: DataConfig):
     """A decoder (ids -> text) for the run's tokenizer: the config's, else the one the shards' manifest names;
     None when neither is there."""
-    path = data.tokenizer_file or shards_manifest(data_directory(data)).get("tokenizer", {}).get("path")
+    path = data.tokenizer_file or manifest_tokenizer(shards_manifest(data_directory(data)))
     if not path or not Path(path).exists():
         return None
     from tokenizer.engine import load_reference, resolve_tokenizer

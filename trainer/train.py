@@ -21,8 +21,8 @@ from pile_tools.ground import check_writable, long_lived
 from pile_tools.runlock import RunLock
 from trainer.checkpoint import (
     choose_checkpoint,
+    has_run,
     load_training_checkpoint,
-    read_latest,
     save_training_checkpoint,
     starting_weights,
     step_of,
@@ -30,6 +30,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import NeoXConfig
 from trainer.config_keys import RunError
+from trainer.data_only import guard_deepspeed_loads
 from trainer.engine import (
     deepspeed_config,
     init_distributed,
@@ -78,6 +79,7 @@ class Trainer:
             config=deepspeed_config(config, self.world),
         )
         keep_clip_norm(self.engine)
+        guard_deepspeed_loads(self.engine)
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
@@ -332,7 +334,7 @@ class Trainer:
             return
         self.nonfinite.append(step)
         if len(self.nonfinite) >= self.config.training.stop_after_nonfinite_steps:
-            latest = read_latest(self.save) if self.save else None
+            latest = has_run(self.save) if self.save else None
             raise RunError(
                 f"steps {self.nonfinite[0]}-{step}: loss {loss}, gradient norm {grad_norm}: "
                 f"{len(self.nonfinite)} optimizer steps in a row were not finite; stopping without a "
@@ -388,6 +390,8 @@ class Trainer:
                 self.checkpoint()
                 self.timeline.restart()
             if signalled:
+                if evaluate:  # the resume starts after this step: its evaluation is made now, or never
+                    self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
                 self.reader.shutdown(wait=True, cancel_futures=True)
                 self.metrics.close()
                 kept = f"checkpoint saved in {self.save}; resume with --load {self.save}" if self.save else "no --save"

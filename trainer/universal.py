@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.config import NeoXConfig
+from trainer.data_only import dcp_load
 from trainer.layout import pipeline_parts
 from trainer.tensor_parallel import partition_dim
 
@@ -160,12 +161,10 @@ class Universal:
 
     def load(self, where: Path) -> int:
         """Read this rank's pieces of every part from `where` into the weights and the optimizer; returns the step."""
-        import torch.distributed.checkpoint as dcp
-
         step, loaded = 0, {}
         for part, params in self.parts.items():
             sd = self.state_dict(params, fill=False)
-            dcp.load(sd, checkpoint_id=where / part, process_group=self.group)
+            dcp_load(sd, where / part, self.group)
             step = int(sd.pop("step"))
             for name, q in params.items():
                 local = {k: sd[name if k == "value" else f"{name}.{k}"] for k in ("value", *MOMENTS)}

@@ -148,9 +148,10 @@ class RunLock:
             except OSError:  # removed by hand, or a filesystem's hiccup: the next beat tries again
                 pass
 
-    def age(self, lock: Path) -> float | None:
-        """Seconds since `lock` was last touched, by the filesystem's clock (the guard, touched now, gives it:
-        another host's clock may differ from ours); None when there is no lock."""
+    def age(self, lock: Path | None = None) -> float | None:
+        """Seconds since `lock` (default: this one) was last touched, by the filesystem's clock (the guard, touched
+        now, gives it: another host's clock may differ from ours); None when there is no lock."""
+        lock = lock or self.path
         os.utime(self.guard)
         try:
             touched = lock.stat().st_mtime

@@ -168,3 +168,35 @@ def test_a_reporting_destination_not_provided_is_ignored_with_a_warning_naming_i
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build({"num_layers": 2, key: False})  # unset: nothing to say
+
+
+FP16 = """
+fp16:
+  enabled: true
+  loss_scale: 0
+  initial_scale_power: 16
+  loss_scale_window: 500
+  hysteresis: 3
+  min_loss_scale: 2
+gradient_clipping: 0.7
+"""
+
+
+def test_the_deepspeed_config_of_an_fp16_run_on_a_gpu_carries_every_loss_scaling_key(tmp_path):
+    """What DeepSpeed is given for an fp16 run on CUDA, built on this CPU: each loss-scaling key and the clipping
+    equal the YAML's (every value distinct, so two keys swapped show)."""
+    from trainer.engine import deepspeed_config
+
+    path = write(tmp_path, "neox.yml", NEOX_STYLE.replace('"fp16": {"enabled": true, "type": "bfloat16"},', ""))
+    extra = write(tmp_path, "fp16.yml", FP16)
+    config = load_config([path, extra], device="cuda")
+    built = deepspeed_config(config, world_size=1)
+    assert built["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 500,
+        "hysteresis": 3,
+        "min_loss_scale": 2,
+    }
+    assert built["gradient_clipping"] == 0.7 and "bf16" not in built

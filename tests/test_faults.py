@@ -122,6 +122,27 @@ def test_a_corrupt_checkpoint_is_refused_and_train_falls_back_to_the_previous_on
     assert neox("verify", run).stdout.rstrip().endswith(": ok")
 
 
+# Steps across a power of ten (5, 10, 15): ordered by name, the fallback would take global_step5 and the pruning
+# would delete global_step10.
+ACROSS = [*SMALL, "--set", "train_iters=15", "--set", "save_interval=5", "--set", "eval_interval=0"]
+
+
+def test_the_fallback_takes_the_newest_checkpoint_by_step_not_by_name(shards, tmp_path):
+    run = tmp_path / "run"
+    train("--data", shards, "--save", run, *ACROSS, "--set", "keep_last_n_checkpoints=10")
+    assert sorted(p.name for p in run.glob("global_step*")) == ["global_step10", "global_step15", "global_step5"]
+    corrupt_middle(run / "global_step15" / "mp_rank_00_model_states.pt")
+    resumed = train("--data", shards, "--save", run, "--load", run, *ACROSS, "--set", "train_iters=16")
+    assert f"resuming from {run / 'global_step10'}, the newest checkpoint that verifies" in resumed.stderr
+    assert [s for s, _ in losses(run)][-6:] == [11, 12, 13, 14, 15, 16]
+
+
+def test_pruning_keeps_the_newest_checkpoints_by_step_not_by_name(shards, tmp_path):
+    run = tmp_path / "run"
+    train("--data", shards, "--save", run, *ACROSS)  # keep_last_n_checkpoints: 2
+    assert sorted(p.name for p in run.glob("global_step*")) == ["global_step10", "global_step15"]
+
+
 # Finding 3, the rest: non-finite values end the run, and never reach a checkpoint.
 def test_non_finite_losses_stop_the_run_without_a_checkpoint(shards, tmp_path):
     hot = ["--set", "lr=1.0e+6", "--set", "gradient_clipping=0.0", "--set", "train_iters=40"]
@@ -318,9 +339,16 @@ def die_on(module, name):
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     setattr(module, name, wrapped)
-import torch, pile_tools.checksums, pile_tools.rundir, trainer.checkpoint
-target = {"torch.save": (torch, "save"), "hash": (pile_tools.checksums, "file_hash"),
-          "checksums": (trainer.checkpoint, "write_checksums"), "latest": (pile_tools.rundir, "write_text")}[point]
+import deepspeed, torch, pile_tools.checksums, pile_tools.rundir, trainer.checkpoint, trainer.train
+target = {
+    "start-up": (deepspeed, "initialize"),  # the engine being built, the lock held
+    "step": (trainer.train.Trainer, "train_step"),  # the k-th training step of this run, before it runs
+    "evaluation": (trainer.train.Trainer, "evaluate"),
+    "torch.save": (torch, "save"),  # inside a save: DeepSpeed's files, the RNG states
+    "hash": (trainer.checkpoint, "hash_files"),  # a save's hashing (a resume's verification hashes too)
+    "checksums": (trainer.checkpoint, "write_checksums"),
+    "latest": (pile_tools.rundir, "write_text"),
+}[point]
 die_on(*target)
 import cli
 cli.main(sys.argv[1:])
@@ -415,31 +443,42 @@ def test_each_machines_ranks_share_out_all_the_files_to_sync():
     assert machine() == machine() != ""
 
 
+# Where the SIGKILLs land: each kind of moment, in a seeded order, the call it lands on drawn small enough that
+# every kill meets a live process (a save-phase kill within the run's next 2 saves, 10 steps; a step kill within 4
+# steps; an evaluation within 25): the 10 runs take at most 87 of the 100 steps, so none finishes before its kill.
+MOMENTS = [
+    ("start-up", (1, 1)),
+    ("step", (1, 4)),
+    ("step", (1, 4)),
+    ("step", (1, 4)),
+    ("evaluation", (1, 1)),
+    ("torch.save", (1, 2)),
+    ("hash", (1, 2)),
+    ("checksums", (1, 2)),
+    ("latest", (1, 2)),
+    ("torch.save", (1, 2)),
+]
+
+
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resumes_exactly(shards, tmp_path):
-    """10 SIGKILLs, at random times and inside saves (torch.save, hashing, checksums.json, `latest`), each resumed
-    with --load: `latest` always verifies, and the losses and weights equal an uninterrupted run's."""
+def test_sigkill_at_chosen_moments_never_loses_a_checkpoint_and_resumes_exactly(shards, tmp_path):
+    """10 SIGKILLs, each at a moment the run reaches for sure: start-up, a training step, an evaluation, or inside
+    a save (torch.save, hashing, checksums.json, `latest`), each followed by --load: `latest` always verifies, and
+    the losses and weights equal an uninterrupted run's. The kills land by construction (the run kills itself at
+    the named call), never by the clock, so a loaded machine changes nothing."""
     reference = tmp_path / "reference"
     train("--data", shards, "--save", reference, *LONG)
     run, rng = tmp_path / "run", random.Random(11)
     args = [*TINY, "--data", shards, "--save", run, "--load", run, *LONG]
-    kills = 0
-    for moment in range(10):
-        if moment % 2:  # inside a save
-            point = rng.choice(["torch.save", "hash", "checksums", "latest"])
-            env = {**os.environ, "KILL_AT": f"{point}:{rng.randint(1, 4)}"}
-            done = subprocess.run(
-                [sys.executable, "-c", KILLER, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True
-            )
-        else:  # at a random time: start-up, training, evaluation or a save
-            proc = subprocess.Popen(command(*args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(2, 9))
-            proc.send_signal(signal.SIGKILL)
-            done = proc
-            proc.wait()
-        kills += done.returncode == -signal.SIGKILL
-        assert latest_verifies(run), f"after kill {moment}, latest does not verify"
-    assert kills >= 5  # most moments hit a live process (a few runs may finish before their kill point)
+    moments = rng.sample(MOMENTS, len(MOMENTS))
+    for point, (low, high) in moments:
+        env = {**os.environ, "KILL_AT": f"{point}:{rng.randint(low, high)}"}
+        done = subprocess.run(
+            [sys.executable, "-c", KILLER, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == -signal.SIGKILL, (point, done.returncode, done.stderr[-2000:])
+        assert latest_verifies(run), f"after a kill at {point}, latest does not verify"
+    assert losses(run)[-1][0] < 100  # no run finished before its kill
     neox(*args)
     assert losses(run) == losses(reference)
     assert (run / "latest").read_text() == "global_step100" and latest_verifies(run)

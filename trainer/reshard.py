@@ -108,14 +108,17 @@ def load_state_dict(path: Path) -> dict:
         return load_file(path / "model.safetensors")
     if is_pipelined(path):  # any TP x PP layout: one full state dict
         return merge_layer_files(path, load_config(path / "config.yml").model.num_layers)
-    return {k: v.float() for k, v in model_states(path)["module"].items()}
+    module = model_states(path).get("module")
+    if not isinstance(module, dict):
+        raise ConfigError(f"{path / 'mp_rank_00_model_states.pt'}: holds no weights ('module')")
+    return {k: v.float() for k, v in module.items()}
 
 
 def model_states(path: Path) -> dict:
     """DeepSpeed's model states of a checkpoint (weights, step, our client state), read as data only."""
     states = data_only.load(path / "mp_rank_00_model_states.pt")
-    if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
-        raise ConfigError(f"{path / 'mp_rank_00_model_states.pt'}: holds no model states ('module')")
+    if not isinstance(states, dict) or not isinstance(states.get("iteration", 0), int):
+        raise ConfigError(f"{path / 'mp_rank_00_model_states.pt'}: not DeepSpeed's model states")
     return states
 
 

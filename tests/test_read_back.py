@@ -316,6 +316,19 @@ def test_a_resume_with_garbage_in_latest_takes_the_newest_checkpoint_that_verifi
     assert (run / "latest").read_text() == "global_step7"
 
 
+@pytest.mark.parametrize(
+    "text,message",
+    [("{{{", "config.yml: not valid YAML at line 1"), ("num_layers: 3\n", "its weights are not the model its config")],
+)
+def test_a_checkpoint_config_that_does_not_fit_its_weights_is_one_line(crafted_run, tmp_path, text, message):
+    run, _ = crafted_run
+    (run / "global_step6" / "config.yml").write_text(text)
+    vouch(run / "global_step6")  # edited by hand, checksums and all
+    result = Cli()("export-hf", run, "--output", tmp_path / "hf")
+    assert result.exit_code == 1
+    assert_clean_error(result.output, message)
+
+
 def test_checksums_naming_a_file_outside_their_checkpoint_do_not_verify(crafted_run):
     run, _ = crafted_run
     path = run / "global_step6" / "checksums.json"

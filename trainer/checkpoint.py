@@ -106,7 +106,12 @@ def load_checkpoint(path: str | Path, device="cpu") -> tuple[GPTNeoX, NeoXConfig
     verify_checkpoint(path)
     config = load_config(path / "config.yml")
     model = GPTNeoX(config.model)
-    model.load_state_dict(load_state_dict(path))
+    weights = load_state_dict(path)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing or unexpected keys, other shapes
+        first = " ".join(str(e).split("\n\t")[1:2]) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: its weights are not the model its config.yml describes ({first[:300]})") from None
     return model.to(device), config
 
 

@@ -227,8 +227,13 @@ def read_config_file(path: str | Path) -> dict:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(raw, dict):
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        why = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{line} ({why})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a config file") from None
+    if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         raise ConfigError(f"{path}: a config is a mapping of keys to values")
     return {k.replace("-", "_"): v for k, v in raw.items()}

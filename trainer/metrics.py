@@ -53,9 +53,10 @@ def peak_flops(device_name: str) -> float | None:
 def step_of_line(line: str) -> int | None:
     """The step of a metrics.jsonl line, or None for a line cut short."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):  # a line cut short by a crash or a full disk
         return None
+    return step if type(step) is int else None  # a line edited by hand is no step's record
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -24,8 +24,7 @@ def baseline(corpus: Path, vocab_size: int, out: Path) -> None:
     import zstandard
     from tokenizers import pre_tokenizers, trainers
 
-    from tokenizer.engine import SPECIALS
-    from tokenizer.train import SPACE_RUNS, build_tokenizer
+    from tokenizer.train import SPACE_RUNS, SPECIALS, build_tokenizer
 
     texts = []
     for path in sorted(corpus.glob("*.jsonl.zst")):

@@ -20,7 +20,7 @@ from pile_tools.ground import InputError, writing
 from pile_tools.indexed import Shard, write_index
 from pile_tools.join import RANK_MARK, JoinedShard, PartNotWhole, read_receipt
 from pile_tools.reader import report_skips
-from pile_tools.shards_dir import PLAN, write_blend, write_manifest
+from pile_tools.shards_dir import remove_plan, write_blend, write_manifest
 
 
 def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
@@ -312,5 +312,5 @@ def assemble(
     manifest = record_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, timings)
     report_skips(manifest["skipped"], manifest["skip_examples"], echo)
     remove_parts(out / ".parts")
-    (out / PLAN).unlink(missing_ok=True)
+    remove_plan(out)
     return manifest

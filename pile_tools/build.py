@@ -10,13 +10,14 @@ import os
 import shutil
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tqdm import tqdm
 
 from pile_tools.assemble import assemble
 from pile_tools.components import load_epochs, split_weights
+from pile_tools.encoding import ENGINES, choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
 from pile_tools.ground import InputError
 from pile_tools.indexed import token_dtype
 from pile_tools.join import RANK_MARK, Joiner, holds_its_tokens, whole_part_problem
@@ -24,8 +25,16 @@ from pile_tools.parts import PartConfig, cached_encoder, process_part, split_thr
 from pile_tools.reader import HF_PREFIX, Part, cut_into_parts, discover, guard_sample, part_bytes
 from pile_tools.runlock import NAME as LOCK
 from pile_tools.runlock import RunLock
-from pile_tools.shards_dir import MANIFEST, PLAN, fingerprint, read_fingerprint, read_plan, write_plan
-from tokenizer.engine import ENGINES, choose_engine, eod_id, file_sha256, load_reference, resolve_tokenizer
+from pile_tools.shards_dir import (
+    MANIFEST,
+    PLAN,
+    fingerprint,
+    has_manifest,
+    read_plan,
+    remove_plan,
+    run_fingerprints,
+    write_plan,
+)
 
 
 def parse_split(split: str) -> list[float]:
@@ -47,21 +56,42 @@ def describe_input(source: str) -> dict:
     return {"path": source, "size": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
-def work_plan(inputs, tokenizer, *, split, weights, component, part_size, max_doc_bytes, materialize, seed) -> dict:
+@dataclass(frozen=True)
+class BuildOptions:
+    """build-shards' options, built once by its command and passed whole: what decides the output bytes (recorded
+    in plan.json, whose hash is the run's fingerprint), then how the work is run (which never changes them)."""
+
+    split: str = "995,4,1"  # train,valid,test weights
+    weights: str = "pile"  # epochs per component: pile, none, or a JSON file
+    component: str | None = None  # for documents without meta.pile_set_name (default: the file's name)
+    part_size: int = 256 << 20  # uncompressed .jsonl inputs are cut into parts of this many bytes
+    max_doc_bytes: int = 0  # longer documents are skipped and counted; 0: no limit
+    materialize: bool = False  # also write the train split's repeats as one dataset
+    seed: int = 1234  # of --materialize's fractions
+    workers: int = 1  # encoding processes
+    rank: int = 0  # this process's share of the parts, of world_size
+    world_size: int = 1
+    strict: bool = False  # a bad line is an error, not a counted skip
+
+    def decisive(self) -> dict:
+        """The options plan.json records: those that decide the bytes, --split checked and parsed."""
+        return {
+            "split": parse_split(self.split),
+            "weights": self.weights,
+            "component": self.component,
+            "part_size": self.part_size,
+            "max_doc_bytes": self.max_doc_bytes,
+            "materialize": self.materialize,
+            "seed": self.seed,
+        }
+
+
+def work_plan(inputs, tokenizer, options: BuildOptions) -> dict:
     """Everything that decides the output, checked and resolved before any work."""
     sources = discover(inputs)
     tok_path = resolve_tokenizer(tokenizer)
     reference = load_reference(tok_path)
-    load_epochs(weights)  # fail now on a bad --weights, not after the encoding
-    options = {
-        "split": parse_split(split),
-        "weights": weights,
-        "component": component,
-        "part_size": part_size,
-        "max_doc_bytes": max_doc_bytes,
-        "materialize": materialize,
-        "seed": seed,
-    }
+    load_epochs(options.weights)  # fail now on a bad --weights, not after the encoding
     vocab = reference.get_vocab_size(with_added_tokens=True)
     plan = {
         "tokenizer": {
@@ -71,9 +101,9 @@ def work_plan(inputs, tokenizer, *, split, weights, component, part_size, max_do
             "eod": eod_id(reference, tok_path),
             "dtype": token_dtype(vocab).name,
         },
-        "options": options,
+        "options": options.decisive(),
         "inputs": [describe_input(s) for s in sources],
-        "parts": [asdict(p) for p in cut_into_parts(sources, part_size)],
+        "parts": [asdict(p) for p in cut_into_parts(sources, options.part_size)],
     }
     plan["fingerprint"] = fingerprint(plan)
     return plan
@@ -89,23 +119,22 @@ def claim_output(out: Path, plan: dict) -> bool:
 
     A different run's plan.json with no committed part (a run that failed at once), or a damaged one, is no work
     to protect."""
-    for name in (MANIFEST, PLAN):
-        if (out / name).is_file():
-            try:
-                theirs = read_fingerprint(out / name)
-            except InputError:
-                if name == MANIFEST or committed_parts(out):
-                    raise
-                theirs = None
-            if theirs == plan["fingerprint"]:
-                return name == MANIFEST
-            if name == MANIFEST or committed_parts(out):
-                raise InputError(
-                    f"{out} holds the shards of a different run ({name} fingerprint {theirs}, this run "
-                    f"{plan['fingerprint']}: inputs, tokenizer or options differ); use another --output or remove it"
-                )
-            shutil.rmtree(out / ".parts", ignore_errors=True)
-            (out / PLAN).unlink()
+    try:
+        found = run_fingerprints(out)
+    except InputError:
+        if has_manifest(out) or committed_parts(out):
+            raise
+        found = [(PLAN, None)]
+    for name, theirs in found:
+        if theirs == plan["fingerprint"]:
+            return name == MANIFEST
+        if name == MANIFEST or committed_parts(out):
+            raise InputError(
+                f"{out} holds the shards of a different run ({name} fingerprint {theirs}, this run "
+                f"{plan['fingerprint']}: inputs, tokenizer or options differ); use another --output or remove it"
+            )
+        shutil.rmtree(out / ".parts", ignore_errors=True)
+        remove_plan(out)
     if out.is_dir() and any(not p.name.startswith(LOCK) for p in out.iterdir()):
         raise InputError(f"{out} is not empty and holds no neox-data run; use an empty or new --output directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -213,9 +242,7 @@ class WrongGuess(Exception):
         self.engine = engine
 
 
-def encode_parts(
-    todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, *, workers: int, strict: bool, echo, timings, joiner
-):
+def encode_parts(todo: list[Part], n_parts: int, plan: dict, parts_dir: Path, run: BuildOptions, echo, timings, joiner):
     """Encode the parts on `workers` processes with the first engine whose ids equal `tokenizers`' on a sample of
     them. One process checks first (the check would take the encoder's cores); workers start at once with the
     first engine while the check runs beside them, and the parts start again with the engine it chose if that
@@ -231,9 +258,10 @@ def encode_parts(
         split_thresholds=split_thresholds(options["split"]),
         component=options["component"],
         max_doc_bytes=options["max_doc_bytes"],
-        strict=strict,
-        threaded=workers <= 1,
+        strict=run.strict,
+        threaded=run.workers <= 1,
     )
+    workers = run.workers
     with Workers(workers, tokenizer["path"]) as pool, ThreadPoolExecutor(1) as checker:
         verdict = checker.submit(lambda: choose_engine(path, guard_sample(todo, options["component"]), echo))
         if pool.pool is None:
@@ -265,20 +293,18 @@ def encode_with(pool: Workers, todo, n_parts: int, config: PartConfig, parts_dir
         progress.bar.close()
 
 
-def build_shards(inputs, tokenizer, output, *, workers=1, rank=0, world_size=1, strict=False, echo=print, **opts):
+def build_shards(inputs, tokenizer, output, options: BuildOptions, echo=print):
     """Run build-shards; returns the output directory once final shards are there, else None (a rank's share).
     One process per output directory (per rank, with --world-size): a second is refused, naming the first."""
     start = time.time()
-    plan = work_plan(inputs, tokenizer, **opts)
+    plan = work_plan(inputs, tokenizer, options)
     timings = {"plan_parts": time.time() - start}
     out = Path(output)
-    one = world_size == 1
-    lock = LOCK if one else f"{LOCK}-rank{rank}"
-    with RunLock(
-        out, lock, str(out) if one else f"{out} (rank {rank})", excludes=(f"{LOCK}-rank*",) if one else (LOCK,)
-    ):
-        run = dict(workers=workers, rank=rank, world_size=world_size, strict=strict, echo=echo)
-        return run_build(out, plan, start, timings, **run)
+    one = options.world_size == 1
+    lock = LOCK if one else f"{LOCK}-rank{options.rank}"
+    what = str(out) if one else f"{out} (rank {options.rank})"
+    with RunLock(out, lock, what, excludes=(f"{LOCK}-rank*",) if one else (LOCK,)):
+        return run_build(out, plan, start, timings, options, echo)
 
 
 def give_back_unfit(parts_dir: Path, mine: list[int], echo) -> None:
@@ -310,7 +336,7 @@ def mark_rank(parts_dir: Path, rank: int, world_size: int) -> None:
     (parts_dir / f"{RANK_MARK}{rank}-of-{world_size}").touch()
 
 
-def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, rank, world_size, strict, echo):
+def run_build(out: Path, plan: dict, start: float, timings: dict, options: BuildOptions, echo):
     """build_shards' work, once this process holds the output directory (or its rank's share)."""
     if claim_output(out, plan):
         echo(f"{out} already holds this run's shards (manifest.json); nothing to do")
@@ -318,6 +344,7 @@ def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, ra
     parts = [Part(**p) for p in plan["parts"]]
     parts_dir = out / ".parts"
     parts_dir.mkdir(exist_ok=True)
+    rank, world_size = options.rank, options.world_size
     mine = [p.index for p in parts if p.index % world_size == rank]
     for stale in parts_dir.glob("*.tmp-*"):  # another rank's, in a shared directory, may be under way
         if stale.name[:5].isdigit() and int(stale.name[:5]) in mine:
@@ -333,8 +360,7 @@ def run_build(out: Path, plan: dict, start: float, timings: dict, *, workers, ra
     ]
     try:
         if todo:
-            run = dict(workers=workers, strict=strict, echo=echo, timings=timings, joiner=joiner)
-            encode_parts(todo, len(parts), plan, parts_dir, **run)
+            encode_parts(todo, len(parts), plan, parts_dir, options, echo, timings, joiner)
         if joiner is None:
             echo(
                 f"rank {rank} of {world_size}: its parts are in {parts_dir}; when every rank is done, run "

@@ -94,15 +94,34 @@ def check_files(directory: Path, recorded: dict, names: list[str]) -> list[str]:
     return problems
 
 
-def verify_directory(directory: Path, part: tuple[int, int] = (0, 1)) -> list[str] | None:
+def verify_directory(directory: Path, part: tuple[int, int] = (0, 1), pool=None, progress=None) -> list[str] | None:
     """Problems of a directory against its checksums.json; [] when it verifies, None when it has none.
-    part=(i, n) checks only every n-th recorded file from the i-th, for n processes sharing the work."""
+    part=(i, n) checks only every n-th recorded file from the i-th, for n processes sharing the work; `pool`, a
+    thread pool to hash the files on, `progress(bytes)` told of each file checked."""
     recorded = read_checksums(directory)
     if recorded is None:
         return None
     if recorded.get("unreadable"):
         return [recorded["unreadable"]] if part[0] == 0 else []
-    return check_files(directory, recorded, sorted(recorded["files"])[part[0] :: part[1]])
+
+    def check(name: str) -> list[str]:
+        problems = check_files(directory, recorded, [name])
+        if progress is not None:
+            progress(recorded["files"][name]["size"])
+        return problems
+
+    names = sorted(recorded["files"])[part[0] :: part[1]]
+    return [line for lines in (pool.map(check, names) if pool else map(check, names)) for line in lines]
+
+
+def has_checksums(directory: Path) -> bool:
+    """Whether a directory carries a checksums.json (a checkpoint saved whole, since checksums)."""
+    return (Path(directory) / NAME).is_file()
+
+
+def recorded_bytes(directory: Path) -> int:
+    """The bytes of the files a directory's checksums.json records (0 without a readable one)."""
+    return sum(f["size"] for f in (read_checksums(directory) or {}).get("files", {}).values())
 
 
 def first_problem(problems: list[str]) -> str:

@@ -49,7 +49,7 @@ from pile_tools.ground import Size, echo_err, run_reporting_errors
 )
 @click.option("--max-doc-bytes", type=Size(), default=0, help="Skip (and count) longer documents; 0: no limit.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad line instead of skipping it.")
-def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, **opts):
+def build_shards(inputs, tokenizer, output, **options):
     """Tokenize Pile-format text into Megatron .bin/.idx shards, one per split and component.
 
     \b
@@ -67,22 +67,15 @@ def build_shards(inputs, tokenizer, output, workers, rank, world_size, strict, *
     The released Pile's train files (00.jsonl.zst ... 29.jsonl.zst) are ALREADY upsampled: build them with
     --weights none. --weights pile is for component-wise, not yet upsampled input.
     """
+    from pile_tools.build import BuildOptions
     from pile_tools.build import build_shards as run
 
-    if not 0 <= rank < world_size:
-        raise click.BadParameter(f"--rank {rank} must be in [0, --world-size {world_size})", param_hint="--rank")
-    out = run_reporting_errors(
-        run,
-        list(inputs),
-        tokenizer,
-        output,
-        workers=workers,
-        rank=rank,
-        world_size=world_size,
-        strict=strict,
-        echo=echo_err,
-        **opts,
-    )
+    options = BuildOptions(**options)
+    if not 0 <= options.rank < options.world_size:
+        raise click.BadParameter(
+            f"--rank {options.rank} must be in [0, --world-size {options.world_size})", param_hint="--rank"
+        )
+    out = run_reporting_errors(run, list(inputs), tokenizer, output, options, echo=echo_err)
     if out is not None:
         click.echo(f"shards in {out}  (blend.json, manifest.json; look inside with: neox-data inspect {out})")
 

@@ -7,28 +7,29 @@ import numpy as np
 
 from pile_tools.ground import InputError
 from pile_tools.indexed import Shard, check_pair
-from pile_tools.shards_dir import manifest_tokenizer, read_manifest
+from pile_tools.shards_dir import directory_of, has_manifest, manifest_tokenizer, read_manifest
 
 
 def find_shards(target: Path) -> tuple[list[Path], Path | None]:
-    """Shard prefixes under a build-shards directory (or the one prefix given), and its manifest if any."""
+    """Shard prefixes under a build-shards directory (or the one prefix given), and that directory when it holds
+    a manifest."""
     if target.is_dir():
         prefixes = sorted(p.with_suffix("") for p in target.rglob("*.idx") if ".parts" not in p.parts)
-        manifest = target / "manifest.json"
+        directory = target
     else:
         prefix = target.with_suffix("") if target.suffix in (".bin", ".idx") else target
         prefixes = [prefix] if Path(f"{prefix}.idx").is_file() else []
-        manifest = prefix.parent.parent / "manifest.json"
+        directory = directory_of(prefix)
     if not prefixes:
         raise InputError(f"{target}: no .bin/.idx shards found")
-    return prefixes, manifest if manifest.is_file() else None
+    return prefixes, directory if has_manifest(directory) else None
 
 
 def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -> None:
     """Print the table; an InputError after it when any pair is corrupt (so the command exits non-zero)."""
     root = Path(target)
-    prefixes, manifest_path = find_shards(root)
-    manifest = read_manifest(manifest_path) if manifest_path else None
+    prefixes, directory = find_shards(root)
+    manifest = read_manifest(directory) if directory else None
     decoder = load_decoder(tokenizer, manifest) if decode else None
     base = root if root.is_dir() else prefixes[0].parent
     echo(f"{'shard':<40} {'dtype':>6} {'documents':>10} {'tokens':>13} {'tok/doc':>8}  check")
@@ -70,7 +71,7 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
 
 def load_decoder(tokenizer: str | None, manifest: dict | None):
     """A decoder for --decode: the tokenizer given, else the manifest's, with a warning if they differ."""
-    from tokenizer.engine import file_sha256, load_reference, resolve_tokenizer
+    from pile_tools.encoding import file_sha256, load_reference, resolve_tokenizer
 
     if tokenizer is None and manifest is None:
         raise InputError("--decode needs --tokenizer: there is no manifest.json naming the one used")

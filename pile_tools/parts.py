@@ -19,10 +19,10 @@ import numpy as np
 import xxhash
 
 from pile_tools.components import SPLITS, slugify
+from pile_tools.encoding import Encoder
 from pile_tools.ground import InputError, prefetch, writing
 from pile_tools.indexed import ShardWriter
 from pile_tools.reader import Part, PartReader, Skips, batched_by_chars
-from tokenizer.engine import Encoder
 
 BATCH_CHARS = 4 << 20  # text per encode call: large enough to amortise the call, small enough to stream
 

@@ -83,9 +83,14 @@ class Plan(Record):
     parts: list[PlanPart]
 
 
+def blend_file(directory: Path) -> Path:
+    """Where a directory's blend.json is (for messages; read it with read_blend)."""
+    return Path(directory) / BLEND
+
+
 def read_blend(directory: Path) -> dict[str, list[tuple[Path, float, dict]]] | None:
     """(shard prefix inside `directory`, weight, blend.json's row) of each split's shards; None without a blend.json."""
-    path = Path(directory) / BLEND
+    path = blend_file(directory)
     if not path.is_file():
         return None
     splits = read_record(path, Blend)["splits"]
@@ -103,9 +108,21 @@ def write_blend(directory: Path, blend: dict) -> None:
     write_json(Path(directory) / BLEND, blend)
 
 
-def read_manifest(path: Path) -> dict:
-    """A build-shards manifest.json, checked; {} where there is none (shards of Megatron or gpt-neox)."""
-    return read_record(path, Manifest) if Path(path).is_file() else {}
+def directory_of(prefix: Path) -> Path:
+    """The build-shards directory a shard prefix DIR/<split>/<component> lies in."""
+    return Path(prefix).parent.parent
+
+
+def has_manifest(directory: Path) -> bool:
+    """Whether a directory holds a finished build-shards run's manifest.json."""
+    return (Path(directory) / MANIFEST).is_file()
+
+
+def read_manifest(directory: Path) -> dict:
+    """A build-shards directory's manifest.json, checked; {} where there is none (shards of Megatron or
+    gpt-neox)."""
+    path = Path(directory) / MANIFEST
+    return read_record(path, Manifest) if path.is_file() else {}
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
@@ -121,7 +138,7 @@ def manifest_entries(manifest: dict) -> dict[str, dict]:
 def manifest_tokenizer(manifest: dict) -> Path | None:
     """The tokenizer file the shards were built with, when it is still where the manifest says, with the sha256
     it records (a file since changed, or a path edited in, is not taken for it); None otherwise."""
-    from tokenizer.engine import file_sha256
+    from pile_tools.encoding import file_sha256
 
     recorded = manifest.get("tokenizer")
     if not recorded or not Path(recorded["path"]).is_file():
@@ -154,11 +171,25 @@ def write_plan(directory: Path, plan: dict) -> None:
     write_json(Path(directory) / PLAN, plan)
 
 
-def read_fingerprint(path: Path) -> str:
-    """The fingerprint a plan.json or manifest.json records (a finished run's manifest keeps its plan's)."""
-    if Path(path).name == PLAN:
-        return read_plan(Path(path).parent)["fingerprint"]
-    record = read_record(path, Manifest)
-    if not isinstance(record.get("fingerprint"), str):
-        raise InputError(f"{path}: fingerprint: missing")
-    return record["fingerprint"]
+def run_fingerprints(directory: Path) -> list[tuple[str, str]]:
+    """(file, fingerprint) of the runs a directory holds: its manifest.json's (a finished run keeps its plan's),
+    then its plan.json's; an InputError naming a file that cannot be read."""
+    found = []
+    if has_manifest(directory):
+        record = read_manifest(directory)
+        if not isinstance(record.get("fingerprint"), str):
+            raise InputError(f"{Path(directory) / MANIFEST}: fingerprint: missing")
+        found.append((MANIFEST, record["fingerprint"]))
+    if (Path(directory) / PLAN).is_file():
+        found.append((PLAN, read_plan(directory)["fingerprint"]))
+    return found
+
+
+def has_plan(directory: Path) -> bool:
+    """Whether a directory holds a run under way (its plan.json)."""
+    return (Path(directory) / PLAN).is_file()
+
+
+def remove_plan(directory: Path) -> None:
+    """Drop a directory's plan.json: its run is done, or gave way to another."""
+    (Path(directory) / PLAN).unlink(missing_ok=True)

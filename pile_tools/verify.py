@@ -18,13 +18,12 @@ import numpy as np
 import xxhash
 from tqdm import tqdm
 
-from pile_tools.checksums import NAME as CHECKSUMS
-from pile_tools.checksums import check_files, read_checksums
+from pile_tools.checksums import recorded_bytes, verify_directory
 from pile_tools.ground import InputError
 from pile_tools.indexed import check_pair, read_index
 from pile_tools.inspect import find_shards
-from pile_tools.rundir import LATEST, read_latest
-from pile_tools.shards_dir import BLEND, manifest_entries, read_blend, read_manifest
+from pile_tools.rundir import checkpoints_in, holds_unvouched_checkpoints, latest_file, read_latest
+from pile_tools.shards_dir import BLEND, blend_file, manifest_entries, read_blend, read_manifest
 
 CHUNK = 32 << 20  # bytes of .bin per read: large enough for numpy and xxhash to run at memory speed
 MAX_LINES = 20  # problems of one kind listed per shard; the count is always complete
@@ -135,7 +134,7 @@ def check_blend(root: Path) -> list[str]:
     problems = []
     for split, shards in (splits or {}).items():
         if shards and sum(weight for _, weight, _ in shards) <= 0:
-            problems.append(f"{root / BLEND}: the {split} shards' weights sum to 0")
+            problems.append(f"{blend_file(root)}: the {split} shards' weights sum to 0")
         for prefix, _, row in shards:
             if not Path(f"{prefix}.idx").is_file():
                 problems.append(f"{BLEND}: {split} shard {row['prefix']} does not exist")
@@ -148,14 +147,6 @@ def check_blend(root: Path) -> list[str]:
     return problems
 
 
-def checkpoints_in(root: Path) -> list[Path]:
-    """The checkpoints a target names: itself when it holds checksums.json, else those of a run, by step."""
-    if (root / CHECKSUMS).is_file():
-        return [root]
-    found = [p.parent for p in root.glob(f"*/{CHECKSUMS}")] if root.is_dir() else []
-    return sorted(found, key=lambda p: (len(p.name), p.name))
-
-
 def check_latest(root: Path, checkpoints: list[Path]) -> list[str]:
     """A run's `latest` names one of its checkpoints."""
     try:
@@ -164,26 +155,13 @@ def check_latest(root: Path, checkpoints: list[Path]) -> list[str]:
         return [str(e)]
     if tag is None or root / tag in checkpoints:
         return []
-    return [f"{root / LATEST}: names {tag}, which holds no checkpoint with checksums"]
-
-
-def verify_checkpoint(where: Path, recorded: dict, pool: ThreadPoolExecutor, progress) -> list[str]:
-    """The problems of one checkpoint's files against its checksums.json (`recorded`), hashed on the pool."""
-    if recorded.get("unreadable"):
-        return [recorded["unreadable"]]
-
-    def check(name: str) -> list[str]:
-        problems = check_files(where, recorded, [name])
-        progress(recorded["files"][name]["size"])
-        return problems
-
-    return [line for lines in pool.map(check, sorted(recorded["files"])) for line in lines]
+    return [f"{latest_file(root)}: names {tag}, which holds no checkpoint with checksums"]
 
 
 def vocabulary(tokenizer: str | None, manifest: dict) -> tuple[int | None, int | None, str]:
     """(vocabulary size, EOD id, where they came from): --tokenizer, else the manifest's, else unknown."""
     if tokenizer is not None:
-        from tokenizer.engine import eod_id, load_reference, resolve_tokenizer
+        from pile_tools.encoding import eod_id, load_reference, resolve_tokenizer
 
         path = resolve_tokenizer(tokenizer)
         reference = load_reference(path)
@@ -203,17 +181,17 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
             checkpoints += found
             problems += check_latest(root, found)
             continue
-        if any(root.glob("global_step*")) or any(root.glob("mp_rank_*_model_states.pt")):
+        if holds_unvouched_checkpoints(root):
             raise InputError(f"{root}: checkpoints without checksums.json (saved before they carried checksums)")
-        prefixes, manifest_path = find_shards(root)
+        prefixes, directory = find_shards(root)
         try:
-            manifest = read_manifest(manifest_path) if manifest_path else {}
+            manifest = read_manifest(directory) if directory else {}
         except InputError as e:  # its records cannot vouch for the shards: the rest of the audit goes on
             problems.append(str(e))
             manifest = {}
         vocab, eod, source = vocabulary(tokenizer, manifest)
         if vocab is None:
-            why = "no readable manifest.json" if manifest_path else "no manifest.json"
+            why = "no readable manifest.json" if directory else "no manifest.json"
             echo(f"note: {target}: {why} and no --tokenizer, so ids and EOD are not checked")
         entries = manifest_entries(manifest)
         for prefix in prefixes:
@@ -223,8 +201,7 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
             problems += check_blend(root)
     size = {p: os.path.getsize(f"{p}.bin") if os.path.exists(f"{p}.bin") else 0 for p, *_ in jobs}
     jobs.sort(key=lambda j: -size[j[0]])  # largest first: the threads finish together
-    recorded = [read_checksums(c) for c in checkpoints]
-    total = sum(size.values()) + sum(f["size"] for r in recorded for f in r.get("files", {}).values())
+    total = sum(size.values()) + sum(recorded_bytes(c) for c in checkpoints)
     start = time.perf_counter()
     with tqdm(
         total=total, unit="B", unit_scale=True, desc="verifying", dynamic_ncols=True, leave=False, disable=None
@@ -233,8 +210,8 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
             results = pool.map(lambda j: verify_shard(*j, bar.update), jobs)
             for lines in results:
                 problems += lines
-            for checkpoint, checksums in zip(checkpoints, recorded):
-                problems += verify_checkpoint(checkpoint, checksums, pool, bar.update)
+            for checkpoint in checkpoints:
+                problems += verify_directory(checkpoint, pool=pool, progress=bar.update)
     for line in problems:
         echo(line)
     seconds = time.perf_counter() - start

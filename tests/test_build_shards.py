@@ -213,7 +213,7 @@ def test_hf_dataset_input_streams(tmp_path, run):
 
 def gigatoken_off_by_one(monkeypatch) -> None:
     """Make gigatoken give one wrong id (in this process only: spawned workers are left as they are)."""
-    from tokenizer import engine
+    from pile_tools import encoding as engine
 
     real = engine.Encoder.encode
 
@@ -228,7 +228,7 @@ def gigatoken_off_by_one(monkeypatch) -> None:
 
 
 def test_engine_guard_falls_back_on_mismatch(monkeypatch):
-    from tokenizer import engine
+    from pile_tools import encoding as engine
 
     gigatoken_off_by_one(monkeypatch)
     warnings = []

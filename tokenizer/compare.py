@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pile_tools.encoding import BUILTIN, Encoder, choose_engine, load_reference, resolve_tokenizer
 from pile_tools.ground import InputError, check_writable, prefetch, save_figure, write_text
 from pile_tools.reader import (
     Skips,
@@ -21,7 +22,6 @@ from pile_tools.reader import (
     read_documents,
     report_skips,
 )
-from tokenizer.engine import BUILTIN, Encoder, choose_engine, load_reference, resolve_tokenizer
 
 WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")
 BATCH_CHARS = 8 << 20

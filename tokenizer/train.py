@@ -20,14 +20,30 @@ from pathlib import Path
 from pile_tools.components import epochs_for, load_epochs
 from pile_tools.ground import InputError, check_writable, prefetch, write_json, write_text
 from pile_tools.reader import Part, Skips, cut_into_parts, discover, read_documents, report_skips
-from tokenizer.engine import SPECIALS, transformers_files
 
+SPECIALS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, as in GPT-NeoX-20B's tokenizer
 CACHE_BYTES = 1 << 30  # inputs up to this much text are read once and kept, larger ones are read twice
 SPACE_RUNS = [" " * n for n in range(24, 1, -1)]  # longest first, as in the released file
 FIXED_IDS = len(SPECIALS) + 256 + len(SPACE_RUNS)
 # Where encoding splits the text before pre-tokenization: the space runs (24 at a time, the remainder if >= 2)
 # and the special tokens. A single leftover space stays with the text after it, as `Ġ`.
 SPLITTER = re.compile(r" {24}| {2,23}(?! )|<\|endoftext\|>|<\|padding\|>")
+
+
+def transformers_files(add_prefix_space: bool) -> dict[str, dict]:
+    """What `AutoTokenizer.from_pretrained(DIR)` reads beside tokenizer.json (transformers 4 and 5)."""
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIALS[0],
+        "eos_token": SPECIALS[0],
+        "unk_token": SPECIALS[0],
+        "pad_token": SPECIALS[1],
+        "add_prefix_space": add_prefix_space,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 2048,
+    }
+    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
 @dataclass

@@ -31,7 +31,7 @@ from pile_tools.checksums import (
     write_checksums,
 )
 from pile_tools.ground import WriteError, file_mode, sync_to_disk, write_failure, write_text, writing
-from pile_tools.rundir import BadLatest, checkpoint_dir, read_latest, step_of, tags_by_step, write_latest
+from pile_tools.rundir import BadLatest, checkpoint_dir, complete_tags, read_latest, step_of, tags_by_step, write_latest
 from trainer import data_only
 from trainer.config import ConfigError, NeoXConfig, load_config, to_yaml_dict
 from trainer.config_keys import RunError
@@ -42,7 +42,7 @@ from trainer.universal import innermost, save_universal
 
 def copy_tokenizer(source: Path, dest: Path) -> None:
     """Copy a tokenizer directory's files (or one tokenizer.json, adding what transformers needs)."""
-    from tokenizer.engine import transformers_files
+    from tokenizer.train import transformers_files
 
     dest.mkdir(parents=True, exist_ok=True)
     if source.is_file():
@@ -279,7 +279,7 @@ def has_run(save: Path) -> str | None:
     """The newest checkpoint a directory holds (`latest`, or a complete one without it), or None."""
     if not save.is_dir():
         return None
-    tags = [t for t in tags_by_step(save) if (save / t / "checksums.json").is_file()]
+    tags = complete_tags(save)
     try:
         latest = read_latest(save)
     except BadLatest:
@@ -327,7 +327,7 @@ def choose_checkpoint(load: Path) -> tuple[str, bool, dict]:
         latest = None
     newest = step_of(latest) if latest else float("inf")  # no `latest`: a kill between checksums and `latest`
     candidates = ([latest] if latest else []) + [t for t in tags if step_of(t) < newest]
-    legacy = not any((load / t / "checksums.json").is_file() for t in tags)  # a run from before checksums
+    legacy = not complete_tags(load)  # a run from before checksums
     for tag in candidates:
         problems = verify_on_all_ranks(load / tag) if (load / tag).is_dir() else [f"{load / tag}: missing"]
         if problems is None and not legacy:

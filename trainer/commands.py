@@ -1,4 +1,5 @@
-"""Click commands of the model: plan, export-hf, import-hf, generate. Thin: parse, call one function, print."""
+"""Click commands of the model and its training: plan, export-hf, import-hf, generate, train, batch, evaluate. Thin:
+parse, call one function, print."""
 
 import json
 import os
@@ -23,10 +24,13 @@ SET_HELP = (
 )
 
 
-@click.command("plan")
-@click.option(
+config_option = click.option(
     "--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False), help=CONFIG_HELP
 )
+
+
+@click.command("plan")
+@config_option
 @click.option(
     "--gpus", type=click.IntRange(min=1), default=None, help="GPUs in all (default: one model replica, TP x PP)."
 )
@@ -127,9 +131,6 @@ def generate(checkpoint, prompt, prompt_ids, max_new_tokens, greedy, temperature
     click.echo(json.dumps(result, ensure_ascii=False) if as_json else result["prompt"] + result["text"])
 
 
-config_option = click.option(
-    "--config", "config_path", required=True, multiple=True, type=click.Path(dir_okay=False), help=CONFIG_HELP
-)
 data_option = click.option(
     "--data",
     "data_dir",

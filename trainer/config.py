@@ -294,10 +294,11 @@ DERIVED = {"padded_vocab_size"}  # computed, never set
 FLAT = {f.name: section for section, cls in SECTIONS.items() for f in dataclasses.fields(cls) if f.name not in DERIVED}
 
 
-def build(raw: dict, device: str | None = None) -> NeoXConfig:
+def build(raw: dict, device: str | None = None, flags: dict | None = None) -> NeoXConfig:
     """The typed config for a gpt-neox-style dict, built once: warns once about unknown keys, fails on wrong types
-    and on values this implementation would not honour. On a CPU (`device` "cpu") fp16 falls back to fp32, with a
-    warning: DeepSpeed refuses fp16 there."""
+    and on values this implementation would not honour; `flags` (the command's --data, --save, --load) win over
+    the dict's keys. On a CPU (`device` "cpu") fp16 falls back to fp32, with a warning: DeepSpeed refuses fp16
+    there."""
     sections = {name: {} for name in SECTIONS}
     unknown = []
     flat = flatten(raw)
@@ -319,6 +320,8 @@ def build(raw: dict, device: str | None = None) -> NeoXConfig:
             unknown.append(key)
     if unknown:
         warnings.warn(f"unknown config keys, ignored: {', '.join(sorted(unknown))}", stacklevel=3)
+    for key, value in (flags or {}).items():
+        sections[FLAT[key]][key] = value
     if device == "cpu" and sections["precision"].get("fp16"):
         warnings.warn(
             "fp16 needs a GPU and DeepSpeed refuses it on CPU: training in fp32 here "
@@ -369,8 +372,7 @@ def load_config(
             raise ConfigError(f"{path}: {listed} already set by an earlier --config file")
         raw.update(conf)
     raw = apply_overrides(raw, list(overrides), KNOWN)
-    raw.update({k: str(v) for k, v in (flags or {}).items() if v is not None})
-    return build(raw, device)
+    return build(raw, device, {k: str(v) for k, v in (flags or {}).items() if v is not None})
 
 
 def to_yaml_dict(config: NeoXConfig) -> dict:

@@ -72,7 +72,7 @@ def model_config_from_hf(c) -> ModelConfig:
 
 def export_hf(checkpoint: str | Path, output: str | Path, tokenizer: str | None = None) -> Path:
     """Write config.json, model.safetensors and the tokenizer files that GPTNeoXForCausalLM/AutoTokenizer load."""
-    from tokenizer.engine import resolve_tokenizer
+    from pile_tools.encoding import resolve_tokenizer
 
     out = check_writable(Path(output))
     model, config = load_checkpoint(checkpoint)

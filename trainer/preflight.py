@@ -6,8 +6,8 @@ import warnings
 from pathlib import Path
 
 from pile_tools.checksums import read_checksums
+from pile_tools.encoding import TokenizerError, file_sha256, load_reference, resolve_tokenizer
 from pile_tools.shards_dir import manifest_tokenizer
-from tokenizer.engine import TokenizerError, file_sha256, load_reference, resolve_tokenizer
 from trainer.checkpoint import has_run, step_of
 from trainer.config import ConfigError, DataConfig, NeoXConfig, load_config
 from trainer.reshard import holds_weights

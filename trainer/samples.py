@@ -27,7 +27,7 @@ import xxhash
 
 from pile_tools.components import SPLITS, split_weights
 from pile_tools.indexed import check_pair, read_index
-from pile_tools.shards_dir import manifest_entries, manifest_tokenizer, read_blend, read_manifest
+from pile_tools.shards_dir import directory_of, manifest_entries, manifest_tokenizer, read_blend, read_manifest
 from trainer.config import ConfigError, DataConfig, NeoXConfig
 from trainer.data import BlendedDataset, GPTDataset, blend_index, neox_weights
 
@@ -147,7 +147,7 @@ def weights_by_num_documents(counts: list[int], data: DataConfig) -> list[float]
 
 def shards_manifest(data_dir: Path | None) -> dict:
     """The manifest.json of a build-shards directory, or {}."""
-    return read_manifest(data_dir / "manifest.json") if data_dir else {}
+    return read_manifest(data_dir) if data_dir else {}
 
 
 def check_shards(sources: dict[str, list[Source]], vocab_size: int) -> None:
@@ -157,9 +157,9 @@ def check_shards(sources: dict[str, list[Source]], vocab_size: int) -> None:
     for prefix in {s.prefix for split in sources.values() for s in split}:
         if (problem := check_pair(prefix)) is not None:
             raise ConfigError(problem)
-        root = prefix.parent.parent
+        root = directory_of(prefix)
         if root not in manifests:
-            manifests[root] = read_manifest(root / "manifest.json")
+            manifests[root] = read_manifest(root)
         manifest = manifests[root]
         limit = min(vocab_size, manifest.get("tokenizer", {}).get("vocab_size", vocab_size))
         max_id = manifest_entries(manifest).get(f"{prefix.parent.name}/{prefix.name}", {}).get("max_id")
@@ -361,7 +361,7 @@ def shards_tokenizer(data: DataConfig):
     path = data.tokenizer_file or manifest_tokenizer(shards_manifest(data_directory(data)))
     if not path or not Path(path).exists():
         return None
-    from tokenizer.engine import load_reference, resolve_tokenizer
+    from pile_tools.encoding import load_reference, resolve_tokenizer
 
     reference = load_reference(resolve_tokenizer(str(path)))
     return lambda ids: reference.decode(ids, skip_special_tokens=False)

@@ -67,10 +67,21 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.dp, self.global_batch = config.data_parallel_size(self.world), config.global_batch(self.world)
+        self.pipelined = config.parallel.pipelined
         self.data = self.build_data(sources)
-        p = config.parallel
-        self.pipelined = p.pipelined
-        model, compiled = self.build_model(weights and weights[1])
+        compiled = self.build_engine(deepspeed, weights and weights[1])
+        note = self.restore(resume, weights)
+        self.nonfinite = []  # the steps, in a row, whose loss or gradient norm was nan or inf
+        self.open_metrics(note, compiled)
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="next-batch")
+        self.ahead = None  # (step, future): the next step's micro-batches, read while this step computes
+        self.data_wait = 0.0
+
+    def build_engine(self, deepspeed, weights: Path | None) -> int:
+        """This rank's model (with the weights of the checkpoint `weights`, if given) in a DeepSpeed engine whose
+        checkpoint reads are data only; the number of blocks compiled."""
+        config = self.config
+        model, compiled = self.build_model(weights)
         optimizer = make_optimizer(model, config.optimizer, config.precision.fp16)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -83,6 +94,12 @@ class Trainer:
         self.plain_fp32 = plain_fp32(config)
         if self.plain_fp32 and self.world == 1:
             self.engine.enable_backward_allreduce = False  # one process: nothing to average, skip the copies
+        return compiled
+
+    def restore(self, resume: tuple | None, weights: tuple | None) -> str | None:
+        """The run's position and identity: step 0 and a new run id, or the checkpoint `resume` names restored
+        (in any layout); a note for the log, if any."""
+        p = self.config.parallel
         self.step, self.protected, self.resumed, note = 0, set(), resume is not None, None
         self.identity = {"run_id": uuid.uuid4().hex}
         if weights is not None:
@@ -91,23 +108,25 @@ class Trainer:
         if resume is not None:
             load, chosen = resume
             layout = (p.model_parallel_size, p.pipe_parallel_size, self.dp)
-            state = load_training_checkpoint(self.engine, load, chosen, config, layout, self.tp_rank, self.pipelined)
+            state = load_training_checkpoint(
+                self.engine, load, chosen, self.config, layout, self.tp_rank, self.pipelined
+            )
             self.step, note = state["iteration"], state.get("note")
             self.identity.update(state["identity"])
             if state["fallback"]:  # the newest checkpoint that verifies is never pruned by this run
                 self.protected.add(state["tag"])
             if self.rank == 0 and state.get("data_order"):
                 self.check_order(state["data_order"], load / state["tag"])
-        self.nonfinite = []  # the steps, in a row, whose loss or gradient norm was nan or inf
-        where = config.paths.log_dir or save
+        return note
+
+    def open_metrics(self, note: str | None, compiled: int) -> None:
+        """Rank 0's metrics.jsonl, TensorBoard and log line, from the restored step on; the start-up's notes."""
+        config = self.config
+        where = config.paths.log_dir or config.paths.save
         self.metrics_dir = Path(where) if where else None
+        t = config.training
         self.metrics = Metrics(
-            self.metrics_dir,
-            config.paths.tensorboard_dir,
-            config.training.log_interval,
-            config.training.train_iters,
-            self.step,
-            self.rank,
+            self.metrics_dir, config.paths.tensorboard_dir, t.log_interval, t.train_iters, self.step, self.rank
         )
         name = torch.cuda.get_device_name() if self.device is not None else ""
         self.peak = peak_flops(name) if config.precision.mixed else None
@@ -118,9 +137,6 @@ class Trainer:
                 f"torch.compile: {compiled} blocks, compiled on their first call (step "
                 f"{self.step + 1}'s time includes it; compile: false turns it off)"
             )
-        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="next-batch")
-        self.ahead = None  # (step, future): the next step's micro-batches, read while this step computes
-        self.data_wait = 0.0
 
     def build_model(self, weights: Path | None):
         """(this rank's model, the number of blocks compiled): the pipeline's stage and TP slice, or the whole
@@ -439,10 +455,17 @@ def handling(signums, handler):
 
 
 def train(config: NeoXConfig) -> dict:
-    """Check everything, then train from the loaded position (or step 0) to train_iters, holding the save
-    directory's lock (rank 0) for the whole run. Paths, data and precision come resolved in `config`. A run whose
-    checkpoint is at train_iters already (a finished job requeued) returns at once, building nothing:
-    {"step", "finished": the checkpoint}."""
+    """Train from the loaded position (or step 0) to train_iters; paths, data and precision come resolved in
+    `config`. The whole start-up, in its order:
+      1. check_run: every check that needs no process group (config, shards and vocabulary, layout and batch,
+         --save and --load), so a bad run costs nothing;
+      2. rank 0 holds --save's lock for the whole run; every rank joins the process group;
+      3. the checkpoint to resume (choose_checkpoint: `latest`, else the newest that verifies) or whose weights
+         start the run (starting_weights), verified on all ranks; a run already at train_iters (a finished job
+         requeued) returns here, building nothing: {"step", "finished": the checkpoint};
+      4. Trainer: the sample indices (rank 0 builds them first), the model with those weights in its DeepSpeed
+         engine, the restored position and identity, the metrics;
+      5. Trainer.run: the steps, evaluations and saves."""
     sources, tokenizer, load, weights = check_run(config)
     save = config.paths.save
     owner = save is not None and int(os.environ.get("RANK", 0)) == 0

@@ -1,4 +1,5 @@
-"""Fast exact batch encoding: the fastest engine that reproduces HF `tokenizers` ids on the run's own text.
+"""Resolving a tokenizer (a tokenizer.json, a directory holding one, or a bundled name) and fast exact batch
+encoding: the fastest engine that reproduces HF `tokenizers` ids on the run's own text.
 
 HF `tokenizers` is the reference for ids but encodes ~1-4 MB/s per core here. gigatoken and fastokens reproduce
 its ids for byte-level BPE files at 15-70x the speed. Which one runs is decided per run by `choose_engine`: both
@@ -7,6 +8,7 @@ else the run falls back to the next engine and, last, to `tokenizers` itself.
 """
 
 import hashlib
+import importlib.util
 from functools import lru_cache
 from pathlib import Path
 
@@ -14,7 +16,9 @@ import numpy as np
 
 from pile_tools.ground import InputError
 
-ASSETS = Path(__file__).parent / "assets"
+# The bundled reference tokenizers ship as the tokenizer package's data (tokenizer/assets/), read here as files:
+# the package is found where Python would import it from (it is not imported), wherever this one lies.
+ASSETS = Path(importlib.util.find_spec("tokenizer").submodule_search_locations[0]) / "assets"
 BUILTIN = ("gpt2", "gpt-neox-20b")
 ENGINES = ("gigatoken", "fastokens", "tokenizers")
 
@@ -28,25 +32,6 @@ HARD_STRINGS = [
     "\U0001f600 ok \u200d\u2028",
     "    def f(x):\n        return x  # two  spaces\n",
 ]
-
-
-SPECIALS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, as in GPT-NeoX-20B's tokenizer
-
-
-def transformers_files(add_prefix_space: bool) -> dict[str, dict]:
-    """What `AutoTokenizer.from_pretrained(DIR)` reads beside tokenizer.json (transformers 4 and 5)."""
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": SPECIALS[0],
-        "eos_token": SPECIALS[0],
-        "unk_token": SPECIALS[0],
-        "pad_token": SPECIALS[1],
-        "add_prefix_space": add_prefix_space,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": 2048,
-    }
-    specials = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
 class TokenizerError(InputError):

@@ -8,7 +8,9 @@ shard written under benchmarks/.work/. Ours is the real command (`neox-data trai
 tokens/s, TFLOPS and MFU come from its metrics.jsonl. The baseline is the loop people write by hand: forward,
 fp32 cross-entropy, backward, clip, AdamW, LR schedule — on GPTNeoXForCausalLM (bf16 autocast when --bf16).
 Each runs in its own process, alternating, --rounds times; medians over the steps after --warmup are printed with
-the ratio (goal: ours / plain >= 1.0). Step time includes each side's data loading. Also printed: each side's peak
+the ratio (goal: ours / plain >= 1.0). With --doc-mask the two sides are ours without and with documents masked
+from each other (eod_mask_loss, reset_attention_mask, reset_position_ids: an attention mask per sample), and the
+ratio is the cost of the masking. Step time includes each side's data loading. Also printed: each side's peak
 memory (the CUDA allocator's peak, or the peak resident set on a CPU) and the share of our step spent waiting for
 data (read ahead in a thread).
 """
@@ -28,7 +30,8 @@ WORK = Path(__file__).parent / ".work" / "train"
 
 
 def write_shards(root: Path, tokens: int, vocab: int) -> Path:
-    """A build-shards-like directory: one train and one valid shard of random tokens, and blend.json."""
+    """A build-shards-like directory: one train and one valid shard of random tokens, each document closed by the
+    GPT-NeoX tokenizer's EOD (id 0), and blend.json."""
     from pile_tools.indexed import ShardWriter
 
     if (root / "blend.json").is_file():
@@ -38,7 +41,9 @@ def write_shards(root: Path, tokens: int, vocab: int) -> Path:
     for split, n in (("train", tokens), ("valid", tokens // 10 + 10_000), ("test", tokens // 10 + 10_000)):
         sizes = rng.integers(200, 4000, size=n // 2000 + 1)
         writer = ShardWriter(root / split / "random", np.uint16)
-        writer.add(rng.integers(1, vocab, size=int(sizes.sum())).astype(np.uint16), sizes)
+        ids = rng.integers(1, vocab, size=int(sizes.sum())).astype(np.uint16)
+        ids[np.cumsum(sizes) - 1] = 0  # each document ends with the EOD
+        writer.add(ids, sizes)
         writer.close()
         splits[split] = {"shards": [{"prefix": f"{split}/random", "weight": 1.0}]}
     (root / "blend.json").write_text(json.dumps({"splits": splits}))
@@ -144,16 +149,21 @@ def overrides(args) -> list[str]:
     return out + list(args.set)
 
 
+PACKED = ["eod_mask_loss=true", "reset_attention_mask=true", "reset_position_ids=true", "tokenizer=gpt-neox-20b"]
+
+
 def run_rounds(args) -> dict[str, list]:
-    """Ours and the plain loop alternately, `rounds` times: each run's per-step rows, by name."""
-    results = {"ours": [], "plain": []}
+    """Ours and the plain loop (with --doc-mask: ours without and with the masking) alternately, `rounds` times:
+    each run's per-step rows, by name."""
+    sides = ["unmasked", "masked"] if args.doc_mask else ["ours", "plain"]
+    results = {name: [] for name in sides}
     for r in range(args.rounds):
-        order = ["ours", "plain"] if r % 2 == 0 else ["plain", "ours"]
+        order = sides if r % 2 == 0 else sides[::-1]
         for name in order:
             if name == "plain" and args.only_ours:
                 continue
-            if name == "ours":
-                rows = ours(args, overrides(args))
+            if name != "plain":
+                rows = ours(args, overrides(args) + (PACKED if name == "masked" else []))
             else:
                 cmd = [sys.executable, __file__, "--plain", *sys.argv[1:], "--data", str(args.data)]
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ).stdout
@@ -178,6 +188,9 @@ def report(args, results: dict[str, list]) -> None:
     )
     for name, value in summary.items():
         print(f"{name:<6} {value:>10,.0f} tokens/s")
+    if args.doc_mask:
+        print(f"masked / unmasked: {summary['masked'] / summary['unmasked']:.2f} (the cost of masking documents)")
+        return
     ours_rows = [x for rows in results["ours"] for x in rows]
     if ours_rows and ours_rows[0].get("tflops_per_gpu") is not None:
         print(
@@ -209,6 +222,7 @@ def main():
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--checkpoint-activations", action="store_true")
     parser.add_argument("--only-ours", action="store_true", help="Skip the baseline (e.g. to read MFU alone).")
+    parser.add_argument("--doc-mask", action="store_true", help="Ours without and with documents masked, side by side.")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Another override.")
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true")
@@ -217,7 +231,7 @@ def main():
     if args.plain:
         print(json.dumps(plain(args)))
         return
-    args.data = args.data or write_shards(WORK / "shards", tokens=4_000_000, vocab=50_000)
+    args.data = args.data or write_shards(WORK / "shards-eod", tokens=4_000_000, vocab=50_000)
     report(args, run_rounds(args))
 
 

@@ -173,3 +173,17 @@ def assert_same_losses(reference: Path, run: Path, rtol: float) -> None:
     for key in ("loss", "grad_norm"):
         a, b = [r[key] for r in one], [r[key] for r in other]
         assert None not in a + b and all(abs(x - y) <= rtol * abs(x) for x, y in zip(a, b)), (key, a, b)
+
+
+def unconstant(model, seed: int):
+    """Random values for every parameter initialised to a constant (LayerNorms' ones and zeros, zero biases): at
+    their init, two such parameters are interchangeable (a block's two LayerNorms swapped compute the same), so a
+    comparison there cannot tell them apart."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if bool((param == param.flatten()[0]).all()):
+                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
+    return model

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_clean_error
+from helpers import assert_clean_error, unconstant
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import GPTNeoXForCausalLM
@@ -35,18 +35,6 @@ def tiny(parallel=True, rotary_pct=0.25, **kw) -> ModelConfig:
         make_vocab_size_divisible_by=8,
         **kw,
     )
-
-
-def unconstant(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Random values for every parameter initialised to a constant (LayerNorms' ones and zeros, zero biases): at
-    their init, two such parameters are interchangeable (a block's two LayerNorms swapped compute the same), so a
-    comparison there cannot tell them apart."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            if bool((param == param.flatten()[0]).all()):
-                param.add_(torch.randn(param.shape, generator=generator) * 0.5)
-    return model
 
 
 def random_ids(vocab, n=2, s=24, seed=0):

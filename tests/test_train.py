@@ -326,7 +326,9 @@ def test_batch_shows_what_train_read_at_a_step(shards, tmp_path):
         shown = Cli().ok(
             "batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", step, "--json", *accumulate
         )
-        assert json.loads(shown.output) == {"step": step, "tokens": seen[str(step)]}
+        shown = json.loads(shown.output)
+        assert {k: shown[k] for k in ("step", "tokens")} == {"step": step, "tokens": seen[str(step)]}
+        assert shown["documents_masked"] is False and all(starts[0] == 0 for starts in shown["document_starts"])
     text = Cli().ok("batch", "--config", ROOT / "configs" / "tiny.yml", "--data", shards, "--step", 2, *accumulate)
     assert text.output.count("--- step 2 sample") == 4
 

@@ -233,17 +233,24 @@ def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
     neox-data batch --config configs/20B.yml --data /data/shards --step 1000 --world-size 96 --json > step1000.json
     """
     from trainer.config import load_config
-    from trainer.samples import global_batch_at, shards_tokenizer
+    from trainer.samples import document_starts, global_batch_at, shards_eod, shards_tokenizer
 
     config = run_reporting_errors(load_config, list(config_path), overrides, {"data_dir": data_dir})
     tokens = run_reporting_errors(global_batch_at, config, step, config.world_size(world_size))
+    eod, masked = shards_eod(config.data), config.training.reset_attention_mask
+    starts = [document_starts(sample, eod) if eod is not None else None for sample in tokens]
     if as_json:
-        click.echo(json.dumps({"step": step, "tokens": tokens.tolist()}))
+        shown = {"step": step, "tokens": tokens.tolist()}
+        if eod is not None:
+            shown |= {"document_starts": starts, "documents_masked": masked}
+        click.echo(json.dumps(shown))
         return
     decode = shards_tokenizer(config.data)
+    seen = "masked from each other" if masked else "seeing each other"
     for i, sample in enumerate(tokens):
         text = decode(sample.tolist()) if decode else " ".join(map(str, sample.tolist()))
-        click.echo(f"--- step {step} sample {i} ({len(sample)} tokens) ---")
+        where = f"; documents start at {', '.join(map(str, starts[i]))}, {seen}" if starts[i] is not None else ""
+        click.echo(f"--- step {step} sample {i} ({len(sample)} tokens{where}) ---")
         click.echo(text[:chars] + (" [...]" if len(text) > chars else ""))
 
 

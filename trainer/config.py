@@ -143,6 +143,15 @@ class TrainingConfig:
     finetune: bool = False  # gpt-neox's: --load's weights only; step 0, a fresh optimizer, schedule and data order
     checkpoint_scale: str = "linear"  # gpt-neox's: "log" saves at steps 1, f, f^2, ... (f: save_interval) instead
     extra_save_iters: list[int] | None = None  # gpt-neox's: more steps to save at (Pythia's 0, 1, 2, 4, ..., 512)
+    # The documents a sample packs (each closed by its EOD), shown to the model apart (all off: gpt-neox's default):
+    eod_mask_loss: bool = False  # gpt-neox's: no loss where the input is an EOD (its target opens another document)
+    reset_attention_mask: bool = False  # Megatron's: a token attends within its own document only
+    reset_position_ids: bool = False  # Megatron's: rotary positions restart at 0 with each document
+
+    @property
+    def packing(self) -> bool:
+        """Whether a sample's documents are shown to the model apart in any way."""
+        return self.eod_mask_loss or self.reset_attention_mask or self.reset_position_ids
 
     def __post_init__(self):
         check_at_least(

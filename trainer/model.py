@@ -5,6 +5,7 @@ Module names are Hugging Face's GPT-NeoX checkpoint keys (`gpt_neox.layers.N.att
 the blocks in `gpt_neox.layers`, `gpt_neox.final_layer_norm` and `embed_out`.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -94,10 +95,16 @@ class Rotary(nn.Module):
             "inv_freq", 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims), persistent=False
         )
 
-    def forward(self, q, k, offset: int = 0):
-        # q, k: (batch, heads, seq, head_dim); cos/sin in fp32
-        positions = torch.arange(offset, offset + q.shape[2], device=q.device, dtype=torch.float32)
-        freqs = torch.outer(positions, self.inv_freq.to(q.device))
+    def forward(self, q, k, offset: int = 0, positions: torch.Tensor | None = None):
+        # q, k: (batch, heads, seq, head_dim); cos/sin in fp32. `positions` (batch, seq): each token's own position
+        # (restarting at each document), else offset, offset + 1, ... for every sample
+        if positions is None:
+            steps = torch.arange(offset, offset + q.shape[2], device=q.device, dtype=torch.float32)
+            freqs = torch.outer(steps, self.inv_freq.to(q.device))  # (seq, dims / 2)
+        else:
+            freqs = (positions.float().unsqueeze(-1) * self.inv_freq.to(q.device)).unsqueeze(
+                1
+            )  # (batch, 1, seq, dims/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
@@ -122,16 +129,19 @@ class Attention(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.rotary = Rotary(config.rotary_dims, config.rotary_emb_base)
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, positions=None, documents=None):
         b, s, _ = x.shape
         heads = self.query_key_value.weight.shape[0] // (3 * self.head_dim)
         # fused QKV laid out per head as [q|k|v]: (batch, seq, heads, 3 * head_dim) -> 3 x (batch, heads, seq, head_dim)
         q, k, v = self.query_key_value(x).view(b, s, heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
         offset = cache.length if cache is not None else 0
-        q, k = self.rotary(q, k, offset)
+        q, k = self.rotary(q, k, offset, positions)
         if cache is not None:
             k, v = cache.update(self, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0 and s > 1)
+        if documents is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=offset == 0 and s > 1)
+        else:  # each token sees the tokens before it in its own document only
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=document_mask(documents))
         return self.dense(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -160,10 +170,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.parallel_residual = config.gpt_j_residual
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, positions=None, documents=None):
+        attend = functools.partial(self.attention, cache=cache, positions=positions, documents=documents)
         if self.parallel_residual:  # two untied LayerNorms, both on the block's input: the paper's "oversight", kept
-            return x + self.attention(self.input_layernorm(x), cache) + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.attention(self.input_layernorm(x), cache)
+            return x + attend(self.input_layernorm(x)) + self.mlp(self.post_attention_layernorm(x))
+        x = x + attend(self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -204,14 +215,38 @@ class GPTNeoX(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 
-    def forward(self, ids: torch.Tensor, cache=None) -> torch.Tensor:
-        """Logits (batch, seq, padded_vocab) for token ids (batch, seq); `cache` continues a KVCache."""
+    def forward(self, ids: torch.Tensor, cache=None, positions=None, documents=None) -> torch.Tensor:
+        """Logits (batch, seq, padded_vocab) for token ids (batch, seq); `cache` continues a KVCache. A sample that
+        packs several documents may give each token its rotary position within its document (`positions`) and
+        its document's index (`documents`, both (batch, seq)): a token then attends within its document only
+        (document_layout makes both from the ids)."""
         x = self.gpt_neox.embed_in(ids)
         for block in self.gpt_neox.layers:
-            x = block(x, cache)
+            x = block(x, cache, positions, documents)
         if cache is not None:
             cache.length += ids.shape[1]
         return self.embed_out(self.gpt_neox.final_layer_norm(x))
+
+
+def document_layout(ids: torch.Tensor, eod: int, positions: bool, documents: bool):
+    """(positions, documents) of packed samples (batch, seq), each None unless asked for: the index of each
+    token's document in its sample (the EOD closes the document it ends: the token after it starts the next), and
+    each token's position from its document's first token (Megatron's reset_position_ids and
+    reset_attention_mask)."""
+    ends = ids == eod
+    index = torch.cumsum(ends, dim=1) - ends.long()  # (batch, seq): EODs strictly before each token
+    if not positions:
+        return None, index if documents else None
+    steps = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+    starts = torch.where(torch.cat([torch.ones_like(ends[:, :1]), ends[:, :-1]], dim=1), steps, 0)
+    return steps - torch.cummax(starts, dim=1).values, index if documents else None
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(batch, 1, seq, seq) True where a token (row) may attend to another (column): the same document, not later."""
+    seq = documents.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=documents.device).tril()
+    return (documents.unsqueeze(2) == documents.unsqueeze(1)).logical_and(causal).unsqueeze(1)
 
 
 def checkpoint_blocks(model: nn.Module) -> nn.Module:
@@ -220,10 +255,10 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     for block in (m for m in model.modules() if isinstance(m, Block)):
         forward = block.forward
 
-        def recomputed(x, cache=None, forward=forward, block=block):
+        def recomputed(x, cache=None, positions=None, documents=None, forward=forward, block=block):
             if block.training and cache is None:
-                return checkpoint(forward, x, use_reentrant=False)
-            return forward(x, cache)
+                return checkpoint(forward, x, None, positions, documents, use_reentrant=False)
+            return forward(x, cache, positions, documents)
 
         block.forward = recomputed
     return model
@@ -236,8 +271,12 @@ def _summed_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy in fp32; (batch, seq) per token when reduction is 'none'.
+IGNORED = -100  # a target that counts for nothing (torch's ignore_index): eod_mask_loss's EOD inputs
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean", masked: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy in fp32; (batch, seq) per token when reduction is 'none'. `masked`: targets may be
+    IGNORED, which add nothing (0 per token) and are not counted in the mean.
 
     Logits in bf16/fp16 are upcast LOSS_CHUNK_TOKENS tokens at a time: their fp32 copy (3.3 GB for 8 x 2,048 x
     50k) never exists at once, and in training each chunk is recomputed in the backward pass instead of kept, so
@@ -252,9 +291,10 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     ]
     if reduction == "none":
         return torch.cat([F.cross_entropy(x.float(), y, reduction="none") for x, y in chunks]).view(targets.shape)
+    count = (labels != IGNORED).sum() if masked else len(labels)
     if flat.requires_grad and torch.is_grad_enabled():
-        return sum(checkpoint(_summed_loss, x, y, use_reentrant=False) for x, y in chunks) / len(labels)
-    return sum(_summed_loss(x, y) for x, y in chunks) / len(labels)
+        return sum(checkpoint(_summed_loss, x, y, use_reentrant=False) for x, y in chunks) / count
+    return sum(_summed_loss(x, y) for x, y in chunks) / count
 
 
 class KVCache:

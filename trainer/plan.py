@@ -41,6 +41,7 @@ class Plan:
     checkpoint_bytes: dict
     checkpoints: int
     checkpoints_on_disk: int
+    document_mask_mib: float  # with reset_attention_mask: each attention call's mask (0 without)
 
 
 def count_parameters(config: NeoXConfig) -> tuple[int, int]:
@@ -136,7 +137,15 @@ def make_plan(config: NeoXConfig, gpus: int | None = None, tflops: float = 117.0
         checkpoint_bytes=checkpoint_bytes(config, total),
         checkpoints=len(saved),
         checkpoints_on_disk=min(len(saved), keep + 1) if keep else len(saved),  # a new one is written, then pruning
+        document_mask_mib=document_mask_mib(config),
     )
+
+
+def document_mask_mib(config: NeoXConfig) -> float:
+    """MiB of the attention mask each layer builds when documents are masked from each other: (micro, seq, seq)
+    booleans, made and dropped per attention call."""
+    t = config.training
+    return t.train_micro_batch_size_per_gpu * t.seq_length**2 / 2**20 if t.reset_attention_mask else 0.0
 
 
 def in_units(n: float, units: tuple, below: str) -> str:
@@ -198,6 +207,12 @@ def describe(plan: Plan) -> str:
         f"{plan.gpu_hours:,.{0 if plan.gpu_hours >= 10 else 2}f} GPU-hours at {plan.tflops_per_gpu:g} TFLOPS per GPU",
         describe_checkpoints(plan),
     ]
+    if plan.document_mask_mib:
+        lines.append(
+            f"documents           masked from each other: a {plan.document_mask_mib:,.0f} MiB mask per attention "
+            "call; attention still computes every score (the FLOPs above stand; tokens/s: benchmarks/train.py "
+            "--doc-mask)"
+        )
     return "\n".join(lines)
 
 

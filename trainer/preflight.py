@@ -6,12 +6,12 @@ import warnings
 from pathlib import Path
 
 from pile_tools.checksums import read_checksums
-from pile_tools.encoding import TokenizerError, file_sha256, load_reference, resolve_tokenizer
+from pile_tools.encoding import TokenizerError, eod_id, file_sha256, load_reference, resolve_tokenizer
 from pile_tools.shards_dir import manifest_tokenizer
 from trainer.checkpoint import has_run, step_of
 from trainer.config import ConfigError, DataConfig, NeoXConfig, load_config
 from trainer.reshard import holds_weights
-from trainer.samples import check_shards, data_directory, resolve_sources, shards_manifest
+from trainer.samples import Packing, check_shards, data_directory, resolve_sources, shards_manifest
 
 
 def check_save(save: str | None, load: str | None) -> None:
@@ -121,13 +121,13 @@ def shipped_tokenizer(data: DataConfig, manifest: dict) -> str | None:
     return str(path)
 
 
-def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | None]:
+def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | None, Packing]:
     """Every check that needs no process group: sources, shards, vocabulary, layout, batch, --save, --load.
 
     Returns (sources, tokenizer to ship, the run directory to resume or None, the checkpoint or run directory
-    whose weights start the run at step 0 or None). --load of a run resumes it (finetune: true takes its weights
-    only); --load of a checkpoint that is not a run (import-hf's output, a global_stepN directory) starts from its
-    weights."""
+    whose weights start the run at step 0 or None, how a sample's documents are shown to the model). --load of a
+    run resumes it (finetune: true takes its weights only); --load of a checkpoint that is not a run (import-hf's
+    output, a global_stepN directory) starts from its weights."""
     if config.training.seq_length > config.model.max_position_embeddings:  # rotary would run past its table
         raise ConfigError(
             f"seq_length {config.training.seq_length} exceeds max_position_embeddings "
@@ -157,6 +157,15 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | 
         load = None
     if load is not None:
         check_load(Path(load) / tag, config, resume=True)
+    sources, tokenizer, packing = check_data(config)
+    if save is None:
+        warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
+    return sources, tokenizer, load, weights, packing
+
+
+def check_data(config: NeoXConfig) -> tuple[dict, str | None, Packing]:
+    """(sources, the tokenizer checkpoints ship, how a sample's documents are shown to the model): the shards are
+    there, agree with their .idx and fit the vocabulary; packing knows its EOD id."""
     sources = resolve_sources(config.data)
     manifest = shards_manifest(data_directory(config.data))
     shards = manifest.get("tokenizer", {})
@@ -166,6 +175,19 @@ def check_run(config: NeoXConfig) -> tuple[dict, str | None, str | None, Path | 
         )
     check_shards(sources, config.model.vocab_size)
     tokenizer = shipped_tokenizer(config.data, manifest)
-    if save is None:
-        warnings.warn("no --save directory: no checkpoint of this run is kept", stacklevel=2)
-    return sources, tokenizer, load, weights
+    return sources, tokenizer, Packing.of(config, packing_eod(config, shards, tokenizer))
+
+
+def packing_eod(config: NeoXConfig, shards: dict, tokenizer: str | None) -> int | None:
+    """The EOD id that closes each document, for eod_mask_loss and the resets: the shards' manifest records it,
+    else the tokenizer's <|endoftext|>; None when the run packs nothing apart."""
+    if not config.training.packing:
+        return None
+    if shards.get("eod") is not None:
+        return shards["eod"]
+    if tokenizer is None:
+        raise ConfigError(
+            "eod_mask_loss, reset_attention_mask and reset_position_ids need the EOD id: use shards from build-shards "
+            "(their manifest.json records it), or name the tokenizer (tokenizer: or vocab_file:)"
+        )
+    return eod_id(load_reference(Path(tokenizer)), Path(tokenizer))

@@ -30,6 +30,7 @@ from pile_tools.indexed import check_pair, read_index
 from pile_tools.shards_dir import directory_of, manifest_entries, manifest_tokenizer, read_blend, read_manifest
 from trainer.config import ConfigError, DataConfig, NeoXConfig
 from trainer.data import BlendedDataset, GPTDataset, blend_index, neox_weights
+from trainer.model import IGNORED, document_layout
 
 
 @dataclass
@@ -355,6 +356,17 @@ def global_batch_at(config: NeoXConfig, step: int, world_size: int) -> np.ndarra
     return np.stack([dataset[int(i)] for i in np.concatenate(where)])
 
 
+def shards_eod(data: DataConfig) -> int | None:
+    """The EOD id the shards' manifest records, or None (shards of Megatron or gpt-neox)."""
+    return shards_manifest(data_directory(data)).get("tokenizer", {}).get("eod")
+
+
+def document_starts(sample: np.ndarray, eod: int) -> list[int]:
+    """Where the documents a sample (seq_length + 1 ids) shows the model start: its first input, and each input
+    after an EOD (the last id is a target only)."""
+    return [0, *(np.flatnonzero(np.asarray(sample[:-2]) == eod) + 1).tolist()]
+
+
 def shards_tokenizer(data: DataConfig):
     """A decoder (ids -> text) for the run's tokenizer: the config's, else the one the shards' manifest names;
     None when neither is there."""
@@ -365,3 +377,36 @@ def shards_tokenizer(data: DataConfig):
 
     reference = load_reference(resolve_tokenizer(str(path)))
     return lambda ids: reference.decode(ids, skip_special_tokens=False)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How the documents a sample packs are shown to the model (TrainingConfig's eod_mask_loss,
+    reset_attention_mask, reset_position_ids), given the EOD id that closes each document."""
+
+    eod: int | None = None
+    mask_loss: bool = False
+    attention: bool = False
+    positions: bool = False
+
+    @classmethod
+    def of(cls, config: NeoXConfig, eod: int | None) -> "Packing":
+        """The config's packing (all off unless asked for; then `eod` is needed)."""
+        t = config.training
+        return cls(eod, t.eod_mask_loss, t.reset_attention_mask, t.reset_position_ids)
+
+    @property
+    def on(self) -> bool:
+        return self.mask_loss or self.attention or self.positions
+
+    def split(self, ids: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """(the model's inputs as keyword arguments, targets) of samples (batch, seq + 1): ids, and with packing
+        each token's position in its document and its document's index; the targets of EOD inputs IGNORED under
+        eod_mask_loss. All off, exactly what the model saw before packing existed."""
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        if not self.on:
+            return {"ids": inputs}, targets
+        if self.mask_loss:
+            targets = targets.masked_fill(inputs == self.eod, IGNORED)
+        positions, documents = document_layout(inputs, self.eod, self.positions, self.attention)
+        return {"ids": inputs, "positions": positions, "documents": documents}, targets

@@ -40,12 +40,13 @@ from trainer.engine import (
     plain_fp32,
 )
 from trainer.metrics import Metrics, Timeline, peak_flops, peak_memory_gib, plot_losses
-from trainer.model import Block, GPTNeoX, checkpoint_blocks, lm_loss
+from trainer.model import IGNORED, Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
 from trainer.preflight import check_run
 from trainer.reshard import load_state_dict, local_state
 from trainer.samples import (
+    Packing,
     build_datasets,
     data_order,
     fallback_cache_dir,
@@ -60,9 +61,11 @@ class Trainer:
     --load directory and choose_checkpoint's answer for it, or None; `weights`: (the --load directory, the
     checkpoint in it) whose weights start the run at step 0 (finetune), or None."""
 
-    def __init__(self, config: NeoXConfig, sources: dict, resume: tuple | None, tokenizer: str | None, weights=None):
+    def __init__(
+        self, config: NeoXConfig, sources: dict, resume: tuple | None, tokenizer: str | None, weights, packing: Packing
+    ):
         save = config.paths.save
-        self.config, self.save, self.tokenizer = config, Path(save) if save else None, tokenizer
+        self.config, self.save, self.tokenizer, self.packing = config, Path(save) if save else None, tokenizer, packing
         deepspeed = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -226,8 +229,22 @@ class Trainer:
     def pairs(self, split: str, step: int):
         """The pipeline engine's micro-batches: (inputs, targets) for each accumulation step."""
         for m in range(self.config.training.gradient_accumulation_steps):
-            ids = self.batch(split, step, m)
-            yield ids[:, :-1], ids[:, 1:]
+            yield self.pipe_pair(self.batch(split, step, m))
+
+    def pipe_pair(self, ids: torch.Tensor) -> tuple:
+        """(inputs, targets) of a micro-batch for the pipeline engine: the ids, or with packing (ids, positions,
+        documents), both always there (trainer/pipeline.py passes on those the run asked for)."""
+        inputs, targets = self.packing.split(ids)
+        if not self.packing.on:
+            return inputs["ids"], targets
+        x = inputs["ids"]
+        steps = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        positions, documents = inputs["positions"], inputs["documents"]
+        return (
+            x,
+            steps if positions is None else positions,
+            torch.zeros_like(x) if documents is None else documents,
+        ), targets
 
     def train_step(self) -> tuple:
         """One optimizer step over the global batch: (loss averaged over it on all ranks, lr, gradient norm), the
@@ -236,10 +253,11 @@ class Trainer:
         lr, norm, losses = self.engine.get_lr()[0], None, []
         batches = self.step_batches()
         if self.pipelined:  # 1F1B over the micro-batches; the loss comes back averaged over DP, on every rank
-            loss = self.engine.train_batch(data_iter=iter([(ids[:, :-1], ids[:, 1:]) for ids in batches]))
+            loss = self.engine.train_batch(data_iter=iter([self.pipe_pair(ids) for ids in batches]))
             return loss.detach(), lr, self.engine.get_global_grad_norm()
         for m, ids in enumerate(batches):
-            loss = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:])
+            inputs, targets = self.packing.split(ids)
+            loss = lm_loss(self.engine(**inputs), targets, masked=self.packing.mask_loss)
             self.engine.backward(loss)
             if m == steps - 1 and self.plain_fp32:  # the reduced gradients, before the step (see plain_fp32)
                 clip = self.config.optimizer.gradient_clipping
@@ -269,8 +287,12 @@ class Trainer:
         counts = torch.zeros_like(sums)
         for it in steps:
             for m in range(t.gradient_accumulation_steps):
-                ids = self.batch(split, it, m)
-                per_sample = lm_loss(self.engine(ids[:, :-1]), ids[:, 1:], reduction="none").mean(1).double().cpu()
+                inputs, targets = self.packing.split(self.batch(split, it, m))
+                per_token = lm_loss(self.engine(**inputs), targets, reduction="none")
+                if self.packing.mask_loss:  # the mean over each sample's counted targets
+                    per_sample = (per_token.sum(1) / (targets != IGNORED).sum(1).clamp(min=1)).double().cpu()
+                else:
+                    per_sample = per_token.mean(1).double().cpu()
                 where = sample_positions(
                     it, m, t.train_micro_batch_size_per_gpu, self.dp, self.dp_rank, self.global_batch, len(dataset)
                 )
@@ -466,7 +488,7 @@ def train(config: NeoXConfig) -> dict:
       4. Trainer: the sample indices (rank 0 builds them first), the model with those weights in its DeepSpeed
          engine, the restored position and identity, the metrics;
       5. Trainer.run: the steps, evaluations and saves."""
-    sources, tokenizer, load, weights = check_run(config)
+    sources, tokenizer, load, weights, packing = check_run(config)
     save = config.paths.save
     owner = save is not None and int(os.environ.get("RANK", 0)) == 0
     if owner:
@@ -481,7 +503,7 @@ def train(config: NeoXConfig) -> dict:
                 dist.barrier()
                 return {"step": step_of(done.name), "finished": str(done)}
             with long_lived():
-                trainer = Trainer(config, sources, resume, tokenizer, weights)
+                trainer = Trainer(config, sources, resume, tokenizer, weights, packing)
             results = trainer.run()
             dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
             return results

@@ -106,15 +106,21 @@ def test_all_off_the_model_sees_what_it_saw_before():
     assert set(inputs) == {"ids"} and torch.equal(inputs["ids"], ids[:, :-1]) and torch.equal(targets, ids[:, 1:])
 
 
-def test_the_straight_run_is_bitwise_what_it_was(straight):
-    """The 6 steps of the straight run (packing off), against the losses and weights this code gave before
-    packing existed (tests/fixtures/unpacked_run.json, from commit fc703de)."""
+def same_as_recorded(run: Path, tag: str, recorded: dict) -> None:
+    """A run's losses and weights, bit for bit those recorded."""
     from trainer import data_only
 
-    recorded = json.loads((ROOT / "tests" / "fixtures" / "unpacked_run.json").read_text())
-    assert [[s, loss] for s, loss in losses(straight)] == recorded["losses"]
-    weights = data_only.load(straight / "global_step6" / "mp_rank_00_model_states.pt")["module"]
+    assert [[s, loss] for s, loss in losses(run)] == recorded["losses"]
+    weights = data_only.load(run / tag / "mp_rank_00_model_states.pt")["module"]
     assert {k: float(v.double().sum()) for k, v in weights.items()} == recorded["weight_sums"]
+
+
+def test_with_packing_off_the_runs_are_bitwise_what_they_were(straight, demo):
+    """The straight run's 6 steps and the demo's 200 (packing off), against the losses and weights the code gave
+    before packing existed (tests/fixtures/unpacked_run.json, made from commit fc703de by make_unpacked_run.py)."""
+    recorded = json.loads((ROOT / "tests" / "fixtures" / "unpacked_run.json").read_text())
+    same_as_recorded(straight, "global_step6", recorded["straight"])
+    same_as_recorded(demo[0] / "demo-output" / "run", "global_step200", recorded["demo"])
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import psutil
 
-from pile_tools.assemble import manifest_entries
+from pile_tools.shards_dir import manifest_entries
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "benchmarks" / ".work"

@@ -124,18 +124,25 @@ def first_mismatch(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.nda
     return len(a[1])
 
 
-def choose_engine(path: Path, sample: list[str], warn=print) -> str:
-    """The first engine in ENGINES whose ids equal `tokenizers`' on `sample` + HARD_STRINGS."""
+def checked_encoder(path: Path, sample: list[str], warn=print) -> Encoder:
+    """The Encoder of the first engine in ENGINES whose ids equal `tokenizers`' on `sample` + HARD_STRINGS."""
     texts = list(sample) + HARD_STRINGS
-    reference = Encoder(path, "tokenizers").encode(texts)
+    fallback = Encoder(path, "tokenizers")
+    reference = fallback.encode(texts)
     for name in ENGINES[:-1]:
         try:
-            got = Encoder(path, name).encode(texts)
+            encoder = Encoder(path, name)
+            got = encoder.encode(texts)
         except Exception as e:  # the fast engines refuse some tokenizer types; that is what the fallback is for
             warn(f"{name} cannot encode with {path} ({type(e).__name__}: {e}); trying the next engine")
             continue
         bad = first_mismatch(got, reference)
         if bad is None:
-            return name
+            return encoder
         warn(f"{name} gives different ids from tokenizers on {texts[bad][:60]!r}...; not using it")
-    return "tokenizers"
+    return fallback
+
+
+def choose_engine(path: Path, sample: list[str], warn=print) -> str:
+    """The name of checked_encoder's engine."""
+    return checked_encoder(path, sample, warn).engine

@@ -136,7 +136,8 @@ def save_figure(fig, path: Path, dpi: int = 120) -> Path:
 
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}{path.suffix}")
     with writing(path):
-        fig.savefig(tmp, dpi=dpi)
+        # zlib level 1: a fifth of the encoding time of PIL's default 6, for files about a tenth larger
+        fig.savefig(tmp, dpi=dpi, pil_kwargs={"compress_level": 1} if path.suffix == ".png" else None)
         plt.close(fig)
         os.replace(tmp, path)
     return path

@@ -8,7 +8,7 @@ import pytest
 from helpers import NEOX, SAMPLE, write_jsonl
 from tokenizers import Tokenizer
 
-from tokenizer.compare import byte_decoder
+from tokenizer.metrics import byte_decoder, renyi_efficiency, unreachable_ids, words_in
 from tokenizer.train import SPLITTER
 
 VOCAB = 1200
@@ -219,9 +219,107 @@ def test_without_max_bytes_every_capped_byte_is_used_once(tmp_path, run, sample_
         600,
         "--component-weights",
         "none",
+        "--split",
+        "1,0,0",  # none held out: every document is trained on
     )
     report = json.loads((tmp_path / "t" / "train_report.json").read_text())
     cap, components = report["document_cap_bytes"], report["components"].values()
     assert all(c["used_documents"] == c["documents"] and c["used_bytes"] == c["bytes"] for c in components)
     capped = sum(min(len(d["text"].encode()), cap) for d in docs)
     assert report["used_bytes"] == report["budget_bytes"] == capped < sum(len(d["text"].encode()) for d in docs)
+
+
+GPT2 = NEOX.parent.parent / "gpt2" / "tokenizer.json"
+
+
+def test_unreachable_ids_the_published_221_in_the_released_file_none_in_gpt2_or_ours(trained):
+    """Land & Bartolo's count for GPT-NeoX-20B (the multi-space and newline-plus-space merges its added space
+    tokens pre-empt), none for GPT-2's, none for one trained here, which train_report.json states."""
+    released = unreachable_ids(NEOX)
+    tok = Tokenizer.from_file(str(NEOX))
+    assert len(released) == 221 and {tok.id_to_token(i) for i in released} == set(dead_tokens(tok))
+    assert unreachable_ids(GPT2) == [] and unreachable_ids(trained / "a" / "tokenizer.json") == []
+    held = json.loads((trained / "a" / "train_report.json").read_text())["held_out"]
+    assert held["unreachable_ids"] == [] and held["split"] == "995,4,1"
+
+
+class Garbled:
+    """An encoder that gets every text wrong: a fast engine's ids only choose what `tokenizers` encodes again."""
+
+    def encode(self, texts):
+        return np.zeros(2 * len(texts), np.uint32), np.full(len(texts), 2)
+
+
+def test_unreachable_ids_through_a_fast_engine_are_those_of_tokenizers_alone():
+    """compare-tokenizers passes its (checked) engine; `tokenizers` still decides every id that engine doubts."""
+    from pile_tools.encoding import Encoder
+
+    for path in (NEOX, GPT2):
+        alone = unreachable_ids(path)
+        assert unreachable_ids(path, Encoder(path, "gigatoken")) == alone
+        assert unreachable_ids(path, Encoder(path, "fastokens")) == alone
+        assert unreachable_ids(path, Garbled()) == alone
+
+
+def test_renyi_efficiency_by_hand_and_words_by_their_definition():
+    # ids used 2, 1, 1 times of a 4-id vocabulary: p = 1/2, 1/4, 1/4; sum p^2.5 = 2^-2.5 + 2 x 4^-2.5 = 0.23928;
+    # H_2.5 = ln(0.23928) / (1 - 2.5) = 0.95342; over ln 4: 0.68775
+    assert renyi_efficiency(np.array([2, 1, 1, 0]), 4) == pytest.approx(0.6877494, abs=1e-7)
+    assert renyi_efficiency(np.array([5, 5, 5, 5]), 4) == pytest.approx(1.0)  # every id equally: efficiency 1
+    assert words_in(b"  one two\tthree\n\nfour ") == 4 and words_in(b"") == 0 and words_in(b"x") == 1
+
+
+def test_compare_measures_each_tokenizer_as_an_independent_count_does(tmp_path, run, sample_docs):
+    docs = sample_docs["Github.jsonl.zst"][:10] + sample_docs["Fortunes.jsonl.zst"][:10]
+    write_jsonl(tmp_path / "c.jsonl", docs)
+    result = run.ok(
+        "compare-tokenizers", tmp_path / "c.jsonl", "--tokenizer", "gpt-neox-20b", "--output", tmp_path / "r"
+    )
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    for name, path in (("gpt2", GPT2), ("gpt-neox-20b", NEOX)):
+        tok = Tokenizer.from_file(str(path))
+        size = tok.get_vocab_size(with_added_tokens=True)
+        m = report["metrics"][name]
+        for component, measured in [*m["components"].items(), ("total", m)]:
+            texts = [d["text"] for d in docs if component in ("total", d["meta"]["pile_set_name"])]
+            ids = np.array([i for t in texts for i in tok.encode(t, add_special_tokens=False).ids])
+            p = np.bincount(ids, minlength=size) / len(ids)
+            p = p[p > 0]
+            words = sum(len(t.encode().split()) for t in texts)  # bytes.split(): ASCII whitespace only
+            assert measured["renyi_efficiency"] == pytest.approx(np.log(np.sum(p**2.5)) / -1.5 / np.log(size))
+            assert measured["tokens_per_word"] == pytest.approx(len(ids) / words)
+            assert measured["bytes_per_token"] == pytest.approx(sum(len(t.encode()) for t in texts) / len(ids))
+            assert measured["vocabulary_used"] == pytest.approx(len(p) / size)
+        assert len(m["unreachable_ids"]) == (221 if name == "gpt-neox-20b" else 0)
+    assert "221 unreachable" in result.output and "Rényi" in result.output
+    for figure in ("bytes_per_token", "tokens_per_word", "renyi_efficiency", "vocabulary_used"):
+        assert (tmp_path / "r" / f"{figure}.png").stat().st_size > 0
+    assert "| gpt-neox-20b | 50,277 |" in (tmp_path / "r" / "report.md").read_text()
+    assert "renyi_efficiency" in (tmp_path / "r" / "report.csv").read_text().splitlines()[0]
+
+
+def test_a_trained_tokenizer_with_an_unreachable_id_fails_loudly(tmp_path, run, sample_docs, monkeypatch):
+    """Were the training ever to make an id that encoding cannot produce (the released file's 221 came from
+    merges its added tokens pre-empt), train-tokenizer says so and exits 1, the report listing them."""
+    import tokenizer.train
+
+    monkeypatch.setattr(tokenizer.train, "unreachable_ids", lambda path: [300, 301])
+    write_jsonl(tmp_path / "in.jsonl", sample_docs["Fortunes.jsonl.zst"][:40])
+    result = run("train-tokenizer", tmp_path / "in.jsonl", "--output", tmp_path / "t", "--vocab-size", 600)
+    assert result.exit_code == 1 and "2 id(s) that encoding never produces" in result.output
+    assert json.loads((tmp_path / "t" / "train_report.json").read_text())["held_out"]["unreachable_ids"] == [300, 301]
+
+
+def test_the_held_out_documents_are_those_build_shards_keeps_out_of_train(tmp_path, run, sample_docs):
+    """Same --split, same documents: what train-tokenizer measures on is build-shards' valid and test."""
+    docs = sample_docs["Fortunes.jsonl.zst"][:120]
+    write_jsonl(tmp_path / "in.jsonl", docs)
+    build = ("build-shards", tmp_path / "in.jsonl", "--tokenizer", "gpt-neox-20b", "--output", tmp_path / "s")
+    run.ok(*build, "--split", "5,3,2", "--workers", 1)
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    splits = manifest["components"]["Fortunes"]["splits"]
+    run.ok("train-tokenizer", tmp_path / "in.jsonl", "--output", tmp_path / "t", "--vocab-size", 600, "--split=5,3,2")
+    report = json.loads((tmp_path / "t" / "train_report.json").read_text())
+    held = splits["valid"]["documents"] + splits["test"]["documents"]
+    assert 0 < held < len(docs) and report["held_out"]["documents"] == report["held_out"]["measured_documents"] == held
+    assert report["components"]["Fortunes"]["documents"] == splits["train"]["documents"] == len(docs) - held

@@ -17,12 +17,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pile_tools.components import epochs_for, load_epochs
+from pile_tools.components import epochs_for, load_epochs, split_weights
+from pile_tools.encoding import Encoder, choose_engine, load_reference
 from pile_tools.ground import InputError, check_writable, prefetch, write_json, write_text
+from pile_tools.parts import split_of, split_thresholds
 from pile_tools.reader import Part, Skips, cut_into_parts, discover, read_documents, report_skips
+from tokenizer.metrics import measures, unreachable_ids, words_in
 
 SPECIALS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, as in GPT-NeoX-20B's tokenizer
 CACHE_BYTES = 1 << 30  # inputs up to this much text are read once and kept, larger ones are read twice
+HELD_OUT_BYTES = 16 << 20  # of held-out text kept to measure the trained tokenizer on
 SPACE_RUNS = [" " * n for n in range(24, 1, -1)]  # longest first, as in the released file
 FIXED_IDS = len(SPECIALS) + 256 + len(SPACE_RUNS)
 # Where encoding splits the text before pre-tokenization: the space runs (24 at a time, the remainder if >= 2)
@@ -69,6 +73,10 @@ class TrainingText:
     budget: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     cache: list[tuple[str, str]] | None = None  # the documents, when they fit in CACHE_BYTES
+    thresholds: tuple[int, ...] = ()  # build-shards' hash split: documents outside its train split are held out
+    held_out: list[tuple[str, str]] = field(default_factory=list)  # up to HELD_OUT_BYTES of them, to measure on
+    held_out_documents: int = 0
+    held_out_bytes: int = 0  # of those kept
 
 
 def utf8_size(text: str) -> int:
@@ -99,20 +107,69 @@ def take(c: Component, nbytes: int) -> int:
     return whole + extra
 
 
+def held_out(plan: TrainingText, text: str) -> bool:
+    """Whether build-shards, with the run's --split, puts the document outside its train split."""
+    return bool(plan.thresholds) and split_of(text.encode("utf-8"), plan.thresholds) != 0
+
+
+def hold_out(plan: TrainingText, component: str, text: str) -> None:
+    """Count a held-out document, and keep it to measure on while there is room."""
+    plan.held_out_documents += 1
+    size = utf8_size(text)
+    if plan.held_out_bytes + size <= HELD_OUT_BYTES:
+        plan.held_out.append((component, text))
+        plan.held_out_bytes += size
+
+
+def held_out_thresholds(split: str) -> tuple[int, ...]:
+    """build-shards' hash cut points for --split, or none when it holds nothing out (1,0,0)."""
+    weights = split_weights(split, exactly_three=True)
+    if weights is None:
+        raise InputError(f"--split {split!r}: give 3 non-negative weights for train,valid,test, like 995,4,1")
+    return split_thresholds(weights) if sum(weights[1:]) > 0 else ()
+
+
+def measure_held_out(path: Path, plan: TrainingText, echo) -> dict:
+    """The trained tokenizer's measures on the held-out documents (tokenizer/metrics.py), encoded by the fast
+    engine that gives `tokenizers`' ids, and its unreachable ids."""
+    import numpy as np
+
+    texts = [text for _, text in plan.held_out]
+    out = {"documents": plan.held_out_documents, "measured_documents": len(texts), "measured_bytes": 0}
+    if texts:
+        ids, _ = Encoder(path, choose_engine(path, texts[:64], echo), threaded=True).encode(texts)
+        data = "\n".join(texts).encode()
+        size = load_reference(path).get_vocab_size(with_added_tokens=True)
+        counts = np.bincount(ids, minlength=size)
+        out["measured_bytes"] = len(data) - (len(texts) - 1)
+        out |= measures(out["measured_bytes"], words_in(data), counts, size)
+    return {**out, "unreachable_ids": unreachable_ids(path)}
+
+
 def plan_sample(
-    inputs: list[str], max_bytes: int | None, weights: str, seed: int, strict: bool, echo=print
+    inputs: list[str], max_bytes: int | None, weights: str, seed: int, strict: bool, split: str, echo=print
 ) -> TrainingText:
-    """First pass: sizes per component, then each component's sampling rate under the byte budget."""
+    """First pass: the held-out documents aside, sizes per component, then each component's sampling rate under
+    the byte budget."""
     plan = TrainingText(parts=cut_into_parts(discover(inputs), part_size=1 << 62))
+    plan.thresholds = held_out_thresholds(split)
     table, every = load_epochs(weights)
     sizes, skips, cache, cached = {}, Skips(strict), [], 0
     for component, text in read_documents(plan.parts, "sizing", skips):
+        if held_out(plan, text):
+            hold_out(plan, component, text)
+            continue
         sizes.setdefault(component, []).append(utf8_size(text))
         if cache is not None:
             cache.append((component, text))
             cached += sizes[component][-1]
             cache = cache if cached <= CACHE_BYTES else None
     plan.cache = cache
+    if not sizes and plan.held_out_documents:
+        raise InputError(
+            f"all {plan.held_out_documents} documents of the input fall outside --split {split}'s train split; give "
+            "more text, or --split 1,0,0 to hold none out"
+        )
     if not sizes:
         raise InputError("no documents in the input")
     plan.doc_cap = min(1 << 20, max(64 << 10, (max_bytes or sum(map(sum, sizes.values()))) // 1000))
@@ -135,6 +192,8 @@ def sample_batches(plan: TrainingText, strict: bool, batch: int = 64):
     texts = []
     docs = plan.cache if plan.cache is not None else read_documents(plan.parts, "reading", Skips(strict))
     for component, text in docs:
+        if plan.cache is None and held_out(plan, text):
+            continue
         c = plan.components[component]
         text = cap_text(text, plan.doc_cap)
         nbytes = utf8_size(text)
@@ -231,11 +290,14 @@ def train_tokenizer(
     min_frequency=2,
     seed=1234,
     strict=False,
+    split="995,4,1",
     echo=print,
 ) -> dict:
-    """Sample, train and save; returns the training report."""
+    """Sample, train and save; returns the training report. The documents build-shards with `split` would put in
+    valid or test are held out of the training, and the tokenizer is measured on them; an id that encoding can
+    never produce is an error, after the report is written."""
     start = time.time()
-    plan = plan_sample(inputs, max_bytes, component_weights, seed, strict, echo)
+    plan = plan_sample(inputs, max_bytes, component_weights, seed, strict, split, echo)
     out = check_writable(Path(output))  # before the training, not after it
     tok = train(sample_texts(plan, strict), vocab_size, min_frequency, add_prefix_space)
     write_text(out / "tokenizer.json", tok.to_str(pretty=True))
@@ -256,6 +318,13 @@ def train_tokenizer(
         },
         "skipped": plan.skipped,
         "vocabulary": composition(tok),
+        "held_out": {"split": split, **measure_held_out(out / "tokenizer.json", plan, echo)},
     }
     write_json(out / "train_report.json", report)
+    if dead := report["held_out"]["unreachable_ids"]:
+        shown = ", ".join(repr(tok.id_to_token(i)) for i in dead[:5])
+        raise InputError(
+            f"{out / 'tokenizer.json'}: {len(dead)} id(s) that encoding never produces ({shown}): a defect of the "
+            f"training, listed in {out / 'train_report.json'}"
+        )
     return report

@@ -1,7 +1,7 @@
 """build-shards against its ceiling and against gpt-neox, side by side, on N copies of the mini-Pile.
 
     .venv/bin/python benchmarks/shards.py [--copies 10] [--workers 2] [--corpus ../shared/corpus/mini-pile]
-        [--skip-neox] [--only-ours]
+        [--skip-neox] [--only-ours] [--ray [--repeat 3]]
 
 Three runs on the same input, each in its own process, timed and with peak RSS (the process tree, sampled):
   ceiling   one process: read + orjson + gigatoken encode_batch(parallel=True) + EOD + one uint16 write per file
@@ -15,6 +15,11 @@ Three runs on the same input, each in its own process, timed and with peak RSS (
 Goals: ours >= 1.0 x the ceiling's throughput on 2 cores (issue 13; 0.8 x in issue 2); peak RSS at N copies
 <= 1.2 x at 1 copy; gpt-neox >= 30 x slower than ours; peak disk growth near 1x the final shards, as gpt-neox's
 (the used space of WORK's filesystem, sampled: other writers on it count too).
+
+--ray instead times `build-shards --executor ray --world-size 1` (one rank, a Ray task on a local cluster this
+script starts first with `ray start --head` on 127.0.0.1, as a team's cluster would already run) beside the same
+build without Ray, interleaved: Ray's overhead (goal <= 1.15x, issue 32). Only wall time: Ray's worker is not a
+child of the command, so its memory is not the command's process tree.
 """
 
 import argparse
@@ -161,10 +166,11 @@ def print_breakdown(timings: dict, wall: float, args) -> None:
 OUT = WORK / "out"
 
 
-def run_ours(src: Path, workers: int) -> Run:
+def run_ours(src: Path, workers: int, extra: tuple = ()) -> Run:
     """neox-data build-shards on `src`, unweighted, into a fresh OUT: measured."""
     shutil.rmtree(OUT, ignore_errors=True)
     args = ["--tokenizer", str(TOKENIZER), "--workers", str(workers), "--output", str(OUT), "--weights", "none"]
+    args += list(extra)
     return measure([str(Path(sys.executable).parent / "neox-data"), "build-shards", str(src), *args])
 
 
@@ -199,6 +205,43 @@ def only_ours(args) -> None:
     print_breakdown(manifest.get("timings", {}), run.seconds, args)
 
 
+def ray_cluster(cpus: int) -> tuple[str, str, dict]:
+    """Start a one-node Ray cluster on 127.0.0.1: its address, temp dir and the environment its drivers need."""
+    import secrets
+
+    temp = f"/tmp/ray-bench-{os.getpid()}"
+    os.makedirs(temp, exist_ok=True)
+    (Path(temp) / "token").write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": f"{temp}/token"}
+    port = "6390"
+    ray = str(Path(sys.executable).parent / "ray")
+    cmd = [ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", port, "--num-cpus", str(cpus),
+           "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    return f"127.0.0.1:{port}", temp, env
+
+
+def on_ray(args) -> None:
+    """build-shards with --executor ray (one rank) beside the same build without Ray, interleaved."""
+    src = copies_of(args.corpus, args.copies)
+    address, temp, env = ray_cluster(args.workers)
+    os.environ.update(env)
+    try:
+        args_ray = ["--executor", "ray", "--world-size", "1", "--ray-address", address]
+        runs = {"local": [], "ray": []}
+        for _ in range(args.repeat):
+            runs["local"].append(run_ours(src, args.workers).seconds)
+            runs["ray"].append(run_ours(src, args.workers, args_ray).seconds)
+    finally:
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
+    local, ray = (sorted(runs[k])[args.repeat // 2] for k in ("local", "ray"))
+    pairs = sorted(r / n for r, n in zip(runs["ray"], runs["local"]))
+    print(f"build-shards on {args.copies} copies of {args.corpus}, --workers {args.workers}, medians of {args.repeat}")
+    print(f"without Ray: {local:.1f} s; --executor ray, one rank: {ray:.1f} s")
+    print(f"ray / local: {ray / local:.2f} (per pair: {', '.join(f'{r:.2f}' for r in pairs)}; goal <= 1.15)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=10)
@@ -206,8 +249,12 @@ def main():
     parser.add_argument("--skip-neox", action="store_true")
     parser.add_argument("--only-ours", action="store_true", help="build-shards alone (node scale: issue 13's GB/s)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--ray", action="store_true", help="--executor ray beside the local build (issue 32)")
+    parser.add_argument("--repeat", type=int, default=3, help="Interleaved runs of each, with --ray.")
     parser.add_argument("--ceiling", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ray:
+        return on_ray(args)
     if args.ceiling:
         return ceiling(*args.ceiling)
     if args.only_ours:

@@ -49,7 +49,17 @@ from pile_tools.ground import Size, echo_err, run_reporting_errors
 )
 @click.option("--max-doc-bytes", type=Size(), default=0, help="Skip (and count) longer documents; 0: no limit.")
 @click.option("--strict", is_flag=True, help="Fail on the first bad line instead of skipping it.")
-def build_shards(inputs, tokenizer, output, **options):
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="ray: each of the --world-size ranks a Ray task (retried if its worker dies), then the merge.",
+)
+@click.option(
+    "--ray-address", default=None, help="Ray cluster for --executor ray (default: a running local one, else a new one)."
+)
+def build_shards(inputs, tokenizer, output, executor, ray_address, **options):
     """Tokenize Pile-format text into Megatron .bin/.idx shards, one per split and component.
 
     \b
@@ -66,16 +76,29 @@ def build_shards(inputs, tokenizer, output, **options):
 
     The released Pile's train files (00.jsonl.zst ... 29.jsonl.zst) are ALREADY upsampled: build them with
     --weights none. --weights pile is for component-wise, not yet upsampled input.
+
+    --executor ray --world-size N runs the N ranks as Ray tasks on the cluster at --ray-address (OUTPUT on storage
+    every node sees), retries a rank whose worker died, skips ranks already done, and merges: the same bytes.
     """
-    from pile_tools.build import BuildOptions
-    from pile_tools.build import build_shards as run
+    from pile_tools.options import BuildOptions
 
     options = BuildOptions(**options)
     if not 0 <= options.rank < options.world_size:
         raise click.BadParameter(
             f"--rank {options.rank} must be in [0, --world-size {options.world_size})", param_hint="--rank"
         )
-    out = run_reporting_errors(run, list(inputs), tokenizer, output, options, echo=echo_err)
+    if executor == "ray":
+        from pile_tools.on_ray import build_on_ray
+
+        if options.rank:
+            raise click.BadParameter("--executor ray runs every rank of --world-size itself", param_hint="--rank")
+        out = run_reporting_errors(build_on_ray, list(inputs), tokenizer, output, options, ray_address, echo=echo_err)
+    elif ray_address is not None:
+        raise click.BadParameter("--ray-address is for --executor ray", param_hint="--ray-address")
+    else:
+        from pile_tools.build import build_shards as run
+
+        out = run_reporting_errors(run, list(inputs), tokenizer, output, options, echo=echo_err)
     if out is not None:
         click.echo(f"shards in {out}  (blend.json, manifest.json; look inside with: neox-data inspect {out})")
 

@@ -65,6 +65,10 @@ def describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {started}"
 
 
+class Held(InputError):
+    """The lock, or one it excludes, is held by a run that may be alive."""
+
+
 class RunLock:
     """`with RunLock(directory):` holds `directory`/`name`; a second holder is refused with an InputError naming
     the first. `what` names the locked thing in that message (default: the directory); `excludes`, glob patterns
@@ -94,7 +98,7 @@ class RunLock:
                 if holder is None or age is None:
                     continue  # removed between our attempt and the read: try again
                 if (refusal := self.refusal(holder, age)) is not None:
-                    raise InputError(refusal)
+                    raise Held(refusal)
                 warnings.warn(
                     f"{self.path}: taking over the lock of a run that {self.gone(holder, age)} ({describe(holder)})",
                     stacklevel=2,
@@ -138,7 +142,7 @@ class RunLock:
                     continue
                 holder, age = self.read(other), self.age(other)
                 if holder is not None and age is not None and self.refusal(holder, age) is not None:
-                    raise InputError(f"{self.what} is in use by another run: {describe(holder)} (it holds {other})")
+                    raise Held(f"{self.what} is in use by another run: {describe(holder)} (it holds {other})")
 
     def beat(self) -> None:
         """Touch the lock every HEARTBEAT_S until released, so other hosts can tell it is held."""

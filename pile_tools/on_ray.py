@@ -10,6 +10,7 @@ single-machine build (it joins while it encodes), with nothing to merge.
 """
 
 import os
+import socket
 import sys
 import time
 import warnings
@@ -98,6 +99,15 @@ def failure(ray, error: Exception, rank: int) -> InputError:
 def start(ray, address: str | None, workers: int) -> None:
     """Connect to the Ray cluster at `address` (default: a running local one, else a new one on this machine), and
     check it has the CPUs a rank asks for."""
+    if address and address not in ("auto", "local") and "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:  # Ray itself retries an address where nothing listens for minutes before it gives up
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise InputError(
+                f"--ray-address {address}: no Ray cluster answers there ({e}); start one with `ray start --head`, or "
+                "leave --ray-address out to use (or start) one on this machine"
+            ) from None
     try:
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as e:

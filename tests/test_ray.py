@@ -223,3 +223,14 @@ def test_a_rerun_driver_waits_for_a_killed_drivers_ranks_then_goes_on(tmp_path, 
         assert len(said) == 1 and said[0].startswith("waiting up to 3 s for a run to leave")
     finally:
         holder.kill()
+
+
+def test_an_address_where_no_ray_answers_is_one_line_at_once(tmp_path, run, monkeypatch):
+    """Ray would retry such an address for minutes; the command says so in one line, never reaching ray.init."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (make test installs it with the dev extra)")
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init was called for an address that is down"))
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = run("build-shards", SAMPLE, "--tokenizer", "gpt-neox-20b", "--output", tmp_path / "s", "--executor", "ray",
+                 "--ray-address", address)  # fmt: skip
+    assert result.exit_code == 1
+    assert_clean_error(result.output, f"--ray-address {address}: no Ray cluster answers there", "ray start --head")

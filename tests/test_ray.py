@@ -234,3 +234,14 @@ def test_an_address_where_no_ray_answers_is_one_line_at_once(tmp_path, run, monk
                  "--ray-address", address)  # fmt: skip
     assert result.exit_code == 1
     assert_clean_error(result.output, f"--ray-address {address}: no Ray cluster answers there", "ray start --head")
+
+
+def test_a_ranks_own_error_is_one_line_naming_the_rank_and_the_file(cluster, tmp_path):
+    """An error of the build inside a rank (here a bad line under --strict) is not retried, and reads as it would
+    without Ray, after the rank's number."""
+    (tmp_path / "in.jsonl").write_text('{"text": "a document"}\n{"text": 5}\n')
+    done = neox(*build(tmp_path / "in.jsonl", tmp_path / "s", "--executor", "ray", "--ray-address", cluster,
+                       "--world-size", 2, "--strict"), check=False)  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    [line] = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert line.startswith("Error: rank ") and "in.jsonl:2" in line, line

@@ -28,10 +28,17 @@ def free_port() -> int:
 
 
 def cluster_processes(temp_dir: str) -> list[psutil.Process]:
-    """The processes of the cluster started with `temp_dir` (its session directory is in their command lines)."""
+    """The processes of the cluster started with `temp_dir`: each names it in its command line or holds a file of
+    its session there (Ray's agents and workers name only themselves)."""
     found = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in p.info["cmdline"] or []):
+    for p in psutil.process_iter():
+        try:
+            ours = any(temp_dir in part for part in p.cmdline()) or any(
+                f.path.startswith(temp_dir) for f in p.open_files()
+            )
+        except psutil.Error:
+            continue
+        if ours and p.pid != os.getpid():
             found.append(p)
     return found
 
@@ -59,10 +66,9 @@ def cluster():
         yield f"127.0.0.1:{port}"
     finally:
         patch.undo()
-        # `ray stop` ends every Ray process of this machine's user: the agents Ray starts do not all name the
-        # cluster's directory in their command lines
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-        psutil.wait_procs(cluster_processes(temp_dir), timeout=30)
+        for p in (started := cluster_processes(temp_dir)):  # this cluster's, not another Ray of this machine
+            p.kill()
+        psutil.wait_procs(started, timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

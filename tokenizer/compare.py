@@ -24,7 +24,7 @@ from pile_tools.reader import (
     read_documents,
     report_skips,
 )
-from tokenizer.metrics import ALPHA, byte_decoder, measures, unreachable_ids, words_in
+from tokenizer.metrics import ALPHA, byte_decoder, bytes_and_words, measures, unreachable_ids
 
 WHITESPACE = " \t\n\r\x0b\x0c"
 BYTE_LEVEL_WS = "".join(ch for ch, b in byte_decoder().items() if chr(b) in WHITESPACE)  # ByteLevel's Ġ, Ċ...
@@ -103,8 +103,8 @@ def text_counts(batch) -> dict[str, dict]:
     out = {}
     for component in sorted({c for c, _ in batch}):
         mine = [t for c, t in batch if c == component]
-        data = "\n".join(mine).encode()  # a newline between documents: a word never runs across two
-        out[component] = {"documents": len(mine), "bytes": len(data) - (len(mine) - 1), "words": words_in(data)}
+        size, words = bytes_and_words(mine)
+        out[component] = {"documents": len(mine), "bytes": size, "words": words}
     return out
 
 

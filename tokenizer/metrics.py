@@ -55,6 +55,13 @@ def words_in(data: bytes) -> int:
     return int(np.count_nonzero(marks[1:] > marks[:-1])) + int(marks[:1].sum())
 
 
+def bytes_and_words(texts: list[str]) -> tuple[int, int]:
+    """The UTF-8 bytes and the words of documents, each counted on its own (a newline between them while counting,
+    so no word runs across two)."""
+    data = "\n".join(texts).encode()
+    return len(data) - max(0, len(texts) - 1), words_in(data)
+
+
 def renyi_efficiency(counts: np.ndarray, vocab_size: int, alpha: float = ALPHA) -> float:
     """H_alpha of the ids' unigram distribution (`counts`, one per id) over log(vocab_size)."""
     used = counts[counts > 0].astype(np.float64)

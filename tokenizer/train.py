@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pile_tools.components import epochs_for, load_epochs, split_weights
-from pile_tools.encoding import Encoder, choose_engine, load_reference
+from pile_tools.encoding import checked_encoder, load_reference
 from pile_tools.ground import InputError, check_writable, prefetch, write_json, write_text
 from pile_tools.parts import split_of, split_thresholds
 from pile_tools.reader import Part, Skips, cut_into_parts, discover, read_documents, report_skips
-from tokenizer.metrics import measures, unreachable_ids, words_in
+from tokenizer.metrics import bytes_and_words, measures, unreachable_ids
 
 SPECIALS = ["<|endoftext|>", "<|padding|>"]  # ids 0 and 1, as in GPT-NeoX-20B's tokenizer
 CACHE_BYTES = 1 << 30  # inputs up to this much text are read once and kept, larger ones are read twice
@@ -137,12 +137,13 @@ def measure_held_out(path: Path, plan: TrainingText, echo) -> dict:
     texts = [text for _, text in plan.held_out]
     out = {"documents": plan.held_out_documents, "measured_documents": len(texts), "measured_bytes": 0}
     if texts:
-        ids, _ = Encoder(path, choose_engine(path, texts[:64], echo), threaded=True).encode(texts)
-        data = "\n".join(texts).encode()
+        encoder = checked_encoder(path, texts[:64], echo)
+        encoder.threaded = True
+        ids, _ = encoder.encode(texts)
         size = load_reference(path).get_vocab_size(with_added_tokens=True)
         counts = np.bincount(ids, minlength=size)
-        out["measured_bytes"] = len(data) - (len(texts) - 1)
-        out |= measures(out["measured_bytes"], words_in(data), counts, size)
+        out["measured_bytes"], words = bytes_and_words(texts)
+        out |= measures(out["measured_bytes"], words, counts, size)
     return {**out, "unreachable_ids": unreachable_ids(path)}
 
 

@@ -5,7 +5,7 @@ import click
 from pile_tools.commands import build_shards, inspect_shards, merge_shards, verify_shards
 from pile_tools.ground import whole_summaries
 from tokenizer.commands import compare_tokenizers, train_tokenizer
-from trainer.commands import batch, evaluate, export_hf, generate, import_hf, plan, train
+from trainer.commands import batch, decontaminate, evaluate, export_hf, generate, import_hf, plan, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,6 +28,7 @@ main.add_command(generate)
 main.add_command(train)
 main.add_command(batch)
 main.add_command(evaluate)
+main.add_command(decontaminate)
 whole_summaries(main)
 
 if __name__ == "__main__":

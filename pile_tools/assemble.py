@@ -21,6 +21,7 @@ from pile_tools.indexed import Shard, write_index
 from pile_tools.join import RANK_MARK, JoinedShard, PartNotWhole, read_receipt
 from pile_tools.reader import report_skips
 from pile_tools.shards_dir import remove_plan, write_blend, write_manifest
+from pile_tools.sourcemap import line_offsets, write_source_map
 
 
 def load_receipts(plan: dict, dirs: list[Path]) -> list[tuple[Path, dict]]:
@@ -150,9 +151,11 @@ def build_blend(out: Path, shards: dict, epochs: dict, weights: str) -> dict:
     return blend
 
 
-def collect_shards(receipts: list[tuple[Path, dict]]) -> dict:
-    """prefix -> component, totals and the part shards to join, in part order."""
-    shards = {}
+def collect_shards(receipts: list[tuple[Path, dict]], inputs: list[dict]) -> dict:
+    """prefix -> component, totals and the part shards to join, in part order; with, for the source map, each part
+    shard's documents, input (its index in `inputs`) and the lines of that input before its part."""
+    shards, offsets = {}, line_offsets(receipts)
+    number = {i["path"]: n for n, i in enumerate(inputs)}
     for where, receipt in receipts:
         for prefix, stat in receipt["shards"].items():
             entry = shards.setdefault(
@@ -164,6 +167,7 @@ def collect_shards(receipts: list[tuple[Path, dict]]) -> dict:
                     "text_bytes": 0,
                     "max_id": 0,
                     "sources": [],
+                    "origins": [],
                 },
             )
             if entry["component"] != stat["component"]:
@@ -174,6 +178,7 @@ def collect_shards(receipts: list[tuple[Path, dict]]) -> dict:
                 entry[key] += stat[key]
             entry["max_id"] = max(entry["max_id"], stat.get("max_id", 0))
             entry["sources"].append((where / prefix, stat))
+            entry["origins"].append((where / prefix, stat["documents"], number[receipt["source"]], offsets[where]))
     return shards
 
 
@@ -203,7 +208,7 @@ def record_manifest(out, plan, receipts, shards, epochs, blend, unknown, start, 
         components[s["component"]]["epochs"] = epochs[s["component"]]
         components[s["component"]]["splits"][prefix.split("/")[0]] = {
             "prefix": prefix,
-            **{k: s[k] for k in ("documents", "tokens", "text_bytes", "max_id", "xxh3_128")},
+            **{k: s[k] for k in ("documents", "tokens", "text_bytes", "max_id", "xxh3_128", "source_map")},
             "weight": weights[prefix],
         }
     manifest = {
@@ -276,7 +281,7 @@ def assemble(
     joined = joiner.finish() if joiner is not None else None  # first: it removes a part that is not whole
     timings["join_and_hash_shards"] = time.time() - mark  # what was left when the encoding ended
     receipts = load_receipts(plan, dirs)
-    shards = collect_shards(receipts)
+    shards = collect_shards(receipts, plan["inputs"])
     if not shards:
         skipped = sum(n for _, r in receipts for n in r["skipped"].values())
         raise InputError(f"no documents in the input ({skipped} lines skipped as bad, the rest blank)")
@@ -298,6 +303,10 @@ def assemble(
                 unfinished.discard()
         raise
     timings["join_and_hash_shards"] += time.time() - mark
+    mark = time.time()
+    for prefix, shard in shards.items():
+        shard["source_map"] = write_source_map(out / prefix, shard["origins"])
+    timings["source_map"] = time.time() - mark
     mark = time.time()
     blend = build_blend(out, shards, epochs, plan["options"]["weights"])
     if plan["options"]["materialize"]:

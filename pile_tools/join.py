@@ -32,7 +32,17 @@ CHUNK = 8 << 20
 JOURNAL = "joined.json"  # in the parts directory
 RANK_MARK = "rank-"  # .parts/rank-R-of-N: a build-shards --rank R --world-size N writes to this directory
 # What is read of a part's receipt (pile_tools/parts.py writes it), and of each shard it records
-RECEIPT_KEYS = ("source", "start", "engine", "shards", "skipped", "skip_examples", "components_seen", "seconds")
+RECEIPT_KEYS = (
+    "source",
+    "start",
+    "engine",
+    "shards",
+    "skipped",
+    "skip_examples",
+    "components_seen",
+    "seconds",
+    "lines",
+)
 SHARD_KEYS = ("component", "documents", "tokens", "text_bytes")
 _buffers = threading.local()  # one reused read buffer per thread: no 8 MB allocation per appended file
 

@@ -23,6 +23,7 @@ from pile_tools.encoding import Encoder
 from pile_tools.ground import InputError, prefetch, writing
 from pile_tools.indexed import ShardWriter
 from pile_tools.reader import Part, PartReader, Skips, batched_by_chars
+from pile_tools.sourcemap import lines_file, save_lines
 
 BATCH_CHARS = 4 << 20  # text per encode call: large enough to amortise the call, small enough to stream
 
@@ -72,15 +73,19 @@ def append_eod(ids: np.ndarray, counts: np.ndarray, eod: int) -> tuple[np.ndarra
 
 
 class PartWriter:
-    """Routes encoded documents to one ShardWriter per (split, component) and keeps their counts."""
+    """Routes encoded documents to one ShardWriter per (split, component) and keeps their counts and the input
+    line of each document (the part's source map)."""
 
     def __init__(self, root: Path, dtype: str):
         self.root, self.dtype = root, np.dtype(dtype)
         self.writers: dict[tuple[str, str], ShardWriter] = {}
         self.stats: dict[str, dict] = {}
+        self.lines: dict[tuple[str, str], list[np.ndarray]] = {}
 
-    def write(self, keys: list[tuple[str, str]], tokens: np.ndarray, sizes: np.ndarray, nbytes: list[int]):
-        """Route one encoded batch to the shard of each document's (split, component)."""
+    def write(self, keys: list[tuple[str, str]], tokens: np.ndarray, sizes: np.ndarray, nbytes: list[int], lines):
+        """Route one encoded batch to the shard of each document's (split, component); `lines`: each document's
+        line in the part."""
+        lines = np.asarray(lines, np.uint64)
         uniq = sorted(set(keys))
         codes = np.array([uniq.index(k) for k in keys], np.int16) if len(uniq) > 1 else np.zeros(len(keys), np.int16)
         token_codes = np.repeat(codes, sizes) if len(uniq) > 1 else None  # int16: a tenth of the memory traffic
@@ -88,6 +93,7 @@ class PartWriter:
             docs = codes == code
             mine = tokens if token_codes is None else tokens[token_codes == code]
             self._writer(key).add(mine, sizes[docs])
+            self.lines[key].append(lines[docs])
             stat = self.stats[prefix_of(key)]
             stat["max_id"] = max(stat["max_id"], int(mine.max()))  # train checks it against the model's vocabulary
             stat["documents"] += int(docs.sum())
@@ -110,6 +116,7 @@ class PartWriter:
                 "max_id": 0,
             }
             self.writers[key] = ShardWriter(self.root / prefix, self.dtype)
+            self.lines[key] = []
         return self.writers[key]
 
     def close(self):
@@ -118,6 +125,7 @@ class PartWriter:
         for key, w in self.writers.items():
             w.close()
             self.stats[prefix_of(key)]["xxh3_128"] = w.hash.hexdigest()
+            save_lines(lines_file(self.root / prefix_of(key)), np.concatenate(self.lines[key]))
 
 
 def prefix_of(key: tuple[str, str]) -> str:
@@ -126,15 +134,15 @@ def prefix_of(key: tuple[str, str]) -> str:
 
 
 def batches(reader: PartReader, thresholds: tuple[int, ...]):
-    """Yield ([(key, text, utf-8 size)...] of about BATCH_CHARS characters, input bytes read so far).
+    """Yield ([(key, text, utf-8 size, line)...] of about BATCH_CHARS characters, input bytes read so far).
 
     Runs in the prefetch thread, so the read position is taken here, beside the reads, not from another thread.
     """
 
     def keyed():
-        for component, text, _ in reader.documents():
+        for component, text, line in reader.documents():
             data = text.encode("utf-8")
-            yield (SPLITS[split_of(data, thresholds)], component), text, len(data)
+            yield (SPLITS[split_of(data, thresholds)], component), text, len(data), line
 
     for batch in batched_by_chars(keyed(), BATCH_CHARS, lambda item: len(item[1])):
         yield batch, reader.consumed  # read up to the batch's last document: the generators read lazily
@@ -167,14 +175,14 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
                 break
             batch, consumed = item
             mark = time.perf_counter()
-            ids, counts = encoder.encode([text for _, text, _ in batch])
+            ids, counts = encoder.encode([text for _, text, _, _ in batch])
             phases["encode"] += time.perf_counter() - mark
             mark = time.perf_counter()
             tokens, sizes = append_eod(ids, counts, config.eod)
-            writer.write([key for key, _, _ in batch], tokens, sizes, [n for _, _, n in batch])
+            writer.write([d[0] for d in batch], tokens, sizes, [d[2] for d in batch], [d[3] for d in batch])
             phases["write"] += time.perf_counter() - mark
             if report:
-                report(consumed - reported, len(batch), len(tokens), sum(n for _, _, n in batch))
+                report(consumed - reported, len(batch), len(tokens), sum(d[2] for d in batch))
                 reported = consumed
         mark = time.perf_counter()
         writer.close()
@@ -189,6 +197,7 @@ def process_part(part: Part, config: PartConfig, parts_dir: Path, report=None) -
         "skipped": skips.counts,
         "skip_examples": skips.examples,
         "components_seen": sorted(reader.components_seen),
+        "lines": reader.lines,  # of the input, read by this part: the source map's lines of later parts follow
         "seconds": round(time.time() - start, 3),
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }

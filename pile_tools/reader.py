@@ -206,6 +206,7 @@ class PartReader:
         self.components_seen: set[str] = set()
         self._raw = None
         self._first_line = 1
+        self.lines = 0  # lines (rows) of the input read so far: a source map's lines count from the part's first
 
     @property
     def consumed(self) -> int:
@@ -254,6 +255,7 @@ class PartReader:
                     return
                 number += 1
                 pos += len(line)
+                self.lines = number
                 yield number, line.removeprefix(BOM) if pos == len(line) else line
         except (OSError, EOFError) as e:  # gzip's truncated or non-gzip files
             raise InputError(f"{source}: cannot read past line {number} ({e})") from None
@@ -317,7 +319,7 @@ class PartReader:
         except UnicodeDecodeError as e:
             line = 1 + data[: e.start].count(b"\n")
             return self.skips.note("invalid_utf8", f"{source}:{line}", str(e)[:120])
-        doc = self._document({"text": text}, 1)
+        doc, self.lines = self._document({"text": text}, 1), 1
         if doc is not None:
             yield doc[0], doc[1], 1
 
@@ -333,6 +335,7 @@ class PartReader:
                 f"opened ({type(e).__name__}: {e})"
             ) from None
         for number, row in enumerate(rows, 1):
+            self.lines = number
             if isinstance(row.get("meta"), str):  # some hub copies of the Pile keep meta as a JSON string
                 try:
                     row = {**row, "meta": orjson.loads(row["meta"])}

@@ -7,6 +7,8 @@
     DIR/manifest.json  written last, so it marks the run done: the tokenizer (path, sha256, vocabulary, EOD),
                        options, inputs, and each shard's documents, tokens, max_id and xxh3-128, by component
     DIR/<split>/<component>.bin/.idx   the shards (pile_tools/indexed.py)
+    DIR/<split>/<component>.lines.npy  each document's input line, with manifest.json's "source_map" of the shard
+                                       (pile_tools/sourcemap.py)
 
 blend.json may be edited by hand (weights are a choice): whatever a reader finds there is checked for the shape
 below, each prefix must stay inside DIR, and weights must be finite and >= 0; anything else is one line naming the

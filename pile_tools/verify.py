@@ -3,7 +3,8 @@ checkpoints against their checksums.json.
 
 For each `.bin`/`.idx` pair: the two agree (sizes, pointers, dtype); every document is non-empty and ends with the
 EOD id; every id is below the tokenizer's vocabulary; the content checksum and the counts equal the ones
-build-shards recorded in manifest.json; and blend.json's shards exist with the recorded token counts. Each problem
+build-shards recorded in manifest.json; the source map (pile_tools/sourcemap.py) holds one line per document, with the
+recorded hash; and blend.json's shards exist with the recorded token counts. Each problem
 is one line naming the shard (and the document). For a checkpoint (a directory holding checksums.json) or a run
 (holding such checkpoints): every recorded file is there with its size and xxh3-128, and `latest` names one.
 """
@@ -24,6 +25,7 @@ from pile_tools.indexed import check_pair, read_index
 from pile_tools.inspect import find_shards
 from pile_tools.rundir import checkpoints_in, holds_unvouched_checkpoints, latest_file, read_latest
 from pile_tools.shards_dir import BLEND, blend_file, manifest_entries, read_blend, read_manifest
+from pile_tools.sourcemap import source_map_problems
 
 CHUNK = 32 << 20  # bytes of .bin per read: large enough for numpy and xxhash to run at memory speed
 MAX_LINES = 20  # problems of one kind listed per shard; the count is always complete
@@ -95,8 +97,8 @@ def scan_bin(prefix: Path, dtype: np.dtype, starts: np.ndarray, sizes: np.ndarra
     return h.hexdigest()
 
 
-def verify_shard(prefix: Path, name: str, entry: dict, vocab, eod, progress) -> list[str]:
-    """The problems of one shard, one line each."""
+def verify_shard(prefix: Path, name: str, entry: dict, vocab, eod, inputs: int, progress) -> list[str]:
+    """The problems of one shard, one line each; its source map's too, when the manifest records one (of `inputs`)."""
     audit = Audit(name)
     if (problem := check_pair(prefix)) is not None:
         audit.add("pair", problem)
@@ -121,6 +123,9 @@ def verify_shard(prefix: Path, name: str, entry: dict, vocab, eod, progress) -> 
                 if key != "xxh3_128"
                 else "content differs from the checksum in manifest.json",
             )
+    if "source_map" in entry:
+        for problem in source_map_problems(prefix, entry["source_map"], len(sizes), inputs):
+            audit.add("source map", problem.removeprefix(f"{prefix}: "))
     return audit.summary()
 
 
@@ -196,7 +201,7 @@ def verify(targets: list[str], tokenizer: str | None, workers: int, echo) -> int
         entries = manifest_entries(manifest)
         for prefix in prefixes:
             name = f"{prefix.parent.name}/{prefix.name}"
-            jobs.append((prefix, str(prefix), entries.get(name, {}), vocab, eod))
+            jobs.append((prefix, str(prefix), entries.get(name, {}), vocab, eod, len(manifest.get("inputs", []))))
         if root.is_dir():
             problems += check_blend(root)
     size = {p: os.path.getsize(f"{p}.bin") if os.path.exists(f"{p}.bin") else 0 for p, *_ in jobs}

@@ -1,4 +1,5 @@
-"""Click commands of the model and its training: plan, export-hf, import-hf, generate, train, batch, evaluate. Thin:
+"""Click commands of the model and its training: plan, export-hf, import-hf, generate, train, batch, evaluate,
+decontaminate. Thin:
 parse, call one function, print."""
 
 import json
@@ -209,7 +210,7 @@ def leave_without_teardown() -> None:
 @click.command("batch")
 @config_option
 @data_option
-@click.option("--step", type=click.IntRange(min=1), required=True, help="The step, numbered as train logs it (from 1).")
+@click.option("--step", type=click.IntRange(min=1), default=None, help="The step, numbered as train logs it (from 1).")
 @click.option(
     "--world-size",
     type=click.IntRange(min=1),
@@ -219,24 +220,52 @@ def leave_without_teardown() -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--json", "as_json", is_flag=True, help='Print {"step": N, "tokens": [[id, ...], ...]} instead of text.')
 @click.option(
+    "--sources",
+    is_flag=True,
+    help="Each sample's documents: component, shard, document, token range and input file:line (the source map).",
+)
+@click.option("--decode", is_flag=True, help="With --sources: the text of each document's range too.")
+@click.option(
+    "--epochs", is_flag=True, help="Instead of a step: the step at which each train shard begins each of its epochs."
+)
+@click.option(
     "--chars",
     type=click.IntRange(min=0),
     default=300,
     show_default=True,
-    help="Characters of each decoded sample shown.",
+    help="Characters of each decoded sample (or, with --sources, of each range) shown.",
 )
-def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
-    """The global batch `train` reads at a step: what did the model see? Every rank's samples, in order.
+def batch(config_path, data_dir, step, world_size, overrides, as_json, sources, decode, epochs, chars):
+    """The global batch `train` reads at a step: what did the model see, and where did it come from? Every rank's
+    samples, in order.
 
     \b
     neox-data batch --config configs/tiny.yml --data demo-output/shards --step 100
+    neox-data batch --config configs/tiny.yml --data demo-output/shards --step 100 --sources --decode
+    neox-data batch --config configs/tiny.yml --data demo-output/shards --epochs
     neox-data batch --config configs/20B.yml --data /data/shards --step 1000 --world-size 96 --json > step1000.json
     """
     from trainer.config import load_config
+
+    if (step is None) == (not epochs):
+        raise click.UsageError("give --step N (the batch of a step) or --epochs (where each epoch begins)")
+    if decode and not sources:
+        raise click.UsageError("--decode goes with --sources")
+    config = run_reporting_errors(load_config, list(config_path), overrides, {"data_dir": data_dir})
+    world_size = config.world_size(world_size)
+    if epochs:
+        show_epochs(config, world_size, as_json)
+    elif sources:
+        show_sources(config, step, world_size, as_json, decode, chars)
+    else:
+        show_batch(config, step, world_size, as_json, chars)
+
+
+def show_batch(config, step: int, world_size: int, as_json: bool, chars: int) -> None:
+    """batch --step: the samples' ids or text, and where their documents start."""
     from trainer.samples import document_starts, global_batch_at, shards_eod, shards_tokenizer
 
-    config = run_reporting_errors(load_config, list(config_path), overrides, {"data_dir": data_dir})
-    tokens = run_reporting_errors(global_batch_at, config, step, config.world_size(world_size))
+    tokens = run_reporting_errors(global_batch_at, config, step, world_size)
     eod, masked = shards_eod(config.data), config.training.reset_attention_mask
     starts = [document_starts(sample, eod) if eod is not None else None for sample in tokens]
     if as_json:
@@ -252,6 +281,54 @@ def batch(config_path, data_dir, step, world_size, overrides, as_json, chars):
         where = f"; documents start at {', '.join(map(str, starts[i]))}, {seen}" if starts[i] is not None else ""
         click.echo(f"--- step {step} sample {i} ({len(sample)} tokens{where}) ---")
         click.echo(text[:chars] + (" [...]" if len(text) > chars else ""))
+
+
+def show_sources(config, step: int, world_size: int, as_json: bool, decode: bool, chars: int) -> None:
+    """batch --step --sources: each sample's documents and where each came from."""
+    from pile_tools.ground import echo_err
+    from trainer.provenance import batch_sources
+    from trainer.samples import shards_tokenizer
+
+    decoder = shards_tokenizer(config.data) if decode else None
+    if decode and decoder is None:
+        raise click.UsageError("--decode: no tokenizer (tokenizer_file in the config, or the shards' manifest.json)")
+    shown, missing = run_reporting_errors(batch_sources, config, step, world_size, decoder)
+    if missing:
+        echo_err(
+            f"warning: no source map for {missing[0]}{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}"
+            " (not built by neox-data build-shards, or built before it kept one): file and line are unknown"
+        )
+    if as_json:
+        click.echo(json.dumps(shown))
+        return
+    for i, sample in enumerate(shown["samples"]):
+        click.echo(
+            f"--- step {step} sample {i} ({len(sample['tokens'])} tokens, {len(sample['sources'])} documents) ---"
+        )
+        for row in sample["sources"]:
+            where = f"{row['file']}:{row['line']}" if row["file"] else "(no source map)"
+            start, end = row["tokens"]
+            click.echo(
+                f"  {row['component']}  {row['shard']}  document {row['document']}  tokens {start}-{end}  {where}"
+            )
+            if "text" in row:
+                text = row["text"]
+                click.echo("    " + repr(text[:chars])[1:-1] + (" [...]" if len(text) > chars else ""))
+
+
+def show_epochs(config, world_size: int, as_json: bool) -> None:
+    """batch --epochs: the step each train shard's epochs begin at."""
+    from trainer.provenance import epoch_starts
+
+    rows = run_reporting_errors(epoch_starts, config, world_size)
+    if as_json:
+        click.echo(json.dumps({"train_iters": config.training.train_iters, "shards": rows}))
+        return
+    click.echo(f"the run reads {config.training.train_iters:,} steps")
+    for row in rows:
+        name = row["component"] or row["shard"]
+        epochs = ", ".join(f"epoch {k} from step {s:,}" for k, s in enumerate(row["epochs"], 1))
+        click.echo(f"{name} ({row['shard']}): {epochs or 'not read'}")
 
 
 @click.command("evaluate")
@@ -285,3 +362,36 @@ def evaluate(model, tasks, num_fewshot, output, limit, batch_size):
         click.echo(f"{task:<28} " + "  ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items())))
     if output:
         click.echo(f"results in {output}")
+
+
+@click.command("decontaminate")
+@click.argument("data", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--against",
+    multiple=True,
+    required=True,
+    metavar="FILE_OR_TASK",
+    help="Evaluation text: a .jsonl (each line's text) or .txt file, or an lm-eval task (ours, or the harness's "
+    "with its data on disk). Repeat it for several.",
+)
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Directory for report.json and .md.")
+@click.option(
+    "--ngram", type=click.IntRange(min=1), default=13, show_default=True, help="Words per n-gram (lm-eval's 13)."
+)
+def decontaminate(data, against, output, ngram):
+    """Which documents of the shards share an n-gram with evaluation text: per task, split and component, with
+    the first matches as input file:line. A report; the shards are not changed.
+
+    \b
+    neox-data decontaminate demo-output/shards --against neox_books_lastword --output demo-output/contamination
+    neox-data decontaminate /data/shards --against lambada_openai --against my_test.jsonl --output contamination
+    """
+    from trainer.contamination import decontaminate as run
+
+    report = run_reporting_errors(run, data, list(against), output, ngram)
+    for name, task in report["tasks"].items():
+        click.echo(
+            f"{name}: {task['documents']:,} document(s), {task['tokens']:,} tokens share a {ngram}-gram "
+            f"with its {task['items']:,} item(s)"
+        )
+    click.echo(f"report in {output}/report.json and report.md")

@@ -198,6 +198,19 @@ class GPTDataset:
             self.report_bad_id(first, last)
         return tokens
 
+    def spans(self, i: int) -> list[tuple[int, int, int, int]]:
+        """Where the i-th sample's tokens come from, in order: (position in doc_idx, document, first token, end
+        token) of each document it spans; their token ranges, concatenated, are __getitem__(i)."""
+        j = int(self.shuffle_idx[i if i < len(self.shuffle_idx) else i % max(1, len(self))])
+        (first, offset), (last, end) = self.sample_idx[j], self.sample_idx[j + 1]
+        out = []
+        for k in range(int(first), int(last) + 1):
+            doc = int(self.doc_idx[k])
+            start = int(offset) if k == first else 0
+            stop = int(end) + 1 if k == last else int(self.shard.sizes[doc])
+            out.append((k, doc, start, stop))
+        return out
+
     def report_bad_id(self, first: int, last: int):
         """The RunError naming the document (of the sample's documents first..last) that holds a bad id."""
         for k in range(first, last + 1):
@@ -274,3 +287,7 @@ class BlendedDataset:
 
     def __getitem__(self, i: int) -> np.ndarray:
         return self.sources[self.source[i]][int(self.within[i])]
+
+    def spans(self, i: int) -> tuple[int, list[tuple[int, int, int, int]]]:
+        """(source, its GPTDataset.spans) of the i-th blended sample."""
+        return int(self.source[i]), self.sources[self.source[i]].spans(int(self.within[i]))

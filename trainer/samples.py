@@ -337,23 +337,36 @@ def data_directory(data: DataConfig) -> Path | None:
     return Path(value) if isinstance(value, str) and Path(value).is_dir() else None
 
 
-def global_batch_at(config: NeoXConfig, step: int, world_size: int) -> np.ndarray:
-    """The token ids (global batch, seq_length + 1) that `train` reads at step `step`, numbered from 1 as its log
-    and metrics.jsonl number steps: every rank's micro-batches, in sample order (Pythia's "batch viewer")."""
+def train_dataset(config: NeoXConfig, world_size: int) -> BlendedDataset:
+    """The train split's dataset of a run of `world_size` processes, as `train` builds it (shards checked)."""
+    sources = resolve_sources(config.data)
+    check_shards(sources, config.model.vocab_size)
+    global_batch = config.global_batch(world_size)
+    return build_datasets(config, sources, global_batch, fallback_cache_dir(None), ("train",))["train"]
+
+
+def step_positions(config: NeoXConfig, dataset: BlendedDataset, step: int, world_size: int) -> np.ndarray:
+    """The dataset positions of the samples `train` reads at step `step` (numbered from 1 as its log and
+    metrics.jsonl number steps): every rank's micro-batches, in order."""
     t = config.training
     if not 1 <= step <= t.train_iters:
         raise ConfigError(f"--step {step}: the run has steps 1 to {t.train_iters}")
-    global_batch = config.global_batch(world_size)
-    sources = resolve_sources(config.data)
-    check_shards(sources, config.model.vocab_size)
-    dataset = build_datasets(config, sources, global_batch, fallback_cache_dir(None), ("train",))["train"]
     micro, dp = t.train_micro_batch_size_per_gpu, config.data_parallel_size(world_size)
     where = [
-        sample_positions(step - 1, m, micro, dp, r, global_batch, len(dataset))
+        sample_positions(step - 1, m, micro, dp, r, config.global_batch(world_size), len(dataset))
         for m in range(t.gradient_accumulation_steps)
         for r in range(dp)
     ]  # ranks and micro-batches in order
-    return np.stack([dataset[int(i)] for i in np.concatenate(where)])
+    return np.concatenate(where)
+
+
+def global_batch_at(config: NeoXConfig, step: int, world_size: int) -> np.ndarray:
+    """The token ids (global batch, seq_length + 1) that `train` reads at step `step`, in sample order (Pythia's
+    "batch viewer")."""
+    if not 1 <= step <= config.training.train_iters:  # before any index is built
+        raise ConfigError(f"--step {step}: the run has steps 1 to {config.training.train_iters}")
+    dataset = train_dataset(config, world_size)
+    return np.stack([dataset[int(i)] for i in step_positions(config, dataset, step, world_size)])
 
 
 def shards_eod(data: DataConfig) -> int | None:

@@ -1,7 +1,7 @@
 """build-shards against its ceiling and against gpt-neox, side by side, on N copies of the mini-Pile.
 
     .venv/bin/python benchmarks/shards.py [--copies 10] [--workers 2] [--corpus ../shared/corpus/mini-pile]
-        [--skip-neox] [--only-ours] [--ray [--repeat 3]]
+        [--skip-neox] [--only-ours] [--ray [--repeat 3]] [--compare-against REV [--repeat 3]]
 
 Three runs on the same input, each in its own process, timed and with peak RSS (the process tree, sampled):
   ceiling   one process: read + orjson + gigatoken encode_batch(parallel=True) + EOD + one uint16 write per file
@@ -20,6 +20,10 @@ Goals: ours >= 1.0 x the ceiling's throughput on 2 cores (issue 13; 0.8 x in iss
 script starts first with `ray start --head` on 127.0.0.1, as a team's cluster would already run) beside the same
 build without Ray, interleaved: Ray's overhead (goal <= 1.15x, issue 32). Only wall time: Ray's worker is not a
 child of the command, so its memory is not the command's process tree.
+
+--compare-against REV instead times build-shards here beside the same command at commit REV (checked out in a
+worktree under benchmarks/.work), interleaved: the cost of what was added since, e.g. the source map (goal <= 1.05x
+against the commit before it, issue 30). The shards of both must be byte-identical; the script checks it.
 """
 
 import argparse
@@ -242,6 +246,40 @@ def on_ray(args) -> None:
     print(f"ray / local: {ray / local:.2f} (per pair: {', '.join(f'{r:.2f}' for r in pairs)}; goal <= 1.15)")
 
 
+def shard_digest(out: Path) -> str:
+    """xxh3-128 over every .bin and .idx of a shards directory, in name order."""
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for path in sorted(p for p in out.rglob("*") if p.suffix in (".bin", ".idx")):
+        digest.update(str(path.relative_to(out)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def against(args) -> None:
+    """build-shards now beside the same command at commit `args.compare_against`, interleaved; medians, ratio."""
+    src, rev = copies_of(args.corpus, args.copies), args.compare_against
+    old = WORK / f"checkout-{rev}"
+    if not old.is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(old), rev], cwd=ROOT, check=True, capture_output=True)
+    runs, digests = {"then": [], "now": []}, {}
+    for _ in range(args.repeat):  # -m cli imports the cwd's code: the checkout's, or this tree's
+        for name, cwd in (("then", old), ("now", ROOT)):
+            shutil.rmtree(OUT, ignore_errors=True)
+            cmd = [sys.executable, "-m", "cli", "build-shards", str(src), "--tokenizer", str(TOKENIZER),
+                   "--workers", str(args.workers), "--output", str(OUT), "--weights", "none"]  # fmt: skip
+            runs[name].append(measure(cmd, cwd=cwd).seconds)
+            digests[name] = shard_digest(OUT)
+    then, now = (sorted(runs[k])[args.repeat // 2] for k in ("then", "now"))
+    pairs = sorted(n / t for n, t in zip(runs["now"], runs["then"]))
+    print(f"build-shards on {args.copies} copies of {args.corpus}, --workers {args.workers}, medians of {args.repeat}")
+    print(f"at {rev}: {then:.1f} s; now: {now:.1f} s")
+    print(f"now / then: {now / then:.3f} (per pair: {', '.join(f'{r:.3f}' for r in pairs)}; goal <= 1.05)")
+    same = digests["then"] == digests["now"]
+    print(f"shards (.bin, .idx) {'byte-identical' if same else 'DIFFER'}: xxh3-128 {digests['now']}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--copies", type=int, default=10)
@@ -250,9 +288,14 @@ def main():
     parser.add_argument("--only-ours", action="store_true", help="build-shards alone (node scale: issue 13's GB/s)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ray", action="store_true", help="--executor ray beside the local build (issue 32)")
-    parser.add_argument("--repeat", type=int, default=3, help="Interleaved runs of each, with --ray.")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="Interleaved runs of each, with --ray or --compare-against."
+    )
+    parser.add_argument("--compare-against", metavar="REV", help="build-shards at commit REV beside this tree's.")
     parser.add_argument("--ceiling", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compare_against:
+        return against(args)
     if args.ray:
         return on_ray(args)
     if args.ceiling:

@@ -8,6 +8,7 @@ import numpy as np
 from pile_tools.ground import InputError
 from pile_tools.indexed import Shard, check_pair
 from pile_tools.shards_dir import directory_of, has_manifest, manifest_tokenizer, read_manifest
+from pile_tools.sourcemap import SourceMap
 
 
 def find_shards(target: Path) -> tuple[list[Path], Path | None]:
@@ -31,6 +32,7 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
     prefixes, directory = find_shards(root)
     manifest = read_manifest(directory) if directory else None
     decoder = load_decoder(tokenizer, manifest) if decode else None
+    sources = SourceMap(directory, manifest) if manifest else None
     base = root if root.is_dir() else prefixes[0].parent
     echo(f"{'shard':<40} {'dtype':>6} {'documents':>10} {'tokens':>13} {'tok/doc':>8}  check")
     total_docs = total_tokens = 0
@@ -53,9 +55,14 @@ def inspect(target: str, decode: int, tokenizer: str | None, chars: int, echo) -
         if problem is not None:
             corrupt.append(name)
             continue
+        key = f"{prefix.parent.name}/{prefix.name}"
         for i in range(min(decode, len(shard))):
             text = decoder(shard[i].tolist())
-            echo(f"--- {name} document {i} ({len(shard[i])} tokens) ---")
+            where = ""
+            if sources and sources.covers(key):  # the file's name: the manifest's inputs give its whole path
+                file, line = sources.locate(key, i)
+                where = f", from {Path(file).name}:{line}"
+            echo(f"--- {name} document {i} ({len(shard[i])} tokens{where}) ---")
             echo(text[:chars] + (" [...]" if len(text) > chars else ""))
     echo(f"{'total':<40} {'':>6} {total_docs:>10,} {total_tokens:>13,}")
     if manifest:

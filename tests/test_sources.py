@@ -142,8 +142,8 @@ def test_epoch_steps_are_where_batch_first_reads_a_second_copy(tmp_path):
     for name in ("Enron_Emails.jsonl.zst", "Fortunes.jsonl.zst"):
         write_jsonl(root / name.replace(".zst", ""), read_jsonl_zst(SAMPLE / name)[:12])
     data = build(Cli(), root, tmp_path / "shards")
-    steps = 40
-    overrides = ["--set", f"train_iters={steps}", "--set", "seq_length=64", "--set", "train_micro_batch_size_per_gpu=16"]
+    steps, micro = 40, "train_micro_batch_size_per_gpu=16"
+    overrides = ["--set", f"train_iters={steps}", "--set", "seq_length=64", "--set", micro]
     shown = json.loads(Cli().ok("batch", *TINY, "--data", data, "--epochs", "--json", *overrides).output)
     reported = {row["shard"]: row["epochs"] for row in shown["shards"]}
     copies: dict = {}  # shard -> document -> copies in the order first read
@@ -190,8 +190,9 @@ def planted(tmp_path_factory) -> tuple[Path, Path, Path, int]:
     return build(cli, clean, root / "clean-shards"), build(cli, dirty, root / "dirty-shards"), file, line
 
 
-def contamination(data: Path, out: Path, *against) -> dict:
-    result = Cli().ok("decontaminate", data, *[a for x in against for a in ("--against", x)], "--output", out)
+def contamination(data: Path, out: Path, *against, workers: int = 0) -> dict:
+    tasks = [a for x in against for a in ("--against", x)]
+    result = Cli().ok("decontaminate", data, *tasks, "--output", out, "--workers", workers)
     assert "report in" in result.output and (out / "report.md").is_file()
     return json.loads((out / "report.json").read_text())
 
@@ -216,23 +217,29 @@ def test_decontaminate_finds_a_planted_passage_by_file_and_line(planted, tmp_pat
     assert as_file["tasks"][str(PASSAGES)]["matches"][0]["line"] == line
 
 
-def test_decontaminate_a_merged_rank_build_gives_the_same_report(planted, tmp_path):
+def test_decontaminate_a_merged_rank_build_gives_the_same_report(planted, tmp_path, monkeypatch):
+    """The same report from a 2-rank build merged, scanned by 2 worker processes in small jobs, as from one
+    process's build scanned here."""
+    import trainer.contamination
+
     _, dirty, file, _ = planted
     inputs = file.parent
     for rank in (0, 1):
         build(Cli(), inputs, tmp_path / f"rank{rank}", "--rank", rank, "--world-size", 2, "--part-size", 100_000)
     Cli().ok("merge-shards", tmp_path / "rank0", tmp_path / "rank1", "--output", tmp_path / "merged")
-    one = contamination(dirty, tmp_path / "one", "neox_books_wordperplexity")
-    merged = contamination(tmp_path / "merged", tmp_path / "two", "neox_books_wordperplexity")
-    assert one["tasks"] == merged["tasks"]
+    one = contamination(dirty, tmp_path / "one", "neox_books_wordperplexity", workers=1)
+    monkeypatch.setattr(trainer.contamination, "JOB_TOKENS", 20_000)  # dozens of jobs, on the pool
+    merged = contamination(tmp_path / "merged", tmp_path / "two", "neox_books_wordperplexity", workers=2)
+    assert one["tasks"] == merged["tasks"] and one["tasks"]["neox_books_wordperplexity"]["documents"] == 1
 
 
 def test_decoding_by_table_equals_tokenizers(tmp_path):
     """decontaminate's decoder gives the bytes `tokenizers` decodes, for GPT-NeoX-20B (its multi-space tokens
     too) and GPT-2, on real text."""
-    from trainer.contamination import SEPARATOR, ByteDecoder
+    from pile_tools.ngrams import SEPARATOR, ByteDecoder
 
-    texts = [d["text"] for name in ("Github.jsonl.zst", "Enron_Emails.jsonl.zst") for d in read_jsonl_zst(SAMPLE / name)]
+    names = ("Github.jsonl.zst", "Enron_Emails.jsonl.zst")
+    texts = [d["text"] for name in names for d in read_jsonl_zst(SAMPLE / name)]
     for name in ("gpt-neox-20b", "gpt2"):
         path = ROOT / "tokenizer" / "assets" / name / "tokenizer.json"
         tokenizer = Tokenizer.from_file(str(path))

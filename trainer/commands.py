@@ -378,7 +378,8 @@ def evaluate(model, tasks, num_fewshot, output, limit, batch_size):
 @click.option(
     "--ngram", type=click.IntRange(min=1), default=13, show_default=True, help="Words per n-gram (lm-eval's 13)."
 )
-def decontaminate(data, against, output, ngram):
+@click.option("--workers", type=click.IntRange(min=0), default=0, help="Scanning processes (default 0: one per CPU).")
+def decontaminate(data, against, output, ngram, workers):
     """Which documents of the shards share an n-gram with evaluation text: per task, split and component, with
     the first matches as input file:line. A report; the shards are not changed.
 
@@ -388,7 +389,7 @@ def decontaminate(data, against, output, ngram):
     """
     from trainer.contamination import decontaminate as run
 
-    report = run_reporting_errors(run, data, list(against), output, ngram)
+    report = run_reporting_errors(run, data, list(against), output, ngram, workers)
     for name, task in report["tasks"].items():
         click.echo(
             f"{name}: {task['documents']:,} document(s), {task['tokens']:,} tokens share a {ngram}-gram "

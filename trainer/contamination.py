@@ -1,68 +1,29 @@
 """neox-data decontaminate: which documents of the shards share an n-gram with an evaluation task's text.
 
-N-grams as lm-eval's decontamination (lm_eval/decontamination/janitor.py) defines them: the text with ASCII letters
-lowercased and ASCII punctuation deleted, split on whitespace, every run of `n` consecutive words (13 by default,
-as GPT-3 and the harness use). A document is contaminated by a task when one of its n-grams is one of the task's.
-
-The shards are read as tokens and decoded (a byte-level BPE decodes by a table lookup, vectorised: the text is
-what the shard holds, whether or not the inputs are still on disk). Words are numbered by the tasks' vocabulary:
-a word no task uses can be in no matching n-gram, so only the windows of known words are hashed (each n-gram of
-word numbers to 64 bits) and looked up in each task's sorted hashes. The report names the first matches of each
-task as file:line through the source map. The shards are never rewritten.
+A task is our local tasks, an lm-eval task with its data on disk, or a .jsonl/.txt file; its n-grams are
+lm-eval's (pile_tools/ngrams.py: 13 words by default, as GPT-3 and the harness use). A document is contaminated
+by a task when one of its n-grams is one of the task's. The shards are scanned on worker processes, a range of
+documents each; the report counts documents and tokens per task, split and component, and names the first
+matches as file:line through the source map. The shards are never rewritten.
 """
 
 import json
-import string
+import multiprocessing as mp
+import os
 import time
-from collections import defaultdict
-from itertools import repeat
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from pile_tools.ground import InputError, check_writable, write_json, write_text
 from pile_tools.indexed import Shard
+from pile_tools.ngrams import BOUNDARY, CHUNK_TOKENS, Scanner, Vocabulary, document_ranges, ngram_hashes, words_of
 from pile_tools.shards_dir import manifest_entries, manifest_tokenizer, read_manifest
 from pile_tools.sourcemap import SourceMap
 
-NORMALIZE = bytes.maketrans(string.ascii_uppercase.encode(), string.ascii_lowercase.encode())
-PUNCTUATION = string.punctuation.encode()
-MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the n-gram hash is a polynomial in it, mod 2**64
-UNKNOWN, BOUNDARY = -1, -2  # a word no task has; the end of a document (no n-gram crosses it)
-SEPARATOR = b" \x00 "  # decoded in place of EOD: a word of its own, which marks the document boundary
 MATCHES_SHOWN = 20  # per task in the report
-CHUNK_TOKENS = 4 << 20  # decoded at once: ~16 MB of text
-
-
-def words_of(text: str) -> list[str]:
-    """lm-eval's normalisation, then its words."""
-    return text.encode("utf-8").translate(NORMALIZE, PUNCTUATION).decode("utf-8", "replace").split()
-
-
-class Vocabulary:
-    """The tasks' words, numbered."""
-
-    def __init__(self):
-        self.ids: dict[str, int] = {}
-
-    def number(self, words: list[str], grow: bool) -> np.ndarray:
-        """Each word's number (growing the vocabulary with new words when `grow`, else UNKNOWN for them)."""
-        if grow:
-            return np.fromiter((self.ids.setdefault(w, len(self.ids)) for w in words), np.int64, len(words))
-        return np.fromiter(map(self.ids.get, words, repeat(UNKNOWN)), np.int64, len(words))
-
-
-def ngram_hashes(ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(start, 64-bit hash) of every window of `n` consecutive known words (no UNKNOWN or BOUNDARY in it)."""
-    if len(ids) < n:
-        return np.zeros(0, np.int64), np.zeros(0, np.uint64)
-    bad = np.concatenate([[0], np.cumsum(ids < 0)])
-    starts = np.flatnonzero(bad[n:] == bad[:-n])
-    h = np.zeros(len(starts), np.uint64)
-    with np.errstate(over="ignore"):
-        for k in range(n):
-            h = h * MULTIPLIER + ids[starts + k].astype(np.uint64)
-    return starts, h
+JOB_TOKENS = 16 * CHUNK_TOKENS  # a worker's job: ~64 MB of text, enough to amortise sending back its findings
 
 
 class Task:
@@ -160,117 +121,10 @@ def load_tasks(against: list[str], vocabulary: Vocabulary, n: int) -> list[Task]
     return tasks
 
 
-class ByteDecoder:
-    """Token ids to UTF-8 bytes by table for a byte-level BPE (GPT-2's, GPT-NeoX's, ours), `tokenizers`' decode
-    otherwise; EOD becomes SEPARATOR, other special tokens nothing (skip_special_tokens, as lm-eval sees text)."""
-
-    def __init__(self, path: Path, eod: int):
-        from tokenizers import Tokenizer
-        from tokenizers.pre_tokenizers import ByteLevel, Sequence
-
-        tokenizer = Tokenizer.from_file(str(path))
-        if not isinstance(tokenizer.pre_tokenizer, (ByteLevel, Sequence)):
-            raise InputError(f"{path}: not a byte-level BPE tokenizer; decontaminate decodes only those by table")
-        alphabet = byte_alphabet()
-        added = {t.content: t for t in tokenizer.get_added_tokens_decoder().values()}
-        pieces = []
-        for token, _ in sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]):
-            if token in added:
-                pieces.append(b"" if added[token].special else token.encode("utf-8"))
-            elif all(c in alphabet for c in token):
-                pieces.append(bytes(alphabet[c] for c in token))
-            else:
-                raise InputError(f"{path}: not a byte-level BPE tokenizer ({token!r}); decontaminate needs one")
-        pieces[eod] = SEPARATOR
-        self.lengths = np.array([len(p) for p in pieces], np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
-        self.table = np.frombuffer(b"".join(pieces), np.uint8)
-
-    def __call__(self, ids: np.ndarray) -> bytes:
-        lengths = self.lengths[ids]
-        ends = np.cumsum(lengths)
-        where = np.repeat(self.offsets[ids] - (ends - lengths), lengths) + np.arange(int(ends[-1]) if len(ends) else 0)
-        return self.table[where].tobytes()
-
-
-def byte_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-in for each byte (the byte-level pre-tokenizer's alphabet), char -> byte."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in kept:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-class Found:
-    """One task's contaminated documents: per shard, each document's first matching n-gram (word start, hash)."""
-
-    def __init__(self):
-        self.documents: dict[str, dict[int, tuple[str, int]]] = defaultdict(dict)
-
-
-def chunks(shard: Shard):
-    """(first document, its tokens) of consecutive runs of whole documents, about CHUNK_TOKENS tokens each."""
-    ends = np.cumsum(np.asarray(shard.sizes, np.int64))
-    first = 0
-    while first < len(shard):
-        last = max(first + 1, int(np.searchsorted(ends, (ends[first - 1] if first else 0) + CHUNK_TOKENS)))
-        start = int(shard.pointers[first]) // shard.dtype.itemsize
-        yield (
-            first,
-            last,
-            np.asarray(shard.tokens[start : start + int(ends[last - 1] - (ends[first - 1] if first else 0))]),
-        )
-        first = last
-
-
-def scan_words(text: bytes, documents: int, vocabulary: Vocabulary) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(words, their numbers, each word's document within the chunk) of decoded text whose documents are
-    separated by SEPARATOR; None when the separators are not `documents` (a document holding a NUL itself)."""
-    words = text.translate(NORMALIZE, PUNCTUATION).decode("utf-8", "replace").split()
-    ids = vocabulary.number(words, grow=False)
-    boundary = ids == BOUNDARY
-    if int(boundary.sum()) != documents:
-        return None
-    return words, ids, np.cumsum(boundary) - boundary
-
-
-def scan_shard(name: str, shard: Shard, decoder, vocabulary: Vocabulary, tasks: list[Task], found, n, progress):
-    """Record in `found` (by task) each document of the shard that shares an n-gram with a task."""
-    for first, last, tokens in chunks(shard):
-        scanned = scan_words(decoder(tokens), last - first, vocabulary)
-        if scanned is None:  # one document at a time: a NUL in a text is not a boundary
-            offsets = np.concatenate([[0], np.cumsum(np.asarray(shard.sizes[first:last], np.int64))])
-            for doc in range(first, last):
-                part = scan_words(decoder(tokens[offsets[doc - first] : offsets[doc + 1 - first]]), 1, vocabulary)
-                if part is not None:
-                    match_words(name, doc, *part, tasks, found, n)
-        else:
-            match_words(name, first, *scanned, tasks, found, n)
-        progress(len(tokens))
-
-
-def match_words(name: str, first: int, words, ids, doc_of, tasks, found, n: int) -> None:
-    """The n-grams of a chunk's words looked up in each task; the first of each matching document kept."""
-    starts, hashes = ngram_hashes(ids, n)
-    for task, seen in zip(tasks, found):
-        hit = np.flatnonzero(np.isin(hashes, task.hashes))
-        documents = seen.documents[name]
-        for i in hit.tolist():
-            doc = first + int(doc_of[starts[i]])
-            if doc not in documents:
-                documents[doc] = (" ".join(words[starts[i] : starts[i] + n]), int(hashes[i]))
-
-
-def decontaminate(data: str, against: list[str], output: str, n: int = 13, echo=print) -> dict:
+def decontaminate(data: str, against: list[str], output: str, n: int = 13, workers: int = 0, echo=print) -> dict:
     """Write DIR/report.json and DIR/report.md: per task, the documents (and their tokens) of each split and
-    component sharing an n-gram with it, and the first matches as file:line. Returns the report."""
-    from tqdm import tqdm
-
+    component sharing an n-gram with it, and the first matches as file:line. Returns the report. `workers`: scanning
+    processes (0: one per CPU)."""
     root, out = Path(data), Path(output)
     manifest = read_manifest(root) if root.is_dir() else {}
     if not manifest:
@@ -286,17 +140,55 @@ def decontaminate(data: str, against: list[str], output: str, n: int = 13, echo=
     vocabulary = Vocabulary()
     vocabulary.ids["\x00"] = BOUNDARY
     tasks = load_tasks(against, vocabulary, n)
-    decoder = ByteDecoder(tokenizer, manifest["tokenizer"]["eod"])
-    entries = manifest_entries(manifest)
-    found = [Found() for _ in tasks]
-    total = sum(e["tokens"] for e in entries.values())
-    with tqdm(total=total, unit="tok", unit_scale=True, desc="scanning", dynamic_ncols=True, disable=None) as bar:
-        for name in sorted(entries):
-            scan_shard(name, Shard(root / name), decoder, vocabulary, tasks, found, n, bar.update)
+    setup = (str(tokenizer), manifest["tokenizer"]["eod"], vocabulary.ids, [t.hashes for t in tasks], n)
+    found = scan(root, manifest_entries(manifest), setup, workers or os.cpu_count() or 1)
     report = build_report(root, manifest, tasks, found, n, time.perf_counter() - start)
     write_json(out / "report.json", report)
     write_text(out / "report.md", as_markdown(report))
     return report
+
+
+_scanner = None  # a worker's Scanner, made once by its initializer
+
+
+def _start_worker(*setup) -> None:
+    global _scanner
+    _scanner = Scanner(*setup)
+
+
+def _scan(job: tuple[str, int, int]):
+    return _scanner.scan(*job)
+
+
+def scan(root: Path, entries: dict, setup: tuple, workers: int) -> list[dict[str, dict]]:
+    """Every shard's documents looked up, in ranges of about JOB_TOKENS tokens on `workers` processes (here for
+    one); per task, {shard: {document: (first matching n-gram, its hash)}}, under one progress bar."""
+    from tqdm import tqdm
+
+    jobs = [
+        (name, str(root / name), first, last)
+        for name in sorted(entries)
+        for first, last in document_ranges(Shard(root / name), JOB_TOKENS)
+    ]
+    found = [{name: {} for name in entries} for _ in setup[3]]
+    total = sum(e["tokens"] for e in entries.values())
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="scanning", dynamic_ncols=True, disable=None) as bar:
+        if workers <= 1 or total <= 2 * JOB_TOKENS:  # a pool's start-up (~1 s) is more than a small scan
+            _start_worker(*setup)
+            results = (_scan(job[1:]) for job in jobs)
+            pool = None
+        else:  # spawned, not forked: the tokenizer library's threads do not survive a fork
+            pool = ProcessPoolExecutor(min(workers, len(jobs)), mp.get_context("spawn"), _start_worker, setup)
+            results = pool.map(_scan, [job[1:] for job in jobs])
+        try:
+            for (name, *_), (per_task, tokens) in zip(jobs, results):
+                for documents, mine in zip(found, per_task):
+                    documents[name].update(mine)
+                bar.update(tokens)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+    return found
 
 
 def build_report(root: Path, manifest: dict, tasks, found, n: int, seconds: float) -> dict:
@@ -317,8 +209,8 @@ def build_report(root: Path, manifest: dict, tasks, found, n: int, seconds: floa
     }
     for task, seen in zip(tasks, found):
         by_shard, matches = [], []
-        for name in sorted(seen.documents):
-            docs = seen.documents[name]
+        for name in sorted(seen):
+            docs = seen[name]
             if not docs:
                 continue
             shard = Shard(root / name)

@@ -105,8 +105,10 @@ def assert_clean_error(output: str, *phrases: str) -> None:
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
-    """Every shard file's bytes, by relative path: what must be identical between equivalent runs."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.suffix in (".bin", ".idx")}
+    """Every shard file's bytes and its source map's, by relative path: what must be identical between equivalent
+    runs."""
+    files = [p for p in sorted(root.rglob("*")) if p.suffix in (".bin", ".idx") or p.name.endswith(".lines.npy")]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 def neox(*args, env=None, check=True) -> subprocess.CompletedProcess:

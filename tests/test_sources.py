@@ -263,3 +263,17 @@ def test_decontaminate_refuses_bad_input(planted, tmp_path):
     result = Cli()("decontaminate", clean, "--against", short, "--output", tmp_path / "r")
     assert result.exit_code == 1
     assert_clean_error(result.output, str(short), "no 13-gram")
+
+
+def test_batch_sources_without_a_source_map_say_so(short_shards, tmp_path):
+    """Shards another tool made (no manifest.json here): documents and ranges still, file and line null, one
+    warning naming the shard."""
+    bare = tmp_path / "bare"
+    shutil.copytree(short_shards, bare, ignore=shutil.ignore_patterns("index-cache", "manifest.json", "*.lines.npy"))
+    result = Cli().ok("batch", *TINY, "--data", bare, "--step", 1, "--sources", "--json")
+    lines = result.output.splitlines()
+    warning = [line for line in lines if line.startswith("warning: no source map for")]
+    assert len(warning) == 1 and str(bare) in warning[0]
+    shown = json.loads(next(line for line in lines if line.startswith("{")))
+    sources = [s for sample in shown["samples"] for s in sample["sources"]]
+    assert sources and all(s["file"] is None and s["line"] is None and s["document"] >= 0 for s in sources)

@@ -113,14 +113,14 @@ def epoch_starts(config: NeoXConfig, world_size: int) -> list[dict]:
     dataset: BlendedDataset = train_dataset(config, world_size)
     t, global_batch = config.training, config.global_batch(world_size)
     loader_batch = t.train_micro_batch_size_per_gpu * config.data_parallel_size(world_size)
-    positions = np.arange(t.train_iters * global_batch, dtype=np.int64)
-    steps = positions // global_batch + 1
-    positions %= readable(len(dataset), loader_batch)  # the loader's wrap
+    reads, size = t.train_iters * global_batch, readable(len(dataset), loader_batch)
+    positions = None if reads <= size else np.arange(reads, dtype=np.int64) % size  # the loader's wrap, if any
+    which = np.asarray(dataset.source)[:reads] if positions is None else np.asarray(dataset.source)[positions]
     provenance, out = Provenance(), []
-    which, within = np.asarray(dataset.source)[positions], np.asarray(dataset.within)[positions]
     for k, source in enumerate(dataset.sources):
-        mine = which == k
-        _, name, component = provenance.origin(source.shard.prefix)
-        starts = epoch_steps(source, within[mine], steps[mine])
+        read = np.flatnonzero(which == k)  # the run's k-th reads of this shard, in order: 8 bytes a sample
+        within = np.asarray(dataset.within)[read if positions is None else positions[read]]
+        _, _, component = provenance.origin(source.shard.prefix)
+        starts = epoch_steps(source, within, read // global_batch + 1)
         out.append({"shard": str(source.shard.prefix), "component": component, "epochs": starts})
     return out

@@ -115,12 +115,33 @@ def same_as_recorded(run: Path, tag: str, recorded: dict) -> None:
     assert {k: float(v.double().sum()) for k, v in weights.items()} == recorded["weight_sums"]
 
 
+def close_to_recorded(run: Path, tag: str, recorded: dict) -> None:
+    """A run's losses within 1e-5 and weight sums within 2e-3 (relative) of those recorded on another kind of CPU
+    (two kinds here: losses 3e-7 apart over the demo's 200 steps, sums of a weight 3e-4)."""
+    from trainer import data_only
+
+    got = losses(run)
+    assert [s for s, _ in got] == [s for s, _ in recorded["losses"]]
+    assert all(abs(a - b) <= 1e-5 * abs(b) for (_, a), (_, b) in zip(got, recorded["losses"])), got
+    weights = data_only.load(run / tag / "mp_rank_00_model_states.pt")["module"]
+    sums = {k: float(v.double().sum()) for k, v in weights.items()}
+    assert sums.keys() == recorded["weight_sums"].keys()
+    assert all(abs(sums[k] - v) <= 2e-3 * max(1.0, abs(v)) for k, v in recorded["weight_sums"].items())
+
+
 def test_with_packing_off_the_runs_are_bitwise_what_they_were(straight, demo):
     """The straight run's 6 steps and the demo's 200 (packing off), against the losses and weights the code gave
-    before packing existed (tests/fixtures/unpacked_run.json, made from commit fc703de by make_unpacked_run.py)."""
-    recorded = json.loads((ROOT / "tests" / "fixtures" / "unpacked_run.json").read_text())
-    same_as_recorded(straight, "global_step6", recorded["straight"])
-    same_as_recorded(demo[0] / "demo-output" / "run", "global_step200", recorded["demo"])
+    before packing existed (tests/fixtures/unpacked_run.json, made from commit fc703de by make_unpacked_run.py):
+    bit for bit on a kind of CPU the fixture records (each rounds its float reductions its own way), else close."""
+    import torch
+
+    records = json.loads((ROOT / "tests" / "fixtures" / "unpacked_run.json").read_text())["records"]
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "unknown")
+    here = [r for r in records if (r["cpu"], r["capability"]) == (cpu, torch.backends.cpu.get_cpu_capability())]
+    check = same_as_recorded if here else close_to_recorded
+    for record in here[:1] or records:
+        check(straight, "global_step6", record["straight"])
+        check(demo[0] / "demo-output" / "run", "global_step200", record["demo"])
 
 
 @pytest.fixture(scope="module")

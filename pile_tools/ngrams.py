@@ -121,12 +121,16 @@ def chunks(shard: Shard, first: int, last: int):
         first = last
 
 
-def scan_words(text: bytes, documents: int, vocabulary: Vocabulary) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(words, their numbers, each word's document within the chunk) of decoded text whose documents are
-    separated by SEPARATOR; None when the separators are not `documents` (a document holding a NUL itself)."""
+def scan_words(text: bytes, documents: int | None, vocabulary: Vocabulary):
+    """(words, their numbers, each word's document within the chunk) of decoded text whose `documents` are each
+    closed by SEPARATOR; None when the separators are not as many (a text holding a NUL word of its own). For
+    documents=None the text is one document: a NUL word in it is only a word no task has (it breaks n-grams, as
+    for lm-eval, where it is a word of its own too)."""
     words = text.translate(NORMALIZE, PUNCTUATION).decode("utf-8", "replace").split()
     ids = vocabulary.number(words, grow=False)
     boundary = ids == BOUNDARY
+    if documents is None:
+        return words, ids, np.zeros(len(ids), np.int64)
     if int(boundary.sum()) != documents:
         return None
     return words, ids, np.cumsum(boundary) - boundary
@@ -151,8 +155,7 @@ class Scanner:
                 offsets = np.concatenate([[0], np.cumsum(np.asarray(shard.sizes[start:end], np.int64))])
                 for doc in range(start, end):
                     one = tokens[offsets[doc - start] : offsets[doc + 1 - start]]
-                    if (part := scan_words(self.decoder(one), 1, self.vocabulary)) is not None:
-                        self.match(doc, *part, found)
+                    self.match(doc, *scan_words(self.decoder(one), None, self.vocabulary), found)
             else:
                 self.match(start, *scanned, found)
             tokens_read += len(tokens)

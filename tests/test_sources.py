@@ -277,3 +277,19 @@ def test_batch_sources_without_a_source_map_say_so(short_shards, tmp_path):
     shown = json.loads(next(line for line in lines if line.startswith("{")))
     sources = [s for sample in shown["samples"] for s in sample["sources"]]
     assert sources and all(s["file"] is None and s["line"] is None and s["document"] >= 0 for s in sources)
+
+
+def test_a_document_holding_a_nul_word_is_still_scanned(tmp_path):
+    """A NUL standing alone in a text reads like decontaminate's document boundary: that chunk is scanned a
+    document at a time, and the passage in it (and the one in the next document) is still found."""
+    rows = [json.loads(line) for line in PASSAGES.read_text().splitlines()]
+    passages = [r["text"] for r in rows if r["split"] == "test"][:2]
+    docs = read_jsonl_zst(SAMPLE / "Enron_Emails.jsonl.zst")[:6]
+    docs[2] = {"text": "a record \x00 with a NUL\n\n" + passages[0]}
+    docs[4] = {"text": passages[1]}
+    root = tmp_path / "in"
+    root.mkdir()
+    write_jsonl(root / "mails.jsonl", docs)
+    data = build(Cli(), root, tmp_path / "shards", "--split", "1,0,0")
+    report = contamination(data, tmp_path / "report", str(PASSAGES), workers=1)
+    assert sorted(m["line"] for m in report["tasks"][str(PASSAGES)]["matches"]) == [3, 5]

@@ -9,6 +9,7 @@ of the cluster sees (a shared filesystem), as for a Slurm array. With --world-si
 single-machine build (it joins while it encodes), with nothing to merge.
 """
 
+import contextlib
 import os
 import socket
 import sys
@@ -55,10 +56,24 @@ def build_rank(inputs: list[str], tokenizer: str, output: str, options: BuildOpt
     except OSError:
         pass
     lines = []
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, without_main_file():
         warnings.simplefilter("always")
         build_shards(inputs, tokenizer, output, options, echo=lines.append)
     return lines + [f"warning: {w.message}" for w in caught]
+
+
+@contextlib.contextmanager
+def without_main_file():
+    """A Ray worker's __main__ is Ray's default_worker.py, which multiprocessing's spawn runs again in each child
+    it starts (`__main__.__file__`): the rank's encoding workers would each import Ray before their work, 0.7 s a
+    pool here. They need nothing of it (their work is pile_tools.build's), so it is not named while they start."""
+    main = sys.modules["__main__"]
+    path = main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        if path is not None:
+            main.__file__ = path
 
 
 def rank_done(out: Path, plan: dict, rank: int, world_size: int) -> bool:

@@ -251,3 +251,28 @@ def test_a_ranks_own_error_is_one_line_naming_the_rank_and_the_file(cluster, tmp
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     [line] = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert line.startswith("Error: rank ") and "in.jsonl:2" in line, line
+
+
+def test_a_ranks_encoding_workers_do_not_run_rays_worker_script_again(tmp_path, monkeypatch):
+    """multiprocessing's spawn runs the parent's `__main__` file again in each child; in a Ray worker that file is
+    Ray's default_worker.py (importing Ray, 0.7 s a pool). While a rank builds, its children are spawned without
+    it: a stand-in main file that leaves a mark when run is run by a child outside, not inside."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pile_tools.on_ray import without_main_file
+
+    script = tmp_path / "worker_main.py"
+    script.write_text(f"open({str(tmp_path / 'ran')!r} + str(__import__('os').getpid()), 'w').close()\n")
+    monkeypatch.setattr(sys.modules["__main__"], "__file__", str(script), raising=False)
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None, raising=False)
+
+    def spawn_one() -> int:
+        with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
+            return pool.submit(os.getpid).result()
+
+    with without_main_file():
+        quiet = spawn_one()
+    assert not (tmp_path / f"ran{quiet}").exists() and sys.modules["__main__"].__file__ == str(script)
+    loud = spawn_one()
+    assert (tmp_path / f"ran{loud}").exists()  # the control: outside, the child runs it

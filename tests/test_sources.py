@@ -258,6 +258,9 @@ def test_decontaminate_refuses_bad_input(planted, tmp_path):
     result = Cli()("decontaminate", tmp_path, "--against", str(PASSAGES), "--output", tmp_path / "r")
     assert result.exit_code == 1
     assert_clean_error(result.output, "no manifest.json")
+    result = Cli()("decontaminate", clean, "--against", tmp_path, "--output", tmp_path / "r")
+    assert result.exit_code == 1
+    assert_clean_error(result.output, str(tmp_path), "a directory")
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "too short"}\n')
     result = Cli()("decontaminate", clean, "--against", short, "--output", tmp_path / "r")

@@ -43,6 +43,8 @@ class Task:
 def jsonl_items(path: Path) -> list[str]:
     """The texts of a .jsonl (each line's "text", else its string fields joined; a line may be a bare string), or
     of a .txt (the whole file)."""
+    if path.is_dir():
+        raise InputError(f"{path}: a directory; --against takes a .jsonl or .txt file, or an lm-eval task's name")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

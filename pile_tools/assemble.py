@@ -178,7 +178,7 @@ def collect_shards(receipts: list[tuple[Path, dict]], inputs: list[dict]) -> dic
                 entry[key] += stat[key]
             entry["max_id"] = max(entry["max_id"], stat.get("max_id", 0))
             entry["sources"].append((where / prefix, stat))
-            entry["origins"].append((where / prefix, stat["documents"], number[receipt["source"]], offsets[where]))
+            entry["origins"].append((where / prefix, stat, number[receipt["source"]], offsets[where]))
     return shards
 
 

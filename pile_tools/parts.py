@@ -125,7 +125,8 @@ class PartWriter:
         for key, w in self.writers.items():
             w.close()
             self.stats[prefix_of(key)]["xxh3_128"] = w.hash.hexdigest()
-            save_lines(lines_file(self.root / prefix_of(key)), np.concatenate(self.lines[key]))
+            lines = np.concatenate(self.lines[key])
+            self.stats[prefix_of(key)]["lines_xxh3_128"] = save_lines(lines_file(self.root / prefix_of(key)), lines)
 
 
 def prefix_of(key: tuple[str, str]) -> str:

@@ -32,17 +32,19 @@ def lines_file(prefix: Path) -> Path:
     return Path(f"{prefix}{LINES}")
 
 
-def save_lines(path: Path, lines: np.ndarray) -> None:
-    """Lines as a .npy, atomically, in uint32 unless a line number needs more."""
+def save_lines(path: Path, lines: np.ndarray) -> str:
+    """Lines as a .npy, atomically, in uint32 unless a line number needs more; returns the file's xxh3-128."""
     top = int(lines.max()) if len(lines) else 0
     lines = lines.astype(np.uint32 if top < 2**32 else np.uint64)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npy")
     with writing(path):
         try:
             np.save(tmp, lines)
+            digest = xxhash.xxh3_128(tmp.read_bytes()).hexdigest()
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+    return digest
 
 
 def load_lines(path: Path) -> np.ndarray:
@@ -67,14 +69,22 @@ def line_offsets(receipts: list[tuple[Path, dict]]) -> dict[Path, int]:
     return offsets
 
 
-def write_source_map(prefix: Path, pieces: list[tuple[Path, int, int, int]]) -> dict:
+def write_source_map(prefix: Path, pieces: list[tuple[Path, dict, int, int]]) -> dict:
     """Join the parts' lines of the shard `prefix` into its .lines.npy; returns manifest.json's record of it.
-    `pieces`, in part order: (the part's shard, its documents, the input it read, its input's lines before it)."""
+    `pieces`, in part order: (the part's shard, its receipt's record of it, the input it read, its input's lines
+    before it). A part's lines not as its receipt records (a power cut after its rename) are one line naming them."""
     arrays, runs, first = [], [], 0
-    for part_shard, documents, source, offset in pieces:
-        lines = load_lines(lines_file(part_shard))
+    for part_shard, stat, source, offset in pieces:
+        path, documents = lines_file(part_shard), stat["documents"]
+        recorded = stat.get("lines_xxh3_128")
+        if recorded is not None and (not path.is_file() or xxhash.xxh3_128(path.read_bytes()).hexdigest() != recorded):
+            raise InputError(
+                f"{path}: not the source map its part's receipt records; remove {part_shard.parent.parent} and run "
+                "build-shards again to make that part anew"
+            )
+        lines = load_lines(path)
         if len(lines) != documents:
-            raise InputError(f"{lines_file(part_shard)}: {len(lines):,} lines for {documents:,} documents")
+            raise InputError(f"{path}: {len(lines):,} lines for {documents:,} documents")
         arrays.append(lines.astype(np.uint64) + offset)
         if documents and (not runs or runs[-1][1] != source):
             runs.append([first, source])

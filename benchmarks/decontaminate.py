@@ -25,26 +25,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from shards import WORK, copies_of  # noqa: E402  (benchmarks/shards.py: this directory is on sys.path)
+
 from pile_tools.indexed import Shard  # noqa: E402
 from pile_tools.shards_dir import manifest_entries  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "benchmarks" / ".work"
 TOKENIZER = ROOT / "tokenizer" / "assets" / "gpt-neox-20b" / "tokenizer.json"
 BIN = Path(sys.executable).parent
-
-
-def copies_of(corpus: Path, n: int) -> Path:
-    """A directory with n copies of every corpus file (distinct names, same bytes)."""
-    out = WORK / f"{corpus.name}-x{n}"
-    files = sorted(corpus.glob("*.jsonl.zst"))
-    if not out.is_dir() or len(list(out.iterdir())) != n * len(files):
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        for k in range(n):
-            for f in files:
-                shutil.copy(f, out / f"c{k:02d}_{f.name}")
-    return out
 
 
 def shards_of(src: Path) -> Path:

@@ -146,3 +146,16 @@ def checked_encoder(path: Path, sample: list[str], warn=print) -> Encoder:
 def choose_engine(path: Path, sample: list[str], warn=print) -> str:
     """The name of checked_encoder's engine."""
     return checked_encoder(path, sample, warn).engine
+
+
+def byte_decoder() -> dict[str, int]:
+    """The ByteLevel alphabet: the printable character standing for each byte (GPT-2's bytes_to_unicode)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars

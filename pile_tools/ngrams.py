@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pile_tools.encoding import byte_decoder
 from pile_tools.ground import InputError
 from pile_tools.indexed import Shard
 
@@ -68,7 +69,7 @@ class ByteDecoder:
         tokenizer = Tokenizer.from_file(str(path))
         if not isinstance(tokenizer.decoder, decoders.ByteLevel):
             raise InputError(f"{path}: not a byte-level BPE tokenizer; decontaminate decodes only those")
-        alphabet = byte_alphabet()
+        alphabet = byte_decoder()
         added = {t.content: t for t in tokenizer.get_added_tokens_decoder().values()}
         pieces = []
         for token, _ in sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1]):
@@ -92,33 +93,15 @@ class ByteDecoder:
         return self.table[where].tobytes()
 
 
-def byte_alphabet() -> dict[str, int]:
-    """GPT-2's printable stand-in for each byte (the byte-level pre-tokenizer's alphabet), char -> byte."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in kept:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
 def chunks(shard: Shard, first: int, last: int):
     """(first document, end document, their tokens) of consecutive runs of whole documents of [first, last), about
     CHUNK_TOKENS tokens each."""
-    ends = np.cumsum(np.asarray(shard.sizes, np.int64))
-    stop = last
-    while first < stop:
-        last = min(stop, max(first + 1, int(np.searchsorted(ends, (ends[first - 1] if first else 0) + CHUNK_TOKENS))))
+    ends = np.concatenate([[0], np.cumsum(np.asarray(shard.sizes, np.int64))])  # ends[d]: tokens before document d
+    while first < last:
+        end = min(last, max(first + 1, int(np.searchsorted(ends, ends[first] + CHUNK_TOKENS, "right")) - 1))
         start = int(shard.pointers[first]) // shard.dtype.itemsize
-        yield (
-            first,
-            last,
-            np.asarray(shard.tokens[start : start + int(ends[last - 1] - (ends[first - 1] if first else 0))]),
-        )
-        first = last
+        yield first, end, np.asarray(shard.tokens[start : start + int(ends[end] - ends[first])])
+        first = end
 
 
 def scan_words(text: bytes, documents: int | None, vocabulary: Vocabulary):

@@ -89,9 +89,8 @@ def write_source_map(prefix: Path, pieces: list[tuple[Path, dict, int, int]]) ->
         if documents and (not runs or runs[-1][1] != source):
             runs.append([first, source])
         first += documents
-    path = lines_file(prefix)
-    save_lines(path, np.concatenate(arrays) if arrays else np.zeros(0, np.uint64))
-    return {"runs": runs, "xxh3_128": xxhash.xxh3_128(path.read_bytes()).hexdigest()}
+    digest = save_lines(lines_file(prefix), np.concatenate(arrays) if arrays else np.zeros(0, np.uint64))
+    return {"runs": runs, "xxh3_128": digest}
 
 
 def source_map_problems(prefix: Path, record, documents: int, inputs: int) -> list[str]:

@@ -13,20 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pile_tools.encoding import byte_decoder
+
 ALPHA = 2.5
-
-
-def byte_decoder() -> dict[str, int]:
-    """The ByteLevel alphabet: the printable character standing for each byte (GPT-2's bytes_to_unicode)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 TO_BYTES = str.maketrans({ch: chr(b) for ch, b in byte_decoder().items()})  # each character to its byte's

@@ -123,7 +123,7 @@ def load_tasks(against: list[str], vocabulary: Vocabulary, n: int) -> list[Task]
     return tasks
 
 
-def decontaminate(data: str, against: list[str], output: str, n: int = 13, workers: int = 0, echo=print) -> dict:
+def decontaminate(data: str, against: list[str], output: str, n: int = 13, workers: int = 0) -> dict:
     """Write DIR/report.json and DIR/report.md: per task, the documents (and their tokens) of each split and
     component sharing an n-gram with it, and the first matches as file:line. Returns the report. `workers`: scanning
     processes (0: one per CPU)."""
@@ -196,65 +196,47 @@ def scan(root: Path, entries: dict, setup: tuple, workers: int) -> list[dict[str
 def build_report(root: Path, manifest: dict, tasks, found, n: int, seconds: float) -> dict:
     """report.json: the run, each task's n-grams, and per task the contaminated documents by shard, with matches."""
     entries, sources = manifest_entries(manifest), SourceMap(root, manifest)
-    shards = [
-        {"shard": name, "split": name.split("/")[0], "component": sources.components[name], **counts(e)}
-        for name, e in sorted(entries.items())
-    ]
-    report = {
+
+    def shard_of(name: str) -> dict:  # how every row of the report names a shard
+        return {"shard": name, "split": name.split("/")[0], "component": sources.components[name]}
+
+    return {
         "data": str(root.resolve()),
         "ngram": n,
         "normalization": "ASCII letters lowercased, ASCII punctuation deleted, split on whitespace (lm-eval's)",
         "seconds": round(seconds, 3),
         "text_bytes": sum(e.get("text_bytes", 0) for e in entries.values()),
-        "shards": shards,
-        "tasks": {},
+        "shards": [
+            {**shard_of(name), "documents": e["documents"], "tokens": e["tokens"]}
+            for name, e in sorted(entries.items())
+        ],
+        "tasks": {task.name: task_report(root, task, seen, sources, shard_of) for task, seen in zip(tasks, found)},
     }
-    for task, seen in zip(tasks, found):
-        by_shard, matches = [], []
-        for name in sorted(seen):
-            docs = seen[name]
-            if not docs:
-                continue
-            shard = Shard(root / name)
-            sizes = np.asarray(shard.sizes, np.int64)
-            tokens = int(sizes[sorted(docs)].sum())
-            by_shard.append(
-                {
-                    "shard": name,
-                    "split": name.split("/")[0],
-                    "component": sources.components[name],
-                    "documents": len(docs),
-                    "tokens": tokens,
-                }
-            )
-            for doc in sorted(docs)[: MATCHES_SHOWN - len(matches)]:
-                ngram, h = docs[doc]
-                file, line = sources.locate(name, doc) if sources.covers(name) else (None, None)
-                matches.append(
-                    {
-                        "file": file,
-                        "line": line,
-                        "component": sources.components[name],
-                        "split": name.split("/")[0],
-                        "shard": name,
-                        "document": doc,
-                        "ngram": ngram,
-                        "task_item": task.item_of.get(h),
-                    }
-                )
-        report["tasks"][task.name] = {
-            "items": task.items,
-            "ngrams": len(task.hashes),
-            "documents": sum(r["documents"] for r in by_shard),
-            "tokens": sum(r["tokens"] for r in by_shard),
-            "by_shard": by_shard,
-            "matches": matches,
-        }
-    return report
 
 
-def counts(entry: dict) -> dict:
-    return {k: entry[k] for k in ("documents", "tokens")}
+def task_report(root: Path, task: Task, seen: dict, sources: SourceMap, shard_of) -> dict:
+    """One task's part of the report: its contaminated documents and their tokens by shard, and the first matches
+    (input file and line, the n-gram, the task item it came from)."""
+    by_shard, matches = [], []
+    for name in sorted(name for name in seen if seen[name]):
+        docs = seen[name]
+        sizes = np.asarray(Shard(root / name).sizes, np.int64)
+        by_shard.append({**shard_of(name), "documents": len(docs), "tokens": int(sizes[sorted(docs)].sum())})
+        for doc in sorted(docs)[: MATCHES_SHOWN - len(matches)]:
+            ngram, h = docs[doc]
+            file, line = sources.locate(name, doc) if sources.covers(name) else (None, None)
+            matches.append(
+                {"file": file, "line": line, **shard_of(name), "document": doc, "ngram": ngram,
+                 "task_item": task.item_of.get(h)}
+            )  # fmt: skip
+    return {
+        "items": task.items,
+        "ngrams": len(task.hashes),
+        "documents": sum(r["documents"] for r in by_shard),
+        "tokens": sum(r["tokens"] for r in by_shard),
+        "by_shard": by_shard,
+        "matches": matches,
+    }
 
 
 def as_markdown(report: dict) -> str:

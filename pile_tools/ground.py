@@ -190,7 +190,9 @@ def run_reporting_errors(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except InputError as e:  # TokenizerError and WriteError too
-        raise click.ClickException(str(e)) from None
+        error = click.ClickException(str(e))
+        error.exit_code = getattr(e, "exit_code", 1)  # a run stopped on request: trainer/stopping.py's STOPPED
+        raise error from None
     except OSError as e:  # a write no caller wrapped: still one line, naming what the error names
         if e.errno in (*DISK_FULL, errno.EROFS, errno.EACCES, errno.EPERM):
             raise click.ClickException(str(write_failure(Path(e.filename or "the output"), e))) from None

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -60,6 +61,12 @@ def write_jsonl(path: Path, docs: list[dict]) -> Path:
         data = buf.getvalue()
     path.write_bytes(data)
     return path
+
+
+def sample_as_one_jsonl(directory: Path) -> Path:
+    """The sample as one uncompressed .jsonl (build-shards --part-size 64K cuts it into about 45 parts)."""
+    docs = [d for f in sorted(SAMPLE.glob("*.jsonl.zst")) for d in read_jsonl_zst(f)]
+    return write_jsonl(directory / "sample.jsonl", docs)
 
 
 def corpus_documents(root: Path) -> list[tuple[str, str]]:
@@ -189,3 +196,49 @@ def unconstant(model, seed: int):
             if bool((param == param.flatten()[0]).all()):
                 param.add_(torch.randn(param.shape, generator=generator) * 0.5)
     return model
+
+
+TIMINGS = ("created", "part_seconds", "wall_seconds", "timings")
+
+
+def assert_same_build(ours: Path, local: Path) -> None:
+    """Every .bin/.idx identical; blend.json and manifest.json too, less timings and the directories' names."""
+    assert tree_bytes(ours) == tree_bytes(local) and len(tree_bytes(local)) >= 8
+    assert (ours / "blend.json").read_text().replace(str(ours), "OUT") == (local / "blend.json").read_text().replace(
+        str(local), "OUT"
+    )
+    manifests = [json.loads((d / "manifest.json").read_text()) for d in (ours, local)]
+    for m in manifests:
+        for key in TIMINGS:
+            m.pop(key)
+    assert manifests[0] == manifests[1]
+
+
+def parts_of(out: Path, rank: int, world: int, plan_parts: int) -> tuple[int, int]:
+    """(committed parts of `rank`, parts it has) in `out`."""
+    mine = [i for i in range(plan_parts) if i % world == rank]
+    return sum((out / ".parts" / f"{i:05d}" / "receipt.json").is_file() for i in mine), len(mine)
+
+
+def wait_for(condition, what: str, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return found
+
+
+def planned_parts(out: Path) -> int:
+    """How many parts the build's plan.json lists (0 before it is written)."""
+    try:
+        return len(json.loads((out / "plan.json").read_text())["parts"])
+    except (OSError, ValueError):
+        return 0
+
+
+def lock_holder(out: Path, rank: int) -> int | None:
+    """The pid holding a rank's lock: the process running that rank (a Ray worker, a Slurm array task)."""
+    try:
+        return json.loads((out / f".lock-rank{rank}").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None

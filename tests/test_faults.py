@@ -23,6 +23,7 @@ from pile_tools.ground import InputError
 from pile_tools.runlock import RunLock
 from trainer import data_only
 from trainer.checkpoint import machine, machine_share
+from trainer.stopping import STOPPED
 
 
 def command(*args) -> list[str]:
@@ -517,7 +518,7 @@ def test_a_preemption_signal_saves_the_current_step_and_stops(shards, tmp_path, 
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     step = losses(run)[-1][0]
-    assert proc.returncode == 1 and 3 <= step < 400
+    assert proc.returncode == STOPPED and 3 <= step < 400
     assert_clean_error(out + err, f"stopped by {signal.Signals(signum).name} after step {step}", f"--load {run}")
     assert (run / "latest").read_text() == f"global_step{step}" and latest_verifies(run)
     resumed = train("--data", shards, "--save", run, "--load", run, *steps[:-6], "--set", f"train_iters={step + 2}")

@@ -1,7 +1,6 @@
 """build-shards --executor ray on a real local Ray cluster that the tests start (`ray start --head` on 127.0.0.1):
 the ranks' bytes are one process's, a worker killed mid-rank is retried, a killed driver's rerun finishes."""
 
-import json
 import os
 import re
 import secrets
@@ -10,15 +9,24 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
-from helpers import NEOX, ROOT, SAMPLE, assert_clean_error, read_jsonl_zst, tree_bytes, write_jsonl
+from helpers import (
+    NEOX,
+    ROOT,
+    SAMPLE,
+    assert_clean_error,
+    assert_same_build,
+    lock_holder,
+    parts_of,
+    planned_parts,
+    sample_as_one_jsonl,
+    wait_for,
+)
 
 RAY = Path(sys.executable).parent / "ray"
-TIMINGS = ("created", "part_seconds", "wall_seconds", "timings")
 
 
 def free_port() -> int:
@@ -74,9 +82,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def many_parts(tmp_path_factory) -> Path:
-    """The sample as one uncompressed .jsonl, cut by --part-size 64K into about 45 parts."""
-    docs = [d for f in sorted(SAMPLE.glob("*.jsonl.zst")) for d in read_jsonl_zst(f)]
-    return write_jsonl(tmp_path_factory.mktemp("ray-input") / "sample.jsonl", docs)
+    return sample_as_one_jsonl(tmp_path_factory.mktemp("ray-input"))
 
 
 def build(inputs: Path, out: Path, *extra) -> list[str]:
@@ -98,25 +104,6 @@ def neox(*args, check=True) -> subprocess.CompletedProcess:
     return done
 
 
-def assert_same_build(ours: Path, local: Path) -> None:
-    """Every .bin/.idx identical; blend.json and manifest.json too, less timings and the directories' names."""
-    assert tree_bytes(ours) == tree_bytes(local) and len(tree_bytes(local)) >= 8
-    assert (ours / "blend.json").read_text().replace(str(ours), "OUT") == (local / "blend.json").read_text().replace(
-        str(local), "OUT"
-    )
-    manifests = [json.loads((d / "manifest.json").read_text()) for d in (ours, local)]
-    for m in manifests:
-        for key in TIMINGS:
-            m.pop(key)
-    assert manifests[0] == manifests[1]
-
-
-def parts_of(out: Path, rank: int, world: int, plan_parts: int) -> tuple[int, int]:
-    """(committed parts of `rank`, parts it has) in `out`."""
-    mine = [i for i in range(plan_parts) if i % world == rank]
-    return sum((out / ".parts" / f"{i:05d}" / "receipt.json").is_file() for i in mine), len(mine)
-
-
 def test_four_ranks_on_ray_are_the_bytes_of_one_process(cluster, many_parts, local, tmp_path):
     out = tmp_path / "ray"
     done = neox(*build(many_parts, out, "--executor", "ray", "--ray-address", cluster, "--world-size", 4))
@@ -124,30 +111,6 @@ def test_four_ranks_on_ray_are_the_bytes_of_one_process(cluster, many_parts, loc
     assert_same_build(out, local)
     again = neox(*build(many_parts, out, "--executor", "ray", "--ray-address", cluster, "--world-size", 4))
     assert "nothing to do" in again.stderr
-
-
-def wait_for(condition, what: str, timeout: float = 300.0):
-    deadline = time.monotonic() + timeout
-    while not (found := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return found
-
-
-def planned_parts(out: Path) -> int:
-    """How many parts the build's plan.json lists (0 before it is written)."""
-    try:
-        return len(json.loads((out / "plan.json").read_text())["parts"])
-    except (OSError, ValueError):
-        return 0
-
-
-def lock_holder(out: Path, rank: int) -> int | None:
-    """The pid holding a rank's lock: the Ray worker running that rank."""
-    try:
-        return json.loads((out / f".lock-rank{rank}").read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def test_a_ray_worker_killed_mid_rank_is_retried_and_the_bytes_are_the_same(cluster, many_parts, local, tmp_path):

@@ -21,6 +21,7 @@ from helpers import NEOX, ROOT, SMALL, TINY, Cli, assert_clean_error, train, wri
 import pile_tools.runlock as runlock
 from pile_tools.checksums import hash_files, listed_files, read_checksums, write_checksums
 from pile_tools.runlock import RunLock
+from trainer.stopping import STOPPED
 
 
 class Payload:
@@ -435,5 +436,5 @@ def test_a_preemption_on_an_evaluation_step_keeps_its_evaluation(shards, tmp_pat
     out, err = proc.communicate(timeout=120)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     last = max(r["step"] for r in rows if r["kind"] == "train")
-    assert proc.returncode == 1 and f"after step {last}" in err
+    assert proc.returncode == STOPPED and f"after step {last}" in err
     assert last in {r["step"] for r in rows if r["kind"] == "valid"}, rows[-3:]

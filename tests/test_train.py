@@ -392,23 +392,24 @@ def test_the_loss_and_norm_are_read_only_at_log_steps(shards, tmp_path):
     assert [s for s, _ in losses(tmp_path / "run")] == list(range(1, 11))
 
 
-def test_the_run_gives_the_signals_back_their_handlers_when_it_ends():
-    """A finished (or failed) run leaves SIGTERM and SIGUSR1 as it found them: a dead trainer's handler would
-    swallow a later SIGTERM in the same process (a notebook, a sweep) and keep the trainer alive."""
+def test_stop_signals_are_kept_from_the_start_and_given_back_their_handlers_at_the_end():
+    """`train` records SIGTERM and SIGUSR1 from its first line (one that comes while torch loads is kept for the
+    first step, not the end of the process), and a finished (or failed) run leaves them as it found them: a dead
+    trainer's handler would swallow a later SIGTERM in the same process (a notebook, a sweep)."""
     import signal
 
-    from trainer.train import handling
+    from trainer.stopping import StopRequests
 
-    def mine(signum, frame):
-        pass
-
-    before = signal.getsignal(signal.SIGUSR1)
-    with handling((signal.SIGUSR1,), mine):
-        assert signal.getsignal(signal.SIGUSR1) is mine
-    assert signal.getsignal(signal.SIGUSR1) is before
-    with pytest.raises(RuntimeError), handling((signal.SIGUSR1,), mine):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    stops = StopRequests()
+    with stops.listening():
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stops.received == "SIGUSR1"  # the first one names the stop
+    assert {s: signal.getsignal(s) for s in before} == before
+    with pytest.raises(RuntimeError), StopRequests().listening():
         raise RuntimeError("a failed run")
-    assert signal.getsignal(signal.SIGUSR1) is before
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 LONG_LIVED = """

@@ -160,6 +160,15 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
     neox-data train --config configs/tiny.yml --data shards --save run
     deepspeed --num_gpus 8 $(which neox-data) train --config configs/pythia-160M.yml --data shards --save run
     """
+    from trainer.stopping import StopRequests
+
+    stops = StopRequests()
+    with stops.listening():  # from the start: a SIGTERM while torch loads is kept for the first step, not fatal
+        train_listening(config_path, data_dir, save, load, overrides, dry_run, world_size, stops)
+
+
+def train_listening(config_path, data_dir, save, load, overrides, dry_run, world_size, stops) -> None:
+    """`train`'s work, its stop signals recorded in `stops`."""
     with long_lived():  # torch and DeepSpeed, kept to the end
         import torch
 
@@ -174,7 +183,7 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
 
         click.echo(run_reporting_errors(describe_layout, config, config.world_size(world_size)))
         return
-    result = run_reporting_errors(run, config)
+    result = run_reporting_errors(leaving_when_a_peer_is_lost, run, config, stops)
     save = config.paths.save
     if int(os.environ.get("RANK", 0)) == 0 and "finished" in result:
         t = config.training.train_iters
@@ -191,7 +200,20 @@ def train(config_path, data_dir, save, load, overrides, dry_run, world_size):
         leave_without_teardown()
 
 
-def leave_without_teardown() -> None:
+def leaving_when_a_peer_is_lost(run, config, stops) -> dict:
+    """run(config, stops); a rank lost on the way ends this one here with the line naming it (said by rank 0
+    alone) and exit status 1, skipping a teardown that could wait on the lost peer."""
+    from trainer.stopping import PeerLost
+
+    try:
+        return run(config, stops)
+    except PeerLost as e:
+        if e.args[0]:
+            click.echo(f"Error: {e.args[0]}", err=True)
+        leave_without_teardown(1)
+
+
+def leave_without_teardown(status: int = 0) -> None:
     """End a finished rank of a multi-process run now, skipping the interpreter's teardown: every output is
     written and closed and the ranks have left together. Process groups outlive destroy_process_group() (DeepSpeed
     keeps one in a module global, deepspeed.utils.groups, and one more stays referenced from C++), so their gloo
@@ -204,7 +226,7 @@ def leave_without_teardown() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 @click.command("batch")

@@ -64,10 +64,15 @@ class ParallelConfig:
     model_parallel_size: int = 1
     zero_stage: int = 0
     pipe_partition_method: str = "type:transformer"  # gpt-neox's key: balance blocks; or parameters, uniform
+    # Megatron's: a collective waiting longer for a peer ends the run (gloo raises; NCCL's watchdog aborts the
+    # process), so a lost node ends its job instead of holding it to the time limit
+    distributed_timeout_minutes: float = 30.0
 
     def __post_init__(self):
         object.__setattr__(self, "pipe_parallel_size", self.pipe_parallel_size or 1)  # gpt-neox: 0 is one stage
         check_at_least(self, 1, "pipe_parallel_size", "model_parallel_size")
+        if not self.distributed_timeout_minutes > 0:
+            raise ConfigError(f"distributed_timeout_minutes: more than 0, got {self.distributed_timeout_minutes}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero_optimization.stage: {self.zero_stage}; choose 0, 1, 2 or 3")
         if not (
@@ -394,6 +399,7 @@ def to_yaml_dict(config: NeoXConfig) -> dict:
         pipe_parallel_size=p.pipe_parallel_size,
         model_parallel_size=p.model_parallel_size,
         pipe_partition_method=p.pipe_partition_method,
+        distributed_timeout_minutes=p.distributed_timeout_minutes,
         zero_optimization={"stage": p.zero_stage},
         optimizer={"type": o.type, "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps}},
         min_lr=o.min_lr,

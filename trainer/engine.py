@@ -5,6 +5,7 @@ import math
 import os
 import socket
 import warnings
+from datetime import timedelta
 
 import torch
 from torch import nn
@@ -19,8 +20,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed():
-    """Join (or, run alone, create) the process group; returns the deepspeed module.
+def init_distributed(timeout_minutes: float = 30.0):
+    """Join (or, run alone, create) the process group, its collectives waiting at most `timeout_minutes` for a
+    peer; returns the deepspeed module.
 
     The deepspeed launcher, torchrun and Slurm wrappers set RANK/WORLD_SIZE/...; a plain `neox-data train` is
     one process, given those variables here so DeepSpeed does not look for MPI.
@@ -38,7 +40,8 @@ def init_distributed():
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timedelta(minutes=timeout_minutes))
     return deepspeed
 
 

@@ -8,7 +8,6 @@ group, the model or any index is built, so a bad config costs nothing.
 import contextlib
 import math
 import os
-import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +53,7 @@ from trainer.samples import (
     order_changes,
     sample_positions,
 )
+from trainer.stopping import PeerLost, Stopped, StopRequests, lost_peer, lost_ranks_line
 
 
 class Trainer:
@@ -62,11 +62,19 @@ class Trainer:
     checkpoint in it) whose weights start the run at step 0 (finetune), or None."""
 
     def __init__(
-        self, config: NeoXConfig, sources: dict, resume: tuple | None, tokenizer: str | None, weights, packing: Packing
+        self,
+        config: NeoXConfig,
+        sources: dict,
+        resume: tuple | None,
+        tokenizer: str | None,
+        weights,
+        packing: Packing,
+        stops: StopRequests,
     ):
         save = config.paths.save
+        self.stops, self.flags = stops, None
         self.config, self.save, self.tokenizer, self.packing = config, Path(save) if save else None, tokenizer, packing
-        deepspeed = init_distributed()
+        deepspeed = init_distributed(config.parallel.distributed_timeout_minutes)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
         self.dp, self.global_batch = config.data_parallel_size(self.world), config.global_batch(self.world)
@@ -380,31 +388,21 @@ class Trainer:
                 "from an earlier checkpoint"
             )
 
-    def on_signal(self, signum, frame) -> None:
-        """SIGTERM or SIGUSR1 (Slurm's preemption and time-limit warnings): finish the step, save, stop."""
-        self.signalled = signal.Signals(signum).name
-
     def signalled_on_any_rank(self) -> bool:
         """Whether any rank was signalled: all ranks then save the same step and stop together. The flag goes
         through a CPU (gloo) group, so the check never waits for the GPU."""
         if self.world == 1:
-            return self.signalled is not None
+            return self.stops.received is not None
         if self.flags is None:
             self.flags = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-        flag = torch.tensor([1 if self.signalled else 0])
+        flag = torch.tensor([1 if self.stops.received else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.flags)
         return bool(flag.item())
 
     def run(self) -> dict:
-        """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results. SIGTERM
-        or SIGUSR1 saves after the current step and stops with an error naming the checkpoint; the signals get
-        their former handlers back when the run ends."""
-        self.signalled, self.flags = None, None
-        with handling((signal.SIGTERM, signal.SIGUSR1), self.on_signal):
-            return self.train_to_the_end()
-
-    def train_to_the_end(self) -> dict:
-        """run()'s work, with the signals routed to on_signal."""
+        """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results. A stop
+        signal (received on any rank, since `train` started) saves after the current step and raises Stopped,
+        naming the checkpoint."""
         t = self.config.training
         results = {"start_step": self.step}
         if not self.resumed and t.saves_at(0):  # gpt-neox's step 0 checkpoint: the weights before any step
@@ -433,9 +431,8 @@ class Trainer:
                 self.reader.shutdown(wait=True, cancel_futures=True)
                 self.metrics.close()
                 kept = f"checkpoint saved in {self.save}; resume with --load {self.save}" if self.save else "no --save"
-                raise RunError(
-                    f"stopped by {self.signalled or 'a signal to another rank'} after step {self.step}: {kept}"
-                )
+                by = self.stops.received or "a signal to another rank"
+                raise Stopped(f"stopped by {by} after step {self.step}: {kept}")
             if evaluate:
                 results["valid"] = self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
                 self.timeline.restart()
@@ -465,18 +462,7 @@ class Trainer:
         return entry
 
 
-@contextlib.contextmanager
-def handling(signums, handler):
-    """Route the signals to `handler` inside the block, then give them back the handlers they had."""
-    previous = {signum: signal.signal(signum, handler) for signum in signums}
-    try:
-        yield
-    finally:
-        for signum, before in previous.items():
-            signal.signal(signum, before)
-
-
-def train(config: NeoXConfig) -> dict:
+def train(config: NeoXConfig, stops: StopRequests) -> dict:
     """Train from the loaded position (or step 0) to train_iters; paths, data and precision come resolved in
     `config`. The whole start-up, in its order:
       1. check_run: every check that needs no process group (config, shards and vocabulary, layout and batch,
@@ -487,26 +473,40 @@ def train(config: NeoXConfig) -> dict:
          requeued) returns here, building nothing: {"step", "finished": the checkpoint};
       4. Trainer: the sample indices (rank 0 builds them first), the model with those weights in its DeepSpeed
          engine, the restored position and identity, the metrics;
-      5. Trainer.run: the steps, evaluations and saves."""
+      5. Trainer.run: the steps, evaluations and saves.
+    A rank lost on the way (its process or node died) ends every other rank at its next collective with PeerLost,
+    naming it; the process group is then left as it is (tearing it down could wait on the lost peer)."""
     sources, tokenizer, load, weights, packing = check_run(config)
     save = config.paths.save
     owner = save is not None and int(os.environ.get("RANK", 0)) == 0
     if owner:
         check_writable(Path(save))
+    lost = False
     try:
         with RunLock(Path(save)) if owner else contextlib.nullcontext():
-            init_distributed()
-            resume = (Path(load), choose_checkpoint(Path(load))) if load is not None else None  # verified
-            weights = (weights, starting_weights(weights)) if weights is not None else None  # verified
-            done = resume[0] / resume[1][0] if resume is not None else None  # the checkpoint it resumes from
-            if done is not None and step_of(done.name) >= config.training.train_iters:
-                dist.barrier()
-                return {"step": step_of(done.name), "finished": str(done)}
-            with long_lived():
-                trainer = Trainer(config, sources, resume, tokenizer, weights, packing)
-            results = trainer.run()
-            dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
-            return results
+            init_distributed(config.parallel.distributed_timeout_minutes)
+            try:
+                return train_in_group(config, stops, sources, tokenizer, load, weights, packing)
+            except RuntimeError as e:
+                if dist.get_world_size() == 1 or not lost_peer(e):
+                    raise
+                lost = True
+                raise PeerLost(lost_ranks_line(e)) from None
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not lost:
             dist.destroy_process_group()
+
+
+def train_in_group(config: NeoXConfig, stops: StopRequests, sources, tokenizer, load, weights, packing) -> dict:
+    """train()'s steps 3 to 5, in the process group."""
+    resume = (Path(load), choose_checkpoint(Path(load))) if load is not None else None  # verified
+    weights = (weights, starting_weights(weights)) if weights is not None else None  # verified
+    done = resume[0] / resume[1][0] if resume is not None else None  # the checkpoint it resumes from
+    if done is not None and step_of(done.name) >= config.training.train_iters:
+        dist.barrier()
+        return {"step": step_of(done.name), "finished": str(done)}
+    with long_lived():
+        trainer = Trainer(config, sources, resume, tokenizer, weights, packing, stops)
+    results = trainer.run()
+    dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
+    return results

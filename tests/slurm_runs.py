@@ -1,0 +1,186 @@
+"""The runs tests/test_slurm.py checks, made under the one-node Slurm of tests/slurm.py with the job files of
+configs/slurm/ as a user submits them. They are started with the test session (conftest.py's `background`) and go
+on beside the other tests, each in a thread of its own, since most of their time is Slurm's (its time limits are
+checked every 30 s, a requeued job starts again ~12 s later); each returns what its test checks."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from helpers import HALF_WIDTH, NEOX, ROOT, lock_holder, losses, neox, parts_of, planned_parts, wait_for
+from slurm import Slurm
+
+from trainer.engine import free_port
+
+JOBS = ROOT / "configs" / "slurm"
+BIN = Path(sys.executable).parent
+ITERS = 100
+# The tiny model on 2 tasks as a pipeline of 2 stages, on CPU: every run below trains these 100 steps, saving every
+# 10, and must give the reference run's losses and weights bitwise.
+STEPS = [
+    *HALF_WIDTH,
+    *("--set", "seq_length=32", "--set", "train_micro_batch_size_per_gpu=4", "--set", "pipe_parallel_size=2"),
+    *("--set", f"train_iters={ITERS}", "--set", "save_interval=10", "--set", "keep_last_n_checkpoints=2"),
+    *("--set", "log_interval=1", "--set", "eval_interval=0"),
+]
+TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]  # the file asks for GPUs
+# The time-limit run: an evaluation of 12 batches after every step (which changes nothing the steps compute) makes a
+# step take ~0.6 s here, so what an allocation trains before its warning (sent 1-31 s into it, when Slurm next checks
+# limits, ~8 s of it starting up) stays under 40 steps: 100 steps need at least two requeues. The jobs' processes
+# run at nice -10 (tests/slurm.py), so the tests beside them do not slow them down.
+SLOW_STEPS = ["--set", "eval_interval=1", "--set", "eval_iters=12"]
+
+
+def job_env(**more) -> dict:
+    """The environment a job is submitted from (sbatch passes it on): this venv's neox-data, CPU and gloo."""
+    path = f"{BIN}:{os.environ.get('PATH', '')}"
+    return {"PATH": path, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONFAULTHANDLER": "1", **more}
+
+
+class Runs:
+    """The runs, each a function below started in `start`; `out(name)` is a run's job output."""
+
+    def __init__(self, slurm: Slurm, shards: Path, work: Path):
+        self.slurm, self.shards, self.work = slurm, shards, work
+
+    def train_job(self, name: str, *sbatch_args: str, extra: tuple = ()) -> tuple[str, Path]:
+        """configs/slurm/train.sbatch for run `name` (its --save and --load: work/name); (job id, the run)."""
+        run = self.work / name
+        env = job_env(CONFIG=str(ROOT / "configs" / "tiny.yml"), DATA=str(self.shards), RUN=str(run))
+        job = self.slurm.submit(*TASKS, f"--output={run}.out", *sbatch_args, JOBS / "train.sbatch", *STEPS, *extra,
+                                env=env)  # fmt: skip
+        return job, run
+
+    def out(self, run: Path) -> str:
+        return Path(f"{run}.out").read_text() if Path(f"{run}.out").is_file() else ""
+
+    def result(self, job: str, run: Path, **more) -> dict:
+        """What the tests check of a train run once its job ended."""
+        job_info = self.slurm.jobs(job)[0]
+        latest = (run / "latest").read_text() if (run / "latest").is_file() else None
+        return {"job": job_info, "run": run, "out": self.out(run), "latest": latest, **more}
+
+    def reference(self) -> dict:
+        """The same 100 steps in one allocation, nothing stopping them."""
+        job, run = self.train_job("reference", "--time=10")
+        self.slurm.wait(job, 600)
+        return self.result(job, run)
+
+    def time_limit(self) -> dict:
+        """The shipped job under a 1-minute limit, warned as soon as Slurm checks: it saves and requeues itself
+        until the run is done; then requeued once more by hand, it ends at once."""
+        job, run = self.train_job("time-limit", "--time=1", "--signal=USR1@59", extra=tuple(SLOW_STEPS))
+        self.slurm.wait(job, 1200)
+        ended = self.result(job, run)
+        self.requeue(job)
+        return {**ended, "again": self.slurm.wait(job, 300)[0], "again_out": self.out(run)[len(ended["out"]) :]}
+
+    def requeue(self, job: str) -> None:
+        """scontrol requeue JOB, once it has ended; returns when the job is back in the queue."""
+        restarts = int(self.slurm.jobs(job)[0]["Restarts"])
+        self.slurm.run("scontrol", "requeue", job)
+        self.until(lambda: int(self.slurm.jobs(job)[0]["Restarts"]) > restarts, f"job {job} requeued", 60)
+
+    def until(self, condition, what: str, timeout: float):
+        """wait_for, given up at once when the cluster is stopped (the session ended before this run)."""
+        return wait_for(lambda: self.slurm.check_running() and condition(), what, timeout)
+
+    def stopped(self, how: tuple[str, ...], at_step: int) -> dict:
+        """A run stopped from outside (scancel HOW) once past `at_step`: with USR1 it requeues itself; otherwise
+        its job ends, and is requeued by hand once what it left is recorded. The end result too."""
+        name = "-".join(a.strip("-").replace("=", "-").lower() for a in how) or "scancel"
+        job, run = self.train_job(name, "--time=10")
+        self.until(lambda: len(losses_of(run)) >= at_step and (at_step < 10 or (run / "latest").is_file()),
+                   f"{name}: step {at_step}", 600)  # fmt: skip
+        if how == ("SIGKILL",):  # every rank at once, no time to save (scancel would send SIGTERM first)
+            ranks = [self.until(lambda r=r: rank_process(run, r), f"rank {r}'s process", 60) for r in (0, 1)]
+            for process in ranks:
+                process.kill()
+        else:
+            self.slurm.run("scancel", *how, job)
+        stopped = None
+        if "--signal=USR1" in how:
+            self.until(lambda: int(self.slurm.jobs(job)[0]["Restarts"]) > 0, f"job {job} requeued itself", 300)
+        else:
+            self.slurm.wait(job, 120)
+            stopped = self.result(job, run, verify=neox("verify", run, check=False))
+            self.requeue(job)
+        self.slurm.wait(job, 600)
+        return {"stopped": stopped, "end": self.result(job, run)}
+
+    def lost_rank(self) -> dict:
+        """SIGKILL to rank 1's process mid-run, as a node failure would end it: how the job ended, how soon, and
+        the run after a requeue."""
+        job, run = self.train_job("lost-rank", "--time=10")
+        self.until(lambda: (run / "latest").is_file() and len(losses_of(run)) >= 12, "lost-rank: step 12", 600)
+        rank1 = self.until(lambda: rank_process(run, 1), "rank 1's process", 60)
+        rank1.kill()
+        killed = time.monotonic()
+        self.slurm.wait(job, 300)
+        ended = self.result(job, run, seconds=time.monotonic() - killed)
+        self.requeue(job)
+        self.slurm.wait(job, 600)
+        return {"lost": ended, "end": self.result(job, run)}
+
+    def two_nodes(self) -> dict:
+        """The run through two torchrun agents, each an srun of its own (a node), meeting by c10d rendezvous."""
+        run = self.work / "two-nodes"
+        port = free_port()
+        agent = [BIN / "torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes"]  # fmt: skip
+        train = [BIN / "neox-data", "train", "--config", ROOT / "configs" / "tiny.yml", "--data", self.shards]
+        cmd = ["srun", "--nodes=1", "--ntasks=1", "--cpus-per-task=1", *agent, *train, "--save", run, *STEPS]
+        env = {**self.slurm.env, **job_env()}
+        nodes = [subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for _ in range(2)]  # fmt: skip
+        outs = [node.communicate(timeout=600)[0] for node in nodes]
+        return {"run": run, "codes": [node.returncode for node in nodes], "out": "\n".join(outs)}
+
+    def shards_array(self, many_parts: Path) -> dict:
+        """The array job (4 ranks) and its merge; rank 2 frozen after its first part and cancelled, then requeued,
+        and the merge submitted again once it succeeds (Slurm never starts one after a task of the array failed)."""
+        out = self.work / "array-shards"
+        env = job_env(INPUT=str(many_parts), OUTPUT=str(out), TOKENIZER=str(NEOX),
+                      BUILD_OPTIONS="--split 90,5,5 --part-size 64K")  # fmt: skip
+        logs, merge_log = f"--output={self.work}/%x-%A_%a.out", f"--output={self.work}/%x-%j.out"
+        ranks = self.slurm.submit("--array=0-3", "--cpus-per-task=1", logs, JOBS / "build-shards.sbatch", env=env)
+        merge = self.slurm.submit(f"--dependency=afterok:{ranks}", merge_log, JOBS / "merge-shards.sbatch", env=env)
+        n_parts = self.until(lambda: planned_parts(out), "plan", 300)
+        self.until(lambda: parts_of(out, 2, 4, n_parts)[0] >= 1, "rank 2's first part", 300)
+        pid = lock_holder(out, 2)
+        os.kill(pid, signal.SIGSTOP)  # mid-way for sure: scancel sends SIGCONT and SIGTERM together
+        committed, total = parts_of(out, 2, 4, n_parts)
+        self.slurm.run("scancel", f"{ranks}_2")
+        cancelled = self.slurm.wait(f"{ranks}_2", 120)[0]["JobState"]
+        self.slurm.wait(ranks, 300)
+        merge_state = self.slurm.jobs(merge)[0]
+        self.requeue(f"{ranks}_2")
+        self.slurm.run("scancel", merge)
+        merge = self.slurm.submit(f"--dependency=afterok:{ranks}_2", merge_log, JOBS / "merge-shards.sbatch", env=env)
+        self.slurm.wait(merge, 300)
+        merged = self.slurm.jobs(merge)[0]["JobState"]
+        logs = "".join(p.read_text() for p in sorted(self.work.glob("neox-*.out")))
+        return {"input": many_parts, "out": out, "mid_way": (committed, total), "cancelled": cancelled,
+                "stuck_merge": merge_state, "merged": merged, "logs": logs}  # fmt: skip
+
+
+def losses_of(run: Path) -> list:
+    try:
+        return losses(run)
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def rank_process(run: Path, rank: int) -> psutil.Process | None:
+    """The training process of `rank` in the run saving to `run`."""
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if str(run) in (proc.info["cmdline"] or []) and proc.environ().get("RANK") == str(rank):
+                return proc
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None

@@ -43,7 +43,7 @@ demo: $(STAMP)
 	@echo "loss curve: demo-output/run/loss.png; metrics: demo-output/run/metrics.jsonl"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests  # also executes notebooks/
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests  # two workers, a test file each; also executes notebooks/
 
 check: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

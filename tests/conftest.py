@@ -2,8 +2,6 @@
 long work started with the session that tests wait for at the end (the demo, the Slurm runs)."""
 
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -36,58 +34,62 @@ def run():
     return Cli()
 
 
-@dataclass
-class Background:
-    """Work started with the session: the demo's (work directory, future) and the Slurm runs' futures by name, or
-    why the Slurm runs could not start."""
-
-    demo: tuple[Path, Future] | None = None
-    slurm_runs: dict[str, Future] = field(default_factory=dict)
-    slurm_skip: str | None = None
+def pytest_collection_modifyitems(items):
+    """Tests that read the session's background work may wait for it longer than pytest-timeout's 300 s."""
+    for item in items:
+        if "demo" in item.fixturenames or item.path.name == "test_slurm.py":
+            item.add_marker(pytest.mark.timeout(1500))
 
 
 @pytest.fixture(scope="session", autouse=True)
-def background(request, tmp_path_factory):
-    """The long work only some tests wait for, started with the session so that it runs beside the others (most of
-    them keep one of this machine's two cores busy, and the Slurm runs mostly wait on Slurm): the README's demo and
-    the runs tests/test_slurm.py checks, each only when a selected test needs it."""
-    items = request.session.items
-    started, pool = Background(), ThreadPoolExecutor(max_workers=12, thread_name_prefix="background")
-    slurm = None
+def background(request, tmp_path_factory) -> Path:
+    """The long work only some tests wait for, started with the session so that it runs beside the others: the
+    README's demo and the runs tests/test_slurm.py checks, each only when a selected test needs it, by one process of
+    the session (tests/background.py); the directory their results are written to."""
+    from background import Background, shared_root, starts_here
+
+    directory = shared_root(tmp_path_factory) / "background"
+    if not starts_here():
+        yield directory
+        return
+    directory.mkdir(exist_ok=True)
+    items, work, slurm = request.session.items, Background(directory), None
     if any("demo" in item.fixturenames for item in items):
         from demo import run_demo
 
-        work = tmp_path_factory.mktemp("demo")
-        started.demo = (work, pool.submit(run_demo, work))
+        (directory / "demo").mkdir(exist_ok=True)
+        work.start("demo", run_demo, directory / "demo")
     if any(item.path.name == "test_slurm.py" for item in items):
-        slurm = start_slurm_runs(started, pool, request.getfixturevalue("shards"), tmp_path_factory)
-    yield started
+        slurm = start_slurm_runs(work, request.getfixturevalue("shards"), directory)
+    yield directory
+    work.finish()
     if slurm is not None:
         slurm.stop()
-    pool.shutdown(wait=False, cancel_futures=True)
 
 
-def start_slurm_runs(started: Background, pool: ThreadPoolExecutor, shards: Path, tmp_path_factory):
-    """A one-node Slurm and the runs on it, each in a thread; the cluster, or None where it cannot start here."""
+def start_slurm_runs(work, shards: Path, directory: Path):
+    """A one-node Slurm and the runs on it (tests/slurm_runs.py), each a piece of background work; the cluster, or
+    None where it cannot start here (written as the piece "slurm-skip")."""
     from slurm import Slurm
     from slurm_runs import Runs
 
-    slurm, why = Slurm.start(tmp_path_factory.mktemp("slurm"))
+    (directory / "slurm").mkdir(exist_ok=True)
+    slurm, why = Slurm.start(directory / "slurm")
     if slurm is None:
-        started.slurm_skip = f"no one-node Slurm here: {why}"
+        work.start("slurm-skip", lambda: f"no one-node Slurm here: {why}")
         return None
-    runs = Runs(slurm, shards, tmp_path_factory.mktemp("slurm-runs"))
-    many_parts = sample_as_one_jsonl(tmp_path_factory.mktemp("slurm-input"))
-    started.slurm_runs = {
-        "time-limit": pool.submit(runs.time_limit),  # the longest first
-        "reference": pool.submit(runs.reference),
-        "usr1": pool.submit(runs.stopped, ("--signal=USR1",), 3),
-        "term": pool.submit(runs.stopped, (), 3),
-        "kill": pool.submit(runs.stopped, ("SIGKILL",), 12),
-        "lost-rank": pool.submit(runs.lost_rank),
-        "two-nodes": pool.submit(runs.two_nodes),
-        "shards": pool.submit(runs.shards_array, many_parts),
-    }
+    work.start("slurm-skip", lambda: None)
+    runs = Runs(slurm, shards, directory / "slurm-runs")
+    runs.work.mkdir(exist_ok=True)
+    many_parts = sample_as_one_jsonl(runs.work)
+    work.start("slurm-time-limit", runs.time_limit)  # the longest first
+    work.start("slurm-reference", runs.reference)
+    work.start("slurm-usr1", runs.stopped, ("--signal=USR1",), 3)
+    work.start("slurm-term", runs.stopped, (), 3)
+    work.start("slurm-kill", runs.stopped, ("SIGKILL",), 12)
+    work.start("slurm-lost-rank", runs.lost_rank)
+    work.start("slurm-two-nodes", runs.two_nodes)
+    work.start("slurm-shards", runs.shards_array, many_parts)
     return slurm
 
 
@@ -95,8 +97,9 @@ def start_slurm_runs(started: Background, pool: ThreadPoolExecutor, shards: Path
 def demo(background):
     """The README's demo, run once: (its work directory, holding demo-output/, and each command's output).
     The notebooks read it as `make demo`'s output, so the suite trains the demo's model once."""
-    work, future = background.demo
-    return work, future.result()
+    from background import result
+
+    return background / "demo", result(background, "demo")
 
 
 @pytest.fixture(scope="session")

@@ -62,7 +62,7 @@ class Runs:
         """What the tests check of a train run once its job ended."""
         job_info = self.slurm.jobs(job)[0]
         latest = (run / "latest").read_text() if (run / "latest").is_file() else None
-        return {"job": job_info, "run": run, "out": self.out(run), "latest": latest, **more}
+        return {"job": job_info, "run": str(run), "out": self.out(run), "latest": latest, **more}
 
     def reference(self) -> dict:
         """The same 100 steps in one allocation, nothing stopping them."""
@@ -107,7 +107,7 @@ class Runs:
             self.until(lambda: int(self.slurm.jobs(job)[0]["Restarts"]) > 0, f"job {job} requeued itself", 300)
         else:
             self.slurm.wait(job, 120)
-            stopped = self.result(job, run, verify=neox("verify", run, check=False))
+            stopped = self.result(job, run, verify=neox("verify", run, check=False).returncode)
             self.requeue(job)
         self.slurm.wait(job, 600)
         return {"stopped": stopped, "end": self.result(job, run)}
@@ -138,7 +138,7 @@ class Runs:
         nodes = [subprocess.Popen(list(map(str, cmd)), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True) for _ in range(2)]  # fmt: skip
         outs = [node.communicate(timeout=600)[0] for node in nodes]
-        return {"run": run, "codes": [node.returncode for node in nodes], "out": "\n".join(outs)}
+        return {"run": str(run), "codes": [node.returncode for node in nodes], "out": "\n".join(outs)}
 
     def shards_array(self, many_parts: Path) -> dict:
         """The array job (4 ranks) and its merge; rank 2 frozen after its first part and cancelled, then requeued,
@@ -164,7 +164,7 @@ class Runs:
         self.slurm.wait(merge, 300)
         merged = self.slurm.jobs(merge)[0]["JobState"]
         logs = "".join(p.read_text() for p in sorted(self.work.glob("neox-*.out")))
-        return {"input": many_parts, "out": out, "mid_way": (committed, total), "cancelled": cancelled,
+        return {"input": str(many_parts), "out": str(out), "mid_way": (committed, total), "cancelled": cancelled,
                 "stuck_merge": merge_state, "merged": merged, "logs": logs}  # fmt: skip
 
 

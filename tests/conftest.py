@@ -82,14 +82,16 @@ def start_slurm_runs(work, shards: Path, directory: Path):
     runs = Runs(slurm, shards, directory / "slurm-runs")
     runs.work.mkdir(exist_ok=True)
     many_parts = sample_as_one_jsonl(runs.work)
-    work.start("slurm-time-limit", runs.time_limit)  # the longest first
-    work.start("slurm-reference", runs.reference)
-    work.start("slurm-usr1", runs.stopped, ("--signal=USR1",), 3)
-    work.start("slurm-term", runs.stopped, (), 3)
-    work.start("slurm-kill", runs.stopped, ("SIGKILL",), 12)
-    work.start("slurm-lost-rank", runs.lost_rank)
-    work.start("slurm-two-nodes", runs.two_nodes)
-    work.start("slurm-shards", runs.shards_array, many_parts)
+    # The longest first; the others 45 s later, once its first allocation trains: started together, a dozen
+    # processes loading torch at once left its first allocations a step each before their warning.
+    work.start("slurm-time-limit", runs.time_limit)
+    work.start("slurm-reference", runs.later, runs.reference)
+    work.start("slurm-usr1", runs.later, runs.stopped, ("--signal=USR1",), 3)
+    work.start("slurm-term", runs.later, runs.stopped, (), 3)
+    work.start("slurm-kill", runs.later, runs.stopped, ("SIGKILL",), 12)
+    work.start("slurm-lost-rank", runs.later, runs.lost_rank)
+    work.start("slurm-two-nodes", runs.later, runs.two_nodes)
+    work.start("slurm-shards", runs.later, runs.shards_array, many_parts)
     return slurm
 
 

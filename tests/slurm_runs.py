@@ -47,6 +47,13 @@ class Runs:
     def __init__(self, slurm: Slurm, shards: Path, work: Path):
         self.slurm, self.shards, self.work = slurm, shards, work
 
+    def later(self, fn, *args, delay: float = 45.0):
+        """fn(*args), `delay` seconds from now (the cluster still up)."""
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and self.slurm.check_running():
+            time.sleep(0.5)
+        return fn(*args)
+
     def train_job(self, name: str, *sbatch_args: str, extra: tuple = ()) -> tuple[str, Path]:
         """configs/slurm/train.sbatch for run `name` (its --save and --load: work/name); (job id, the run)."""
         run = self.work / name

@@ -183,7 +183,7 @@ def train_listening(config_path, data_dir, save, load, overrides, dry_run, world
 
         click.echo(run_reporting_errors(describe_layout, config, config.world_size(world_size)))
         return
-    result = run_reporting_errors(leaving_when_a_peer_is_lost, run, config, stops)
+    result = run_reporting_errors(train_or_leave, run, config, stops)
     save = config.paths.save
     if int(os.environ.get("RANK", 0)) == 0 and "finished" in result:
         t = config.training.train_iters
@@ -200,10 +200,11 @@ def train_listening(config_path, data_dir, save, load, overrides, dry_run, world
         leave_without_teardown()
 
 
-def leaving_when_a_peer_is_lost(run, config, stops) -> dict:
-    """run(config, stops); a rank lost on the way ends this one here with the line naming it (said by rank 0
-    alone) and exit status 1, skipping a teardown that could wait on the lost peer."""
-    from trainer.stopping import PeerLost
+def train_or_leave(run, config, stops) -> dict:
+    """run(config, stops); a rank of a multi-process run that ends early leaves at once, skipping the teardown
+    (leave_without_teardown): stopped on request with its step saved, with STOPPED after its line; a rank lost on
+    the way, with 1 after the line naming it (said by rank 0 alone), as a teardown could wait on the lost peer."""
+    from trainer.stopping import STOPPED, PeerLost, Stopped
 
     try:
         return run(config, stops)
@@ -211,6 +212,11 @@ def leaving_when_a_peer_is_lost(run, config, stops) -> dict:
         if e.args[0]:
             click.echo(f"Error: {e.args[0]}", err=True)
         leave_without_teardown(1)
+    except Stopped as e:
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            raise
+        click.echo(f"Error: {e}", err=True)
+        leave_without_teardown(STOPPED)
 
 
 def leave_without_teardown(status: int = 0) -> None:

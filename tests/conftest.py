@@ -86,10 +86,7 @@ def start_slurm_runs(work, shards: Path, directory: Path):
     # processes loading torch at once left its first allocations a step each before their warning.
     work.start("slurm-time-limit", runs.time_limit)
     work.start("slurm-reference", runs.later, runs.reference)
-    work.start("slurm-usr1", runs.later, runs.stopped, ("--signal=USR1",), 3)
-    work.start("slurm-term", runs.later, runs.stopped, (), 3)
-    work.start("slurm-kill", runs.later, runs.stopped, ("SIGKILL",), 12)
-    work.start("slurm-lost-rank", runs.later, runs.lost_rank)
+    work.start("slurm-stops", runs.later, runs.stops)
     work.start("slurm-two-nodes", runs.later, runs.two_nodes)
     work.start("slurm-shards", runs.later, runs.shards_array, many_parts)
     return slurm

@@ -28,11 +28,13 @@ STEPS = [
     *("--set", "log_interval=1", "--set", "eval_interval=0"),
 ]
 TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]  # the file asks for GPUs
-# The time-limit run: an evaluation of 12 batches after every step (which changes nothing the steps compute) makes a
-# step take ~0.6 s here, so what an allocation trains before its warning (sent 1-31 s into it, when Slurm next checks
-# limits, ~8 s of it starting up) stays under 40 steps: 100 steps need at least two requeues. The jobs' processes
-# run at nice -10 (tests/slurm.py), so the tests beside them do not slow them down.
-SLOW_STEPS = ["--set", "eval_interval=1", "--set", "eval_iters=12"]
+# The time-limit run: Slurm checks limits about every 30 s, so the warning (USR1 50 s before the 1-minute limit) comes
+# 10-40 s into an allocation, after its ranks have started (a USR1 before a rank's handler is set would end it); the
+# limit itself ~30 s after the warning. An evaluation of 20 batches after every step (it changes nothing the steps
+# compute) makes a step take ~0.85 s here, so what an allocation trains, started in ~6 s, stays under 45 steps: 100
+# steps need at least two requeues. The jobs' processes run at nice -10 (tests/slurm.py), so the tests beside them
+# do not slow them down.
+SLOW_STEPS = ["--set", "eval_interval=1", "--set", "eval_iters=20"]
 
 
 def job_env(**more) -> dict:
@@ -78,9 +80,9 @@ class Runs:
         return self.result(job, run)
 
     def time_limit(self) -> dict:
-        """The shipped job under a 1-minute limit, warned as soon as Slurm checks: it saves and requeues itself
-        until the run is done; then requeued once more by hand, it ends at once."""
-        job, run = self.train_job("time-limit", "--time=1", "--signal=USR1@59", extra=tuple(SLOW_STEPS))
+        """The shipped job under a 1-minute limit, warned 50 s before it: it saves and requeues itself until the
+        run is done; then requeued once more by hand, it ends at once."""
+        job, run = self.train_job("time-limit", "--time=1", "--signal=USR1@50", extra=tuple(SLOW_STEPS))
         self.slurm.wait(job, 1200)
         ended = self.result(job, run)
         self.requeue(job)
@@ -96,42 +98,59 @@ class Runs:
         """wait_for, given up at once when the cluster is stopped (the session ended before this run)."""
         return wait_for(lambda: self.slurm.check_running() and condition(), what, timeout)
 
-    def stopped(self, how: tuple[str, ...], at_step: int) -> dict:
-        """A run stopped from outside (scancel HOW) once past `at_step`: with USR1 it requeues itself; otherwise
-        its job ends, and is requeued by hand once what it left is recorded. The end result too."""
-        name = "-".join(a.strip("-").replace("=", "-").lower() for a in how) or "scancel"
-        job, run = self.train_job(name, "--time=10")
-        self.until(lambda: len(losses_of(run)) >= at_step and (at_step < 10 or (run / "latest").is_file()),
-                   f"{name}: step {at_step}", 600)  # fmt: skip
-        if how == ("SIGKILL",):  # every rank at once, no time to save (scancel would send SIGTERM first)
-            ranks = [self.until(lambda r=r: rank_process(run, r), f"rank {r}'s process", 60) for r in (0, 1)]
-            for process in ranks:
-                process.kill()
-        else:
-            self.slurm.run("scancel", *how, job)
-        stopped = None
-        if "--signal=USR1" in how:
-            self.until(lambda: int(self.slurm.jobs(job)[0]["Restarts"]) > 0, f"job {job} requeued itself", 300)
-        else:
-            self.slurm.wait(job, 120)
-            stopped = self.result(job, run, verify=neox("verify", run, check=False).returncode)
-            self.requeue(job)
-        self.slurm.wait(job, 600)
-        return {"stopped": stopped, "end": self.result(job, run)}
+    def stops(self) -> dict:
+        """One run stopped from outside four times, each next allocation resuming from what the last left:
+        1. `scancel --signal=USR1` once past step 3: every rank saves its step and stops, the job requeues itself;
+        2. a plain `scancel` (SIGTERM) 3 steps into the next allocation: the same, and the job ends cancelled;
+        3. SIGKILL to both ranks' processes once past a periodic save (no time to save: `scancel --signal=KILL`
+           would send SIGTERM first): the job fails;
+        4. SIGKILL to rank 1's process once past the next periodic save, as a node failure would end it;
+        each ended job requeued by hand once what it left is recorded; then the run goes on to its end. What each
+        stop left (its part of the job's output, the job, `latest` and whether it verifies), and the end."""
+        job, run = self.train_job("stops", "--time=10")
+        phases, seen = {}, 0
 
-    def lost_rank(self) -> dict:
-        """SIGKILL to rank 1's process mid-run, as a node failure would end it: how the job ended, how soon, and
-        the run after a requeue."""
-        job, run = self.train_job("lost-rank", "--time=10")
-        self.until(lambda: (run / "latest").is_file() and len(losses_of(run)) >= 12, "lost-rank: step 12", 600)
+        def record(name: str, **more) -> None:
+            nonlocal seen
+            out = self.out(run)
+            phases[name] = {**self.result(job, run, **more), "out": out[seen:]}
+            phases[name]["verify"] = neox("verify", run, check=False).returncode
+            seen = len(out)
+
+        def past(step: int) -> None:
+            self.until(lambda: max((s for s, _ in losses_of(run)), default=0) >= step, f"stops: step {step}", 600)
+
+        def past_periodic_save(after: int) -> int:
+            saved = lambda: periodic_save(run)  # noqa: E731
+            self.until(lambda: (saved() or 0) > after, f"stops: a periodic save after step {after}", 600)
+            past(saved() + 2)
+            return saved()
+
+        past(3)
+        self.slurm.run("scancel", "--signal=USR1", job)
+        self.until(lambda: int(self.slurm.jobs(job)[0]["Restarts"]) > 0, f"job {job} requeued itself", 300)
+        record("usr1")
+        past(step_of_latest(run) + 3)
+        self.slurm.run("scancel", job)
+        self.slurm.wait(job, 120)
+        record("term")
+        self.requeue(job)
+        saved = past_periodic_save(step_of_latest(run))
+        ranks = [self.until(lambda r=r: rank_process(run, r), f"rank {r}'s process", 60) for r in (0, 1)]
+        for process in ranks:
+            process.kill()
+        self.slurm.wait(job, 120)
+        record("kill")
+        self.requeue(job)
+        past_periodic_save(saved)
         rank1 = self.until(lambda: rank_process(run, 1), "rank 1's process", 60)
         rank1.kill()
         killed = time.monotonic()
         self.slurm.wait(job, 300)
-        ended = self.result(job, run, seconds=time.monotonic() - killed)
+        record("lost", seconds=time.monotonic() - killed)
         self.requeue(job)
         self.slurm.wait(job, 600)
-        return {"lost": ended, "end": self.result(job, run)}
+        return {**phases, "end": self.result(job, run)}
 
     def two_nodes(self) -> dict:
         """The run through two torchrun agents, each an srun of its own (a node), meeting by c10d rendezvous."""
@@ -180,6 +199,19 @@ def losses_of(run: Path) -> list:
         return losses(run)
     except (OSError, ValueError, KeyError):
         return []
+
+
+def step_of_latest(run: Path) -> int:
+    return int((run / "latest").read_text().removeprefix("global_step"))
+
+
+def periodic_save(run: Path) -> int | None:
+    """The step `latest` names when it is a periodic save (every 10 steps), else None."""
+    try:
+        step = step_of_latest(run)
+    except (OSError, ValueError):
+        return None
+    return step if step % 10 == 0 else None
 
 
 def rank_process(run: Path, rank: int) -> psutil.Process | None:

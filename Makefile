@@ -46,8 +46,9 @@ demo: $(STAMP)
 	$(BIN)/neox-data evaluate demo-output/run --output demo-output/eval.json
 	@echo "loss curve: demo-output/run/loss.png; metrics: demo-output/run/metrics.jsonl"
 
+# Two workers, a test file each at a time, handed out in the order tests/conftest.py gives; also executes notebooks/.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests  # two workers, a test file each; also executes notebooks/
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 check: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -34,8 +34,26 @@ def run():
     return Cli()
 
 
+# The order pytest-xdist hands the test files out in (`--no-loadscope-reorder`, a file to a worker at a time): the
+# longest first, so that the two workers end together; last, those that read the session's background work, ready
+# after ~6 min (the Slurm runs) and ~9 min (the demo), so that a worker reaching them early waits the least. A file
+# not named goes between, in name order.
+FIRST = ["test_faults.py", "test_train.py", "test_read_back.py", "test_evaluate.py", "test_layouts.py",
+         "test_sources.py", "test_build_shards.py", "test_ray.py", "test_cli.py", "test_bad_input.py"]  # fmt: skip
+LAST = ["test_slurm.py", "test_documents.py", "test_notebooks.py", "test_readme.py"]
+
+
+def file_rank(item) -> tuple[int, int, str]:
+    name = item.path.name
+    if name in FIRST:
+        return (0, FIRST.index(name), name)
+    return (2, LAST.index(name), name) if name in LAST else (1, 0, name)
+
+
 def pytest_collection_modifyitems(items):
-    """Tests that read the session's background work may wait for it longer than pytest-timeout's 300 s."""
+    """Test files in FIRST-to-LAST order (each file's tests in theirs). Tests that read the session's background
+    work may wait for it longer than pytest-timeout's 300 s."""
+    items.sort(key=file_rank)
     for item in items:
         if "demo" in item.fixturenames or item.path.name == "test_slurm.py":
             item.add_marker(pytest.mark.timeout(1500))

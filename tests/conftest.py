@@ -36,7 +36,7 @@ def run():
 
 # The order pytest-xdist hands the test files out in (`--no-loadscope-reorder`, a file to a worker at a time): the
 # longest first, so that the two workers end together; last, those that read the session's background work, ready
-# after ~6 min (the Slurm runs) and ~9 min (the demo), so that a worker reaching them early waits the least. A file
+# after ~7 min (the Slurm runs) and ~9 min (the demo), so that a worker reaching them early waits the least. A file
 # not named goes between, in name order.
 FIRST = ["test_faults.py", "test_train.py", "test_read_back.py", "test_evaluate.py", "test_layouts.py",
          "test_sources.py", "test_build_shards.py", "test_ray.py", "test_cli.py", "test_bad_input.py"]  # fmt: skip
@@ -100,13 +100,16 @@ def start_slurm_runs(work, shards: Path, directory: Path):
     runs = Runs(slurm, shards, directory / "slurm-runs")
     runs.work.mkdir(exist_ok=True)
     many_parts = sample_as_one_jsonl(runs.work)
-    # The longest first; the others 45 s later, once its first allocation trains: started together, a dozen
-    # processes loading torch at once left its first allocations a step each before their warning.
-    work.start("slurm-time-limit", runs.time_limit)
-    work.start("slurm-reference", runs.later, runs.reference)
-    work.start("slurm-stops", runs.later, runs.stops)
-    work.start("slurm-two-nodes", runs.later, runs.two_nodes)
-    work.start("slurm-shards", runs.later, runs.shards_array, many_parts)
+    # The time-limit run last, alone on the cluster: its jobs run at nice -10 (tests/slurm.py), ahead of the tests
+    # beside them but not of the other runs, and started among those its allocations started so slowly that a dozen
+    # were needed, each a step or a few before its warning.
+    others = [
+        work.start("slurm-reference", runs.reference),
+        work.start("slurm-stops", runs.stops),
+        work.start("slurm-two-nodes", runs.two_nodes),
+        work.start("slurm-shards", runs.shards_array, many_parts),
+    ]
+    work.start("slurm-time-limit", runs.after, others, runs.time_limit)
     return slurm
 
 

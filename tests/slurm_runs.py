@@ -49,10 +49,9 @@ class Runs:
     def __init__(self, slurm: Slurm, shards: Path, work: Path):
         self.slurm, self.shards, self.work = slurm, shards, work
 
-    def later(self, fn, *args, delay: float = 45.0):
-        """fn(*args), `delay` seconds from now (the cluster still up)."""
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline and self.slurm.check_running():
+    def after(self, pieces: list, fn, *args):
+        """fn(*args) once the background pieces (futures) have ended (the cluster still up)."""
+        while not all(piece.done() for piece in pieces) and self.slurm.check_running():
             time.sleep(0.5)
         return fn(*args)
 

@@ -14,6 +14,7 @@ import psutil
 from helpers import HALF_WIDTH, NEOX, ROOT, lock_holder, losses, neox, parts_of, planned_parts, wait_for
 from slurm import Slurm
 
+from pile_tools.rundir import step_of
 from trainer.engine import free_port
 
 JOBS = ROOT / "configs" / "slurm"
@@ -120,10 +121,10 @@ class Runs:
             self.until(lambda: max((s for s, _ in losses_of(run)), default=0) >= step, f"stops: step {step}", 600)
 
         def past_periodic_save(after: int) -> int:
-            saved = lambda: periodic_save(run)  # noqa: E731
-            self.until(lambda: (saved() or 0) > after, f"stops: a periodic save after step {after}", 600)
-            past(saved() + 2)
-            return saved()
+            self.until(lambda: (periodic_save(run) or 0) > after, f"stops: a periodic save after step {after}", 600)
+            saved = periodic_save(run)
+            past(saved + 2)
+            return saved
 
         past(3)
         self.slurm.run("scancel", "--signal=USR1", job)
@@ -200,17 +201,17 @@ def losses_of(run: Path) -> list:
         return []
 
 
-def step_of_latest(run: Path) -> int:
-    return int((run / "latest").read_text().removeprefix("global_step"))
+def step_of_latest(run: Path) -> int | None:
+    return step_of((run / "latest").read_text().strip())
 
 
 def periodic_save(run: Path) -> int | None:
     """The step `latest` names when it is a periodic save (every 10 steps), else None."""
     try:
         step = step_of_latest(run)
-    except (OSError, ValueError):
+    except OSError:
         return None
-    return step if step % 10 == 0 else None
+    return step if step is not None and step % 10 == 0 else None
 
 
 def rank_process(run: Path, rank: int) -> psutil.Process | None:

@@ -13,6 +13,7 @@ import torch
 from background import result
 from helpers import NEOX, assert_same_build, losses, neox
 
+from pile_tools.rundir import step_of
 from trainer.reshard import load_state_dict
 
 pytestmark = pytest.mark.slurm
@@ -93,7 +94,7 @@ def stop_step(out: str, signal: str) -> int:
 
 def test_scancel_usr1_has_every_rank_save_and_stop_and_the_job_requeue_itself(stops):
     usr1 = stops["usr1"]
-    assert 3 <= stop_step(usr1["out"], "SIGUSR1") == int(usr1["latest"].removeprefix("global_step"))
+    assert 3 <= stop_step(usr1["out"], "SIGUSR1") == step_of(usr1["latest"])
     assert "requeueing job" in usr1["out"] and usr1["verify"] == 0
 
 
@@ -101,7 +102,7 @@ def test_a_plain_scancel_has_every_rank_save_and_stop_and_the_job_end(stops):
     """SIGTERM: the step is saved, the job ends cancelled (and is requeued by hand)."""
     term = stops["term"]
     step = stop_step(term["out"], "SIGTERM")
-    assert step > int(stops["usr1"]["latest"].removeprefix("global_step"))
+    assert step > step_of(stops["usr1"]["latest"])
     assert term["job"]["JobState"] == "CANCELLED" and "requeueing" not in term["out"], shown(term["out"])
     assert term["latest"] == f"global_step{step}" and term["verify"] == 0
 
@@ -110,8 +111,8 @@ def test_a_sigkill_leaves_the_last_periodic_save_latest(stops):
     """No time to save: the job fails, and `latest` is a periodic save after the last stop's, which verifies."""
     kill = stops["kill"]
     assert kill["job"]["JobState"] == "FAILED" and "requeueing" not in kill["out"], shown(kill["out"])
-    saved = int(kill["latest"].removeprefix("global_step"))
-    assert saved % 10 == 0 and saved > int(stops["term"]["latest"].removeprefix("global_step"))
+    saved = step_of(kill["latest"])
+    assert saved % 10 == 0 and saved > step_of(stops["term"]["latest"])
     assert kill["verify"] == 0
 
 

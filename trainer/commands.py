@@ -173,7 +173,7 @@ def train_listening(config_path, data_dir, save, load, overrides, dry_run, world
         import torch
 
         from trainer.config import load_config
-        from trainer.train import train as run
+        from trainer.start import train as run
 
     flags = {"data_dir": data_dir, "save": save, "load": load}
     device = None if dry_run else "cuda" if torch.cuda.is_available() else "cpu"  # a dry run plans for GPUs

@@ -5,9 +5,7 @@ rank reads its own slice of every global batch). Every check of the config and t
 group, the model or any index is built, so a bad config costs nothing.
 """
 
-import contextlib
 import math
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -16,15 +14,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pile_tools.ground import check_writable, long_lived
-from pile_tools.runlock import RunLock
 from trainer.checkpoint import (
-    choose_checkpoint,
     has_run,
     load_training_checkpoint,
     save_training_checkpoint,
-    starting_weights,
-    step_of,
     warn_once,
 )
 from trainer.config import NeoXConfig
@@ -42,7 +35,6 @@ from trainer.metrics import Metrics, Timeline, peak_flops, peak_memory_gib, plot
 from trainer.model import IGNORED, Block, GPTNeoX, checkpoint_blocks, lm_loss
 from trainer.pipeline import build_pipeline
 from trainer.plan import step_flops
-from trainer.preflight import check_run
 from trainer.reshard import load_state_dict, local_state
 from trainer.samples import (
     Packing,
@@ -53,7 +45,7 @@ from trainer.samples import (
     order_changes,
     sample_positions,
 )
-from trainer.stopping import PeerLost, Stopped, StopRequests, lost_peer, lost_ranks_line
+from trainer.stopping import Stopped, StopRequests
 
 
 class Trainer:
@@ -460,53 +452,3 @@ class Trainer:
         if entry is not None:
             self.metrics.record(entry)
         return entry
-
-
-def train(config: NeoXConfig, stops: StopRequests) -> dict:
-    """Train from the loaded position (or step 0) to train_iters; paths, data and precision come resolved in
-    `config`. The whole start-up, in its order:
-      1. check_run: every check that needs no process group (config, shards and vocabulary, layout and batch,
-         --save and --load), so a bad run costs nothing;
-      2. rank 0 holds --save's lock for the whole run; every rank joins the process group;
-      3. the checkpoint to resume (choose_checkpoint: `latest`, else the newest that verifies) or whose weights
-         start the run (starting_weights), verified on all ranks; a run already at train_iters (a finished job
-         requeued) returns here, building nothing: {"step", "finished": the checkpoint};
-      4. Trainer: the sample indices (rank 0 builds them first), the model with those weights in its DeepSpeed
-         engine, the restored position and identity, the metrics;
-      5. Trainer.run: the steps, evaluations and saves.
-    A rank lost on the way (its process or node died) ends every other rank at its next collective with PeerLost,
-    naming it; the process group is then left as it is (tearing it down could wait on the lost peer)."""
-    sources, tokenizer, load, weights, packing = check_run(config)
-    save = config.paths.save
-    owner = save is not None and int(os.environ.get("RANK", 0)) == 0
-    if owner:
-        check_writable(Path(save))
-    lost = False
-    try:
-        with RunLock(Path(save)) if owner else contextlib.nullcontext():
-            init_distributed(config.parallel.distributed_timeout_minutes)
-            try:
-                return train_in_group(config, stops, sources, tokenizer, load, weights, packing)
-            except RuntimeError as e:
-                if dist.get_world_size() == 1 or not lost_peer(e):
-                    raise
-                lost = True
-                raise PeerLost(lost_ranks_line(e)) from None
-    finally:
-        if dist.is_initialized() and not lost:
-            dist.destroy_process_group()
-
-
-def train_in_group(config: NeoXConfig, stops: StopRequests, sources, tokenizer, load, weights, packing) -> dict:
-    """train()'s steps 3 to 5, in the process group."""
-    resume = (Path(load), choose_checkpoint(Path(load))) if load is not None else None  # verified
-    weights = (weights, starting_weights(weights)) if weights is not None else None  # verified
-    done = resume[0] / resume[1][0] if resume is not None else None  # the checkpoint it resumes from
-    if done is not None and step_of(done.name) >= config.training.train_iters:
-        dist.barrier()
-        return {"step": step_of(done.name), "finished": str(done)}
-    with long_lived():
-        trainer = Trainer(config, sources, resume, tokenizer, weights, packing, stops)
-    results = trainer.run()
-    dist.barrier()  # leave together: a rank tearing down gloo while another still works aborts at exit
-    return results

@@ -525,6 +525,35 @@ def test_a_preemption_signal_saves_the_current_step_and_stops(shards, tmp_path, 
     assert resumed.returncode == 0 and [s for s, _ in losses(run)][-3:] == [step, step + 1, step + 2]
 
 
+SIGNAL_IN_THE_LAST_STEP = """
+import os, signal, sys
+from trainer.train import Trainer
+step = Trainer.train_step
+def signalled(self):  # Slurm's warning, during the run's last step
+    if self.step == self.config.training.train_iters - 1:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return step(self)
+Trainer.train_step = signalled
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
+def test_a_stop_signal_in_the_last_step_lets_the_run_end_as_planned(shards, straight, tmp_path):
+    """Nothing is left to resume after the last step: the run saves it, makes its final evaluation and exits 0 (a
+    requeue would find nothing to train, and the final evaluation would never be made), bitwise the straight run."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-c", SIGNAL_IN_THE_LAST_STEP, *TINY, "--data", shards, "--save", run, *SMALL]
+    done = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SIGUSR1 after the last step: step 6 is saved; the run ends with its final evaluation" in done.stdout
+    assert "stopped by" not in done.stdout + done.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows if r["kind"] != "train"][-2:] == [("valid", 6), ("test", 6)]
+    assert losses(run) == losses(straight)
+    assert (run / "latest").read_text() == "global_step6" and latest_verifies(run)
+
+
 TAKE_OVER = """
 import sys, time
 import pile_tools.runlock as runlock

@@ -394,7 +394,8 @@ class Trainer:
     def run(self) -> dict:
         """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results. A stop
         signal (received on any rank, since `train` started) saves after the current step and raises Stopped,
-        naming the checkpoint."""
+        naming the checkpoint; after the last step, the run ends as planned instead (a requeue would find nothing to
+        train, and the final evaluation would never be made)."""
         t = self.config.training
         results = {"start_step": self.step}
         if not self.resumed and t.saves_at(0):  # gpt-neox's step 0 checkpoint: the weights before any step
@@ -417,6 +418,12 @@ class Trainer:
             if save or signalled:
                 self.checkpoint()
                 self.timeline.restart()
+            if signalled and self.step == t.train_iters:  # nothing left to resume: the run ends as planned
+                self.metrics.echo(
+                    f"{self.stops.received or 'a signal to another rank'} after the last step: "
+                    f"step {self.step} is saved; the run ends with its final evaluation"
+                )
+                signalled = False
             if signalled:
                 if evaluate:  # the resume starts after this step: its evaluation is made now, or never
                     self.record(self.evaluate("valid", self.step // t.eval_interval - 1))

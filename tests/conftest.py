@@ -100,16 +100,11 @@ def start_slurm_runs(work, shards: Path, directory: Path):
     runs = Runs(slurm, shards, directory / "slurm-runs")
     runs.work.mkdir(exist_ok=True)
     many_parts = sample_as_one_jsonl(runs.work)
-    # The time-limit run last, alone on the cluster: its jobs run at nice -10 (tests/slurm.py), ahead of the tests
-    # beside them but not of the other runs, and started among those its allocations started so slowly that a dozen
-    # were needed, each a step or a few before its warning.
-    others = [
-        work.start("slurm-reference", runs.reference),
-        work.start("slurm-stops", runs.stops),
-        work.start("slurm-two-nodes", runs.two_nodes),
-        work.start("slurm-shards", runs.shards_array, many_parts),
-    ]
-    work.start("slurm-time-limit", runs.after, others, runs.time_limit)
+    work.start("slurm-time-limit", runs.time_limit)  # the longest: ~4 min of Slurm's pace, little CPU
+    work.start("slurm-reference", runs.reference)
+    work.start("slurm-stops", runs.stops)
+    work.start("slurm-two-nodes", runs.two_nodes)
+    work.start("slurm-shards", runs.shards_array, many_parts)
     return slurm
 
 

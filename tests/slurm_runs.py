@@ -29,13 +29,38 @@ STEPS = [
     *("--set", "log_interval=1", "--set", "eval_interval=0"),
 ]
 TASKS = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0"]  # the file asks for GPUs
-# The time-limit run: Slurm checks limits about every 30 s, so the warning (USR1 50 s before the 1-minute limit) comes
-# 10-40 s into an allocation, after its ranks have started (a USR1 before a rank's handler is set would end it); the
-# limit itself ~30 s after the warning. An evaluation of 20 batches after every step (it changes nothing the steps
-# compute) makes a step take ~0.85 s here, so what an allocation trains, started in ~6 s, stays under 45 steps: 100
-# steps need at least two requeues. The jobs' processes run at nice -10 (tests/slurm.py), so the tests beside them
-# do not slow them down.
-SLOW_STEPS = ["--set", "eval_interval=1", "--set", "eval_iters=20"]
+# The time-limit run: Slurm checks limits every 30 s and sends a `--signal` warning at the first check within 30 s
+# of its time (so "up to 60 seconds earlier than specified", sbatch(1)): USR1 5 s before the 1-minute limit comes at
+# the first check 25 s or more into an allocation (25-55 s), long after its ranks started (a USR1 before a rank's
+# handler is set would end it), and the limit itself (SIGTERM) a check later. Each step starts with a sleep of
+# PACE_S (the ranks import PACED, the sitecustomize below; it changes nothing the steps compute): an allocation
+# then trains at most ~42 steps, so 100 steps need at least two requeues, at about the same pace on an idle or a
+# loaded machine, without burning the CPU the tests beside it need (a 20-batch evaluation after each step did).
+PACE_S = 1.2
+PACED = f"""
+import importlib.abc, importlib.machinery, sys, time
+
+
+class Paced(importlib.abc.MetaPathFinder):
+    \"\"\"Once trainer.train is imported, each training step starts with a sleep of {PACE_S} s.\"\"\"
+
+    def find_spec(self, name, path, target=None):
+        if name != "trainer.train":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            step = module.Trainer.train_step
+            module.Trainer.train_step = lambda self: time.sleep({PACE_S}) or step(self)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, Paced())
+"""
 
 
 def job_env(**more) -> dict:
@@ -50,18 +75,12 @@ class Runs:
     def __init__(self, slurm: Slurm, shards: Path, work: Path):
         self.slurm, self.shards, self.work = slurm, shards, work
 
-    def after(self, pieces: list, fn, *args):
-        """fn(*args) once the background pieces (futures) have ended (the cluster still up)."""
-        while not all(piece.done() for piece in pieces) and self.slurm.check_running():
-            time.sleep(0.5)
-        return fn(*args)
-
-    def train_job(self, name: str, *sbatch_args: str, extra: tuple = ()) -> tuple[str, Path]:
-        """configs/slurm/train.sbatch for run `name` (its --save and --load: work/name); (job id, the run)."""
+    def train_job(self, name: str, *sbatch_args: str, **env) -> tuple[str, Path]:
+        """configs/slurm/train.sbatch for run `name` (its --save and --load: work/name; `env`: more of the job's
+        environment); (job id, the run)."""
         run = self.work / name
-        env = job_env(CONFIG=str(ROOT / "configs" / "tiny.yml"), DATA=str(self.shards), RUN=str(run))
-        job = self.slurm.submit(*TASKS, f"--output={run}.out", *sbatch_args, JOBS / "train.sbatch", *STEPS, *extra,
-                                env=env)  # fmt: skip
+        env = job_env(CONFIG=str(ROOT / "configs" / "tiny.yml"), DATA=str(self.shards), RUN=str(run), **env)
+        job = self.slurm.submit(*TASKS, f"--output={run}.out", *sbatch_args, JOBS / "train.sbatch", *STEPS, env=env)
         return job, run
 
     def out(self, run: Path) -> str:
@@ -80,9 +99,13 @@ class Runs:
         return self.result(job, run)
 
     def time_limit(self) -> dict:
-        """The shipped job under a 1-minute limit, warned 50 s before it: it saves and requeues itself until the
-        run is done; then requeued once more by hand, it ends at once."""
-        job, run = self.train_job("time-limit", "--time=1", "--signal=USR1@50", extra=tuple(SLOW_STEPS))
+        """The shipped job under a 1-minute limit, warned 5 s before it, its steps paced (PACED): it saves and
+        requeues itself until the run is done; then requeued once more by hand, it ends at once."""
+        paced = self.work / "paced"
+        paced.mkdir(exist_ok=True)
+        (paced / "sitecustomize.py").write_text(PACED)
+        pythonpath = os.pathsep.join([str(paced), *filter(None, [os.environ.get("PYTHONPATH")])])
+        job, run = self.train_job("time-limit", "--time=1", "--signal=USR1@5", PYTHONPATH=pythonpath)
         self.slurm.wait(job, 1200)
         ended = self.result(job, run)
         self.requeue(job)

@@ -66,9 +66,10 @@ def assert_ends_as(done: dict, reference: dict) -> None:
 
 
 def test_the_train_job_requeues_itself_at_its_time_limit_until_the_run_is_done(runs, reference):
-    """--time=1: each allocation is warned (USR1) 50 s before its limit, every rank saves its step and
-    exits 75, the job requeues itself, and the next allocation goes on; at least two requeues, then the
-    uninterrupted run's losses and weights. Requeued once more, the finished run ends at once."""
+    """--time=1: each allocation is warned (USR1) 5 s before its limit (by Slurm, up to a check, 30 s, earlier);
+    every rank saves its step and exits 75, the job requeues itself, and the next allocation goes on; at least two
+    requeues, then the uninterrupted run's losses and weights (a warning in the last step ends the run as planned:
+    test_faults.py). Requeued once more, the finished run ends at once."""
     done = runs["time-limit"]
     assert int(done["job"]["Restarts"]) >= 2, shown(done["out"])
     stops = sorted({int(s) for s in re.findall(r"stopped by SIGUSR1 after step (\d+)", done["out"])})

@@ -393,9 +393,7 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to train_iters (or exit_interval): evaluate, save and record on schedule; the results. A stop
-        signal (received on any rank, since `train` started) saves after the current step and raises Stopped,
-        naming the checkpoint; after the last step, the run ends as planned instead (a requeue would find nothing to
-        train, and the final evaluation would never be made)."""
+        signal (received on any rank, since `train` started) saves after the current step, then stop_on_signal."""
         t = self.config.training
         results = {"start_step": self.step}
         if not self.resumed and t.saves_at(0):  # gpt-neox's step 0 checkpoint: the weights before any step
@@ -418,20 +416,8 @@ class Trainer:
             if save or signalled:
                 self.checkpoint()
                 self.timeline.restart()
-            if signalled and self.step == t.train_iters:  # nothing left to resume: the run ends as planned
-                self.metrics.echo(
-                    f"{self.stops.received or 'a signal to another rank'} after the last step: "
-                    f"step {self.step} is saved; the run ends with its final evaluation"
-                )
-                signalled = False
             if signalled:
-                if evaluate:  # the resume starts after this step: its evaluation is made now, or never
-                    self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
-                self.reader.shutdown(wait=True, cancel_futures=True)
-                self.metrics.close()
-                kept = f"checkpoint saved in {self.save}; resume with --load {self.save}" if self.save else "no --save"
-                by = self.stops.received or "a signal to another rank"
-                raise Stopped(f"stopped by {by} after step {self.step}: {kept}")
+                self.stop_on_signal(evaluate)
             if evaluate:
                 results["valid"] = self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
                 self.timeline.restart()
@@ -453,6 +439,23 @@ class Trainer:
             )
             results["plot"] = str(plot_losses(self.metrics_dir / "metrics.jsonl", self.metrics_dir / "loss.png", title))
         return results
+
+    def stop_on_signal(self, evaluate: bool) -> None:
+        """After a step saved on a stop signal: its evaluation if one is due (the resume starts after it), then
+        Stopped, naming the checkpoint. After the last step the run ends as planned instead: a requeue would find
+        nothing to train, and the final evaluation would never be made."""
+        t, by = self.config.training, self.stops.received or "a signal to another rank"
+        if self.step == t.train_iters:
+            self.metrics.echo(
+                f"{by} after the last step: step {self.step} is saved; the run ends with its final evaluation"
+            )
+            return
+        if evaluate:
+            self.record(self.evaluate("valid", self.step // t.eval_interval - 1))
+        self.reader.shutdown(wait=True, cancel_futures=True)
+        self.metrics.close()
+        kept = f"checkpoint saved in {self.save}; resume with --load {self.save}" if self.save else "no --save"
+        raise Stopped(f"stopped by {by} after step {self.step}: {kept}")
 
     def record(self, entry: dict | None) -> dict | None:
         """Record an evaluation's entry (None for a split without data) and return it."""

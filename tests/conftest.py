@@ -36,7 +36,7 @@ def run():
 
 # The order pytest-xdist hands the test files out in (`--no-loadscope-reorder`, a file to a worker at a time): the
 # longest first, so that the two workers end together; last, those that read the session's background work, ready
-# after ~7 min (the Slurm runs) and ~9 min (the demo), so that a worker reaching them early waits the least. A file
+# after ~5 min (the Slurm runs) and ~7 min (the demo), so that a worker reaching them early waits the least. A file
 # not named goes between, in name order.
 FIRST = ["test_faults.py", "test_train.py", "test_read_back.py", "test_evaluate.py", "test_layouts.py",
          "test_sources.py", "test_build_shards.py", "test_ray.py", "test_cli.py", "test_bad_input.py"]  # fmt: skip

@@ -554,6 +554,40 @@ def test_a_stop_signal_in_the_last_step_lets_the_run_end_as_planned(shards, stra
     assert (run / "latest").read_text() == "global_step6" and latest_verifies(run)
 
 
+@pytest.mark.slow
+def test_rank_0_lost_ends_the_other_rank_in_seconds_with_one_line(shards, tmp_path):
+    """Two ranks started as srun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT; no launcher to end the others),
+    rank 0 SIGKILLed mid-run: rank 1 finds the rendezvous store rank 0 held gone and says so in one line, without
+    a checkpoint or a traceback, in seconds (tests/test_slurm.py loses rank 1, whose loss rank 0 names)."""
+    from trainer.engine import free_port
+
+    run = tmp_path / "run"
+    steps = [*SMALL, "--set", "train_iters=400", "--set", "save_interval=1000", "--set", "eval_interval=0"]
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "WORLD_SIZE": "2"}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    args = command(*TINY, "--data", shards, "--save", run, *steps, "--set", "train_micro_batch_size_per_gpu=2")
+    ranks = [
+        subprocess.Popen(args, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").is_file() or len(losses(run)) < 3:
+        assert all(r.poll() is None for r in ranks) and time.time() < deadline, "a rank ended before the kill"
+        time.sleep(0.2)
+    ranks[0].kill()
+    killed = time.monotonic()
+    out = ranks[1].communicate(timeout=120)[0]
+    ranks[0].communicate(timeout=30)
+    lines = [line for line in out.splitlines() if "was lost" in line]
+    assert ranks[1].returncode not in (0, STOPPED) and time.monotonic() - killed < 60, out[-3000:]
+    assert len(lines) == 1, out[-3000:]
+    assert lines[0].startswith("Error: rank 1: rank 0 was lost (the run's rendezvous store it held at ")
+    assert f"127.0.0.1:{port} does not answer" in lines[0] and "resume from the last one with --load" in lines[0]
+    assert "Traceback" not in out and not (run / "latest").exists()
+
+
 TAKE_OVER = """
 import sys, time
 import pile_tools.runlock as runlock

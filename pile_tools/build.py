@@ -5,9 +5,12 @@ Its hash, the fingerprint, is what lets a rerun resume, lets `--rank` runs be me
 different runs in one directory. Workers, rank and world size are not in it: they never change the bytes.
 """
 
+import contextlib
 import multiprocessing as mp
 import os
 import shutil
+import signal
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, replace
@@ -124,6 +127,8 @@ class Progress:
 def _init_worker(q, tokenizer: str):
     global _progress_queue
     _progress_queue = q
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the main process decides: a part under way is finished
+        signal.signal(signum, signal.SIG_IGN)
     try:  # warm up: imports and the likeliest engine load while the main process checks exactness
         cached_encoder(tokenizer, "gigatoken", False)
     except Exception:
@@ -263,8 +268,47 @@ def build_shards(inputs, tokenizer, output, options: BuildOptions, echo=print):
     one = options.world_size == 1
     lock = LOCK if one else f"{LOCK}-rank{options.rank}"
     what = str(out) if one else f"{out} (rank {options.rank})"
-    with RunLock(out, lock, what, excludes=(f"{LOCK}-rank*",) if one else (LOCK,)):
-        return run_build(out, plan, start, timings, options, echo)
+    with RunLock(out, lock, what, excludes=(f"{LOCK}-rank*",) if one else (LOCK,)), term_as_interrupt():
+        try:
+            return run_build(out, plan, start, timings, options, echo)
+        except KeyboardInterrupt as stop:
+            raise stopped(stop, what, out, plan, options) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as Ctrl-C's KeyboardInterrupt is."""
+
+
+@contextlib.contextmanager
+def term_as_interrupt():
+    """SIGTERM (scancel, a preemption, `kill`) stops a build as Ctrl-C does, where nothing else handles it yet (a
+    Ray worker has its own handler) and this is the main thread."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stopped(stop: KeyboardInterrupt, what: str, out: Path, plan: dict, options: BuildOptions) -> InputError:
+    """The one line of a build stopped by SIGTERM or Ctrl-C once the parts under way were finished; exit status
+    128 + the signal's number, as the shell gives a process it ended."""
+    signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+    mine = {p["index"] for p in plan["parts"] if p["index"] % options.world_size == options.rank}
+    done = sum(int(p.name) in mine for p in committed_parts(out))
+    error = InputError(
+        f"{what}: stopped by {signum.name} with {done} of {len(mine)} parts committed; the same command goes on "
+        "from there"
+    )
+    error.exit_code = 128 + signum
+    return error
 
 
 def give_back_unfit(parts_dir: Path, mine: list[int], echo) -> None:

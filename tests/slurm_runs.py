@@ -205,6 +205,7 @@ class Runs:
         committed, total = parts_of(out, 2, 4, n_parts)
         self.slurm.run("scancel", f"{ranks}_2")
         cancelled = self.slurm.wait(f"{ranks}_2", 120)[0]["JobState"]
+        stopped_log = (self.work / f"neox-shards-{ranks}_2.out").read_text()  # the requeued rank writes it anew
         self.slurm.wait(ranks, 300)
         merge_state = self.slurm.jobs(merge)[0]
         self.requeue(f"{ranks}_2")
@@ -214,7 +215,7 @@ class Runs:
         merged = self.slurm.jobs(merge)[0]["JobState"]
         logs = "".join(p.read_text() for p in sorted(self.work.glob("neox-*.out")))
         return {"input": str(many_parts), "out": str(out), "mid_way": (committed, total), "cancelled": cancelled,
-                "stuck_merge": merge_state, "merged": merged, "logs": logs}  # fmt: skip
+                "stopped_log": stopped_log, "stuck_merge": merge_state, "merged": merged, "logs": logs}  # fmt: skip
 
 
 def losses_of(run: Path) -> list:

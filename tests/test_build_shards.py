@@ -11,8 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
-from helpers import NEOX, assert_clean_error, corpus_documents, tree_bytes, write_jsonl
+from helpers import NEOX, ROOT, assert_clean_error, corpus_documents, tree_bytes, write_jsonl
 from test_indexed import read_by_spec
 from tokenizers import Tokenizer
 
@@ -293,6 +294,37 @@ def test_sigkill_midway_then_rerun_is_identical(tmp_path, sample_docs, run):
     assert not (out / ".parts").exists()
     again = run.ok("build-shards", tmp_path / "all.jsonl", *args, "--output", out)
     assert "nothing to do" in again.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_midway_finishes_the_parts_under_way_and_says_so(tmp_path, sample_docs, run, signum):
+    """scancel's SIGTERM (or Ctrl-C, to the main process alone here): the workers finish the parts they hold, the
+    build ends with one line saying how many parts are committed and exit status 128 + the signal, no traceback,
+    no worker left; the same command goes on from there to the bytes of a build never stopped."""
+    docs = [d for name in sorted(sample_docs) for d in sample_docs[name]]
+    write_jsonl(tmp_path / "all.jsonl", docs)
+    args = ["--tokenizer", NEOX, "--split", "90,5,5", "--part-size", "8K", "--workers", "2"]
+    run.ok("build-shards", tmp_path / "all.jsonl", *args, "--output", tmp_path / "clean")
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "cli", "build-shards", str(tmp_path / "all.jsonl"), *args, "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while len(list((out / ".parts").glob("[0-9]????/receipt.json"))) < 3:
+        assert proc.poll() is None and time.time() < deadline, "no 3 committed parts within 120 s"
+        time.sleep(0.02)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signum, output[-3000:]
+    total = len(json.loads((out / "plan.json").read_text())["parts"])
+    done = len(list((out / ".parts").glob("[0-9]????/receipt.json")))
+    assert f"{out}: stopped by {signal.Signals(signum).name} with {done} of {total} parts committed" in output
+    assert "Traceback" not in output and not (out / "manifest.json").exists() and 3 <= done < total
+    assert not psutil.wait_procs(workers, timeout=30)[1], "a worker outlived the build"
+    again = run.ok("build-shards", tmp_path / "all.jsonl", *args, "--output", out)
+    assert f"encoding {total - done} of {total} parts" in again.output
+    assert tree_bytes(out) == tree_bytes(tmp_path / "clean")
 
 
 HELD = """

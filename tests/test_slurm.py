@@ -142,14 +142,15 @@ def test_two_torchrun_agents_meeting_as_two_nodes_train_as_one_node(runs, refere
 
 def test_the_array_job_and_its_merge_are_one_process_bytes_with_a_rank_cancelled_mid_way(runs, tmp_path):
     """4 ranks as a Slurm array, merged by the dependent job: one process's bytes. Rank 2 cancelled after its
-    first part (its dependent merge then never starts, as Slurm has it), requeued: it takes over its stale lock,
-    finishes, and a merge submitted again gives the same bytes."""
+    first part (its dependent merge then never starts, as Slurm has it): it finishes the parts under way and says
+    how many are committed; requeued, it finishes, and a merge submitted again gives the same bytes."""
     done = runs["shards"]
     committed, total = done["mid_way"]
     assert 1 <= committed < total and done["cancelled"] == "CANCELLED"
     assert done["stuck_merge"]["JobState"] == "PENDING"  # never started: Slurm's DependencyNeverSatisfied
     assert done["merged"] == "COMPLETED", done["logs"][-3000:]
-    assert "taking over the lock" in done["logs"] and "Traceback" not in done["logs"]
+    assert f"{done['out']} (rank 2): stopped by SIGTERM with " in done["stopped_log"], done["stopped_log"][-3000:]
+    assert "Traceback" not in done["logs"] + done["stopped_log"]
     local = tmp_path / "local"
     neox(
         "build-shards", done["input"], "--tokenizer", NEOX, "--output", local, "--split", "90,5,5", "--part-size", "64K"

@@ -296,6 +296,16 @@ def test_sigkill_midway_then_rerun_is_identical(tmp_path, sample_docs, run):
     assert "nothing to do" in again.output
 
 
+# A process started in the background by a shell without job control (`make test &`) ignores SIGINT, and so do its
+# children: the build is started with Python's Ctrl-C handler, as in a terminal.
+CTRL_C = """
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+import cli
+cli.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_midway_finishes_the_parts_under_way_and_says_so(tmp_path, sample_docs, run, signum):
@@ -307,8 +317,8 @@ def test_sigterm_or_ctrl_c_midway_finishes_the_parts_under_way_and_says_so(tmp_p
     args = ["--tokenizer", NEOX, "--split", "90,5,5", "--part-size", "8K", "--workers", "2"]
     run.ok("build-shards", tmp_path / "all.jsonl", *args, "--output", tmp_path / "clean")
     out = tmp_path / "stopped"
-    cmd = [sys.executable, "-m", "cli", "build-shards", str(tmp_path / "all.jsonl"), *args, "--output", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    cmd = [sys.executable, "-c", CTRL_C, "build-shards", tmp_path / "all.jsonl", *args, "--output", out]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while len(list((out / ".parts").glob("[0-9]????/receipt.json"))) < 3:
         assert proc.poll() is None and time.time() < deadline, "no 3 committed parts within 120 s"

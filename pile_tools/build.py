@@ -72,6 +72,11 @@ def work_plan(inputs, tokenizer, options: BuildOptions) -> dict:
     return plan
 
 
+def rank_parts(plan: dict, rank: int, world_size: int) -> list[int]:
+    """The indices of the plan's parts that `--rank` encodes (all of them with world size 1)."""
+    return [p["index"] for p in plan["parts"] if p["index"] % world_size == rank]
+
+
 def committed_parts(out: Path) -> list[Path]:
     """Parts committed by their rename (NNNNN/); a NNNNN.tmp-PID/ may hold a receipt, but was never committed."""
     return [p for p in (out / ".parts").glob("[0-9]*") if p.name.isdigit() and (p / "receipt.json").is_file()]
@@ -301,7 +306,7 @@ def stopped(stop: KeyboardInterrupt, what: str, out: Path, plan: dict, options: 
     """The one line of a build stopped by SIGTERM or Ctrl-C once the parts under way were finished; exit status
     128 + the signal's number, as the shell gives a process it ended."""
     signum = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
-    mine = {p["index"] for p in plan["parts"] if p["index"] % options.world_size == options.rank}
+    mine = set(rank_parts(plan, options.rank, options.world_size))
     done = sum(int(p.name) in mine for p in committed_parts(out))
     error = InputError(
         f"{what}: stopped by {signum.name} with {done} of {len(mine)} parts committed; the same command goes on "
@@ -349,7 +354,7 @@ def run_build(out: Path, plan: dict, start: float, timings: dict, options: Build
     parts_dir = out / ".parts"
     parts_dir.mkdir(exist_ok=True)
     rank, world_size = options.rank, options.world_size
-    mine = [p.index for p in parts if p.index % world_size == rank]
+    mine = rank_parts(plan, rank, world_size)
     for stale in parts_dir.glob("*.tmp-*"):  # another rank's, in a shared directory, may be under way
         if stale.name[:5].isdigit() and int(stale.name[:5]) in mine:
             shutil.rmtree(stale, ignore_errors=True)

@@ -78,10 +78,11 @@ def without_main_file():
 
 def rank_done(out: Path, plan: dict, rank: int, world_size: int) -> bool:
     """Whether a rank has committed all its parts (and marked the directory as its, for merge-shards)."""
+    from pile_tools.build import rank_parts
+
     parts = out / ".parts"
-    mine = [p["index"] for p in plan["parts"] if p["index"] % world_size == rank]
     marked = (parts / f"{RANK_MARK}{rank}-of-{world_size}").exists()
-    return marked and all((parts / f"{i:05d}" / "receipt.json").is_file() for i in mine)
+    return marked and all((parts / f"{i:05d}" / "receipt.json").is_file() for i in rank_parts(plan, rank, world_size))
 
 
 def claim(out: Path, plan: dict, echo) -> bool:

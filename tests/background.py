@@ -29,10 +29,8 @@ class Background:
         self.pool = ThreadPoolExecutor(max_workers=12, thread_name_prefix="background")
         self.futures = []
 
-    def start(self, name: str, fn, *args):
-        """Start fn(*args) as piece `name`; its future."""
+    def start(self, name: str, fn, *args) -> None:
         self.futures.append(self.pool.submit(self.run, name, fn, *args))
-        return self.futures[-1]
 
     def run(self, name: str, fn, *args) -> None:
         try:

@@ -18,8 +18,10 @@ Goals: ours >= 1.0 x the ceiling's throughput on 2 cores (issue 13; 0.8 x in iss
 
 --ray instead times `build-shards --executor ray --world-size 1` (one rank, a Ray task on a local cluster this
 script starts first with `ray start --head` on 127.0.0.1, as a team's cluster would already run) beside the same
-build without Ray, interleaved: Ray's overhead (goal <= 1.15x, issue 32). Only wall time: Ray's worker is not a
-child of the command, so its memory is not the command's process tree.
+build without Ray, interleaved: Ray's overhead (goal <= 1.15x, issue 32); and, interleaved with them, Ray's own cost
+per command, the floor of that overhead: a fresh driver running one task that does nothing (imports what a rank
+imports before its build), less the same imports without Ray. Only wall time: Ray's worker is not a child of the
+command, so its memory is not the command's process tree.
 
 --compare-against REV instead times build-shards here beside the same command at commit REV (checked out in a
 worktree under benchmarks/.work), interleaved: the cost of what was added since, e.g. the source map (goal <= 1.05x
@@ -225,25 +227,53 @@ def ray_cluster(cpus: int) -> tuple[str, str, dict]:
     return f"127.0.0.1:{port}", temp, env
 
 
+# Ray's own cost per command, whatever the task does: a fresh driver that connects, runs one task asking for
+# --workers CPUs whose body imports what a rank imports before its build, and disconnects; beside the same
+# imports without Ray.
+NOTHING_ON_RAY = """import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+def nothing():
+    import numpy, pydantic, tqdm
+ray.get(ray.remote(nothing).options(num_cpus=int(sys.argv[2])).remote())
+ray.shutdown()
+"""
+NOTHING = "import numpy, pydantic, tqdm"
+
+
+def seconds_of(cmd: list[str]) -> float:
+    start = time.time()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.time() - start
+
+
 def on_ray(args) -> None:
-    """build-shards with --executor ray (one rank) beside the same build without Ray, interleaved."""
+    """build-shards with --executor ray (one rank) beside the same build without Ray, interleaved; and Ray's own
+    cost per command (a task that does nothing) beside the same imports without Ray."""
     src = copies_of(args.corpus, args.copies)
     address, temp, env = ray_cluster(args.workers)
     os.environ.update(env)
     try:
         args_ray = ["--executor", "ray", "--world-size", "1", "--ray-address", address]
-        runs = {"local": [], "ray": []}
+        runs = {"local": [], "ray": [], "nothing": [], "nothing on ray": []}
         for _ in range(args.repeat):
             runs["local"].append(run_ours(src, args.workers).seconds)
             runs["ray"].append(run_ours(src, args.workers, args_ray).seconds)
+            runs["nothing"].append(seconds_of([sys.executable, "-c", NOTHING]))
+            noop = [sys.executable, "-c", NOTHING_ON_RAY, address, str(args.workers)]
+            runs["nothing on ray"].append(seconds_of(noop))
     finally:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
         shutil.rmtree(temp, ignore_errors=True)
-    local, ray = (sorted(runs[k])[args.repeat // 2] for k in ("local", "ray"))
+    local, ray, nothing, noop = (sorted(v)[args.repeat // 2] for v in runs.values())
     pairs = sorted(r / n for r, n in zip(runs["ray"], runs["local"]))
     print(f"build-shards on {args.copies} copies of {args.corpus}, --workers {args.workers}, medians of {args.repeat}")
     print(f"without Ray: {local:.1f} s; --executor ray, one rank: {ray:.1f} s")
     print(f"ray / local: {ray / local:.2f} (per pair: {', '.join(f'{r:.2f}' for r in pairs)}; goal <= 1.15)")
+    floor = noop - nothing
+    print(
+        f"Ray's own cost per command: a task doing nothing {noop:.2f} s, the same imports without Ray {nothing:.2f} s: "
+        f"{floor:.2f} s, {floor / local:.1%} of the local build (ours on Ray: {ray - local:.2f} s)"
+    )
 
 
 def shard_digest(out: Path) -> str:

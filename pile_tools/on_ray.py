@@ -21,10 +21,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pile_tools.ground import InputError
-from pile_tools.join import RANK_MARK
 from pile_tools.options import BuildOptions
-from pile_tools.runlock import NAME as LOCK
-from pile_tools.runlock import Held, RunLock
 
 RETRIES = 3  # of a rank whose worker process or node died, by Ray
 PATIENCE_S = 60.0  # for the ranks of a killed driver to be ended
@@ -79,6 +76,7 @@ def without_main_file():
 def rank_done(out: Path, plan: dict, rank: int, world_size: int) -> bool:
     """Whether a rank has committed all its parts (and marked the directory as its, for merge-shards)."""
     from pile_tools.build import rank_parts
+    from pile_tools.join import RANK_MARK
 
     parts = out / ".parts"
     marked = (parts / f"{RANK_MARK}{rank}-of-{world_size}").exists()
@@ -89,6 +87,8 @@ def claim(out: Path, plan: dict, echo) -> bool:
     """claim_output while no rank of another build runs in `out`. The ranks of a driver that was killed are ended by
     Ray soon after: their locks are waited for, up to PATIENCE_S."""
     from pile_tools.build import claim_output
+    from pile_tools.runlock import NAME as LOCK
+    from pile_tools.runlock import Held, RunLock
 
     deadline = time.monotonic() + PATIENCE_S
     while True:
@@ -139,11 +139,11 @@ def start(ray, address: str | None, workers: int) -> None:
 def ranks_to_run(out: Path, inputs, tokenizer, options: BuildOptions, echo) -> list[int] | None:
     """The ranks not done yet; None when `out` already holds the run's shards. With one rank, its task decides
     all that itself (it is the single-machine build)."""
-    from pile_tools.build import work_plan
-
     n = options.world_size
     if n == 1:
         return [0]
+    from pile_tools.build import work_plan
+
     plan = work_plan(inputs, tokenizer, options)
     if claim(out, plan, echo):
         return None

@@ -176,6 +176,7 @@ def test_a_rerun_driver_waits_for_a_killed_drivers_ranks_then_goes_on(tmp_path, 
     import pile_tools.on_ray as on_ray
     from pile_tools.build import work_plan
     from pile_tools.options import BuildOptions
+    from pile_tools.runlock import Held
 
     monkeypatch.setattr(on_ray, "PATIENCE_S", 3.0)
     plan = work_plan([str(SAMPLE)], str(NEOX), BuildOptions(world_size=2))
@@ -187,7 +188,7 @@ def test_a_rerun_driver_waits_for_a_killed_drivers_ranks_then_goes_on(tmp_path, 
         if goes_on:
             assert on_ray.claim(tmp_path, plan, said.append) is False and (tmp_path / "plan.json").is_file()
         else:
-            with pytest.raises(on_ray.Held, match="in use by another run"):
+            with pytest.raises(Held, match="in use by another run"):
                 on_ray.claim(tmp_path, plan, said.append)
         assert len(said) == 1 and said[0].startswith("waiting up to 3 s for a run to leave")
     finally:

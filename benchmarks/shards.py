@@ -240,12 +240,6 @@ ray.shutdown()
 NOTHING = "import numpy, pydantic, tqdm"
 
 
-def seconds_of(cmd: list[str]) -> float:
-    start = time.time()
-    subprocess.run(cmd, check=True, capture_output=True)
-    return time.time() - start
-
-
 def on_ray(args) -> None:
     """build-shards with --executor ray (one rank) beside the same build without Ray, interleaved; and Ray's own
     cost per command (a task that does nothing) beside the same imports without Ray."""
@@ -258,9 +252,9 @@ def on_ray(args) -> None:
         for _ in range(args.repeat):
             runs["local"].append(run_ours(src, args.workers).seconds)
             runs["ray"].append(run_ours(src, args.workers, args_ray).seconds)
-            runs["nothing"].append(seconds_of([sys.executable, "-c", NOTHING]))
+            runs["nothing"].append(measure([sys.executable, "-c", NOTHING]).seconds)
             noop = [sys.executable, "-c", NOTHING_ON_RAY, address, str(args.workers)]
-            runs["nothing on ray"].append(seconds_of(noop))
+            runs["nothing on ray"].append(measure(noop).seconds)
     finally:
         subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
         shutil.rmtree(temp, ignore_errors=True)

@@ -30,6 +30,7 @@ class Background:
         self.futures = []
 
     def start(self, name: str, fn, *args) -> None:
+        """Start fn(*args) as piece `name`."""
         self.futures.append(self.pool.submit(self.run, name, fn, *args))
 
     def run(self, name: str, fn, *args) -> None:
